@@ -1,0 +1,33 @@
+"""channelcut: export channel-pruned PyTorch models as genuinely smaller, faster ones.
+
+>>> from channelcut import PruningManager
+"""
+
+from .errors import (
+    ChannelcutError,
+    ChannelRangeError,
+    EmptyLayerError,
+    ExportError,
+    NotPrunableError,
+    StateError,
+    TracingError,
+    UnknownParameterError,
+)
+from .pruning import PruningManager, PruningSpec, Subselection
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PruningManager",
+    "PruningSpec",
+    "Subselection",
+    "ChannelcutError",
+    "ChannelRangeError",
+    "EmptyLayerError",
+    "ExportError",
+    "NotPrunableError",
+    "StateError",
+    "TracingError",
+    "UnknownParameterError",
+    "__version__",
+]

@@ -1,0 +1,10 @@
+"""The export algorithm, one file per step (see DESIGN.md):
+
+``tracing`` (+ ``rules``) -> ``trace`` data -> ``resolve`` (+ ``reorder``) ->
+``spec`` -> ``mock`` / ``pruner``; ``manager`` is the front door.
+"""
+
+from .manager import PruningManager
+from .spec import PruningSpec, Subselection
+
+__all__ = ["PruningManager", "PruningSpec", "Subselection"]

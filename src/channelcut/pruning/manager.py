@@ -1,0 +1,168 @@
+"""High-level API: :class:`PruningManager` (``compute`` -> ``get_mock_model`` -> ``prune``).
+
+>>> import torch
+>>> from torch import nn
+>>> net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
+>>> x = torch.rand(1, 3, 16, 16)
+>>> manager = PruningManager(net).compute([x], pruned_inputs=[("3.weight", 5), ("3.weight", 6)])
+>>> manager.spec.kept()["0.weight"]
+(8, 6)
+>>> y_mock = manager.get_mock_model()(x)
+>>> _ = manager.prune()
+>>> net[0].out_channels, net[1].num_features, net[3].in_channels
+(6, 6, 6)
+>>> torch.allclose(net(x), y_mock, atol=1e-6)
+True
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from ..errors import ExportError, StateError, TracingError
+from .mock import make_mock
+from .pruner import Rollback, prune_model
+from .resolve import resolve
+from .spec import PruningSpec
+from .trace import TracedGraph
+from .tracing import flatten_tensors, run_model, trace
+from .utils import compare_outputs, find_zero_channels
+
+Inputs = Union[Sequence[Any], Dict[str, Any]]
+
+
+class PruningManager:
+    """Export channel-pruned models: trace once, resolve a spec, mock or prune.
+
+    Args:
+        net: the model to prune. It is only modified by :meth:`prune`.
+    """
+
+    def __init__(self, net: nn.Module) -> None:
+        if not isinstance(net, nn.Module):
+            raise TypeError(f"PruningManager needs a torch.nn.Module, got {type(net).__name__}")
+        self.net = net
+        self.graph: Optional[TracedGraph] = None
+        self.spec: Optional[PruningSpec] = None
+        self._inputs: Optional[Inputs] = None
+        self._pruned = False
+        self._rollback: Optional[Rollback] = None
+
+    # ------------------------------------------------------------------
+    def trace(self, inputs: Inputs) -> TracedGraph:
+        """Trace the model on ``inputs`` (done by :meth:`compute` when needed)."""
+        inputs = _check_inputs(inputs)
+        self.graph, _ = trace(self.net, inputs)
+        self._inputs = inputs
+        return self.graph
+
+    def compute(
+        self,
+        inputs: Inputs,
+        pruned_inputs: Optional[Iterable[Tuple[str, int]]] = None,
+        pruned_outputs: Optional[Iterable[Tuple[str, int]]] = None,
+        constrained: bool = False,
+        reorder: bool = True,
+        baseline: bool = False,
+    ) -> "PruningManager":
+        """Trace the model and compute the pruning spec.
+
+        Args:
+            inputs: example inputs: a list/tuple of positional arguments, or a
+                dict of keyword arguments.
+            pruned_inputs: ``(consumer weight name, input channel)`` pairs.
+            pruned_outputs: ``(producer weight name, output channel)`` pairs;
+                removes that channel group everywhere it flows.
+            constrained: grow the pruned set until consumers of each channel
+                agree (zero copies at inference; prunes channels not asked for).
+            reorder: reorder channels so subsets are contiguous views.
+            baseline: unconstrained export with no reordering and one gather
+                per disagreeing consumer (for comparison).
+
+        With neither ``pruned_inputs`` nor ``pruned_outputs``, channels whose
+        weights are entirely zero are pruned.
+        """
+        if self._pruned:
+            raise StateError("this model was already pruned by this manager; create a new PruningManager to prune it again")
+        graph = self.trace(inputs)
+        if pruned_inputs is None and pruned_outputs is None:
+            pruned_inputs, pruned_outputs = find_zero_channels(self.net, graph)
+        mode = "constrained" if constrained else ("baseline" if baseline else "unconstrained")
+        self.spec = resolve(
+            graph,
+            list(pruned_inputs or ()),
+            list(pruned_outputs or ()),
+            mode=mode,
+            reorder=reorder and not baseline,
+        )
+        return self
+
+    def _need_spec(self) -> PruningSpec:
+        if self.spec is None:
+            raise StateError("call compute(inputs, pruned_inputs=...) before get_mock_model() or prune()")
+        return self.spec
+
+    def get_mock_model(self) -> nn.Module:
+        """A copy of the model with the pruned channels masked (weights untouched)."""
+        return make_mock(self.net, self._need_spec())
+
+    def summary(self) -> str:
+        return self._need_spec().summary()
+
+    def prune(self, verify: bool = True, rtol: Optional[float] = None) -> "PruningManager":
+        """Prune the model in place. All-or-nothing: on failure it is restored.
+
+        With ``verify`` (the default), the pruned model is run on the example
+        inputs and compared with the mock model; a mismatch restores the model
+        and raises :class:`~channelcut.errors.ExportError`.
+        """
+        spec = self._need_spec()
+        if self._pruned:
+            raise StateError("prune() was already called; the model is pruned")
+        reference = None
+        if verify:
+            mock = make_mock(self.net, spec)
+            with torch.no_grad():
+                reference = run_model(mock, self._inputs)
+            del mock
+        rb = prune_model(self.net, spec)
+        if verify:
+            try:
+                with torch.no_grad():
+                    out = run_model(self.net, self._inputs)
+                problem = compare_outputs(out, reference, rtol=rtol)
+            except Exception as exc:  # the pruned model does not run
+                problem = f"the pruned model raised {type(exc).__name__}: {exc}"
+            if problem is not None:
+                rb.undo()
+                raise ExportError(
+                    f"verification failed, the model was restored: {problem}. Some op in the model "
+                    "probably depends on a channel count in a way the tracer can not see (e.g. a "
+                    "reshape with a literal size); please report the model."
+                )
+        self._rollback = rb
+        self._pruned = True
+        return self
+
+    def undo(self) -> None:
+        """Restore the model as it was before :meth:`prune`."""
+        if self._rollback is None:
+            raise StateError("nothing to undo: prune() has not been called")
+        self._rollback.undo()
+        self._rollback = None
+        self._pruned = False
+
+
+def _check_inputs(inputs: Inputs) -> Inputs:
+    if isinstance(inputs, torch.Tensor):
+        raise TracingError("inputs must be a list of positional inputs, e.g. compute([x]), not a bare tensor")
+    if isinstance(inputs, dict):
+        return inputs
+    if not isinstance(inputs, (list, tuple)):
+        raise TracingError(f"inputs must be a list/tuple of positional inputs or a dict of keyword inputs, got {type(inputs).__name__}")
+    if not flatten_tensors(list(inputs)):
+        raise TracingError("inputs contain no tensor; pass example tensors, e.g. compute([torch.rand(1, 3, 224, 224)])")
+    return list(inputs)

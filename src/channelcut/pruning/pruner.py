@@ -1,0 +1,173 @@
+"""Apply a :class:`PruningSpec` to a model in place. Start at :func:`prune_model`.
+
+All new tensors are computed before anything changes; every change is recorded
+in a :class:`Rollback`, so a failure (or a failed verification) restores the
+model exactly: same parameter objects, same values, same attributes, no hooks.
+
+Consumers that read a subset of their input get a forward pre-hook
+(:class:`InputSubset`) that narrows (a view) or gathers (a copy) the input;
+parameter names and the state_dict layout stay those of the original model.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from ..errors import ExportError
+from .mock import zero_input_channels
+from .spec import PruningSpec, Subselection
+
+
+class InputSubset:
+    """Forward pre-hook: the module reads only some channels of its input."""
+
+    def __init__(self, dim: int, indices: List[int], contiguous: bool) -> None:
+        self.dim = dim
+        self.contiguous = contiguous
+        self.start = indices[0]
+        self.length = len(indices)
+        self.index = torch.tensor(indices, dtype=torch.long)
+
+    def __call__(self, module: nn.Module, args: Tuple[Any, ...]):
+        x = args[0]
+        if self.contiguous:
+            x = x.narrow(self.dim, self.start, self.length)
+        else:
+            if self.index.device != x.device:
+                self.index = self.index.to(x.device)
+            x = x.index_select(self.dim, self.index)
+        return (x,) + tuple(args[1:])
+
+    def __repr__(self) -> str:
+        how = f"narrow({self.start}, {self.length})" if self.contiguous else f"gather {self.length}"
+        return f"InputSubset(dim={self.dim}, {how})"
+
+
+class Rollback:
+    """Undo log for an in-place export."""
+
+    def __init__(self) -> None:
+        self.data: List[Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]] = []
+        self.attrs: List[Tuple[nn.Module, str, Any]] = []
+        self.hooks: List[Any] = []
+
+    def set_data(self, t: torch.Tensor, new: torch.Tensor) -> None:
+        self.data.append((t, t.data, t.grad if isinstance(t, nn.Parameter) else None))
+        t.data = new
+        if isinstance(t, nn.Parameter):
+            t.grad = None
+
+    def set_attr(self, m: nn.Module, name: str, value: Any) -> None:
+        self.attrs.append((m, name, getattr(m, name)))
+        setattr(m, name, value)
+
+    def undo(self) -> None:
+        for h in reversed(self.hooks):
+            h.remove()
+        for m, name, value in reversed(self.attrs):
+            setattr(m, name, value)
+        for t, data, grad in reversed(self.data):
+            t.data = data
+            if isinstance(t, nn.Parameter):
+                t.grad = grad
+        self.data.clear()
+        self.attrs.clear()
+        self.hooks.clear()
+
+
+def _tensor(model: nn.Module, name: str) -> torch.Tensor:
+    mod_name, _, attr = name.rpartition(".")
+    m = model.get_submodule(mod_name) if mod_name else model
+    t = getattr(m, attr)
+    if not isinstance(t, torch.Tensor):
+        raise ExportError(f"{name!r} is not a tensor on the model any more")
+    return t
+
+
+def new_tensors(model: nn.Module, spec: PruningSpec) -> Dict[str, torch.Tensor]:
+    """Sliced (and zero-column) copies of every parameter the spec changes."""
+    out: Dict[str, torch.Tensor] = {}
+    for name, dims in spec.slices.items():
+        t = _tensor(model, name).data
+        for dim, kept in sorted(dims.items()):
+            t = t.index_select(dim, torch.tensor(kept, dtype=torch.long, device=t.device))
+        out[name] = t.contiguous()
+    for entry in spec.zeros:
+        t = out.get(entry.param)
+        if t is None:
+            t = _tensor(model, entry.param).data.clone()
+        elif t.data_ptr() == _tensor(model, entry.param).data.data_ptr():
+            t = t.clone()
+        zero_input_channels(t, entry)
+        out[entry.param] = t
+    return out
+
+
+def _fix_attributes(m: nn.Module, rb: Rollback) -> None:
+    """Update the attributes that describe a module's shapes."""
+    if isinstance(m, nn.modules.conv._ConvNd):
+        w = m.weight
+        g = m.groups
+        if not m.transposed and g > 1 and g == m.in_channels and w.shape[1] == 1:
+            mult = m.out_channels // m.in_channels
+            new_out = w.shape[0]
+            new_in = new_out // mult
+            rb.set_attr(m, "groups", new_in)
+            rb.set_attr(m, "in_channels", new_in)
+            rb.set_attr(m, "out_channels", new_out)
+        elif m.transposed:
+            rb.set_attr(m, "in_channels", w.shape[0])
+            rb.set_attr(m, "out_channels", w.shape[1] * g)
+        else:
+            rb.set_attr(m, "in_channels", w.shape[1] * g)
+            rb.set_attr(m, "out_channels", w.shape[0])
+    elif isinstance(m, nn.Linear):
+        rb.set_attr(m, "in_features", m.weight.shape[1])
+        rb.set_attr(m, "out_features", m.weight.shape[0])
+    elif isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)):
+        t = m.weight if m.weight is not None else m.running_mean
+        if t is not None:
+            rb.set_attr(m, "num_features", t.shape[0])
+    elif isinstance(m, nn.GroupNorm):
+        if m.weight is not None:
+            c = m.weight.shape[0]
+            rb.set_attr(m, "num_groups", m.num_groups * c // m.num_channels)
+            rb.set_attr(m, "num_channels", c)
+    elif isinstance(m, nn.LayerNorm):
+        if m.weight is not None:
+            rb.set_attr(m, "normalized_shape", tuple(m.weight.shape))
+    elif isinstance(m, nn.Embedding):
+        rb.set_attr(m, "embedding_dim", m.weight.shape[1])
+    elif isinstance(m, nn.PReLU):
+        rb.set_attr(m, "num_parameters", m.weight.numel())
+
+
+def prune_model(model: nn.Module, spec: PruningSpec) -> Rollback:
+    """Apply ``spec`` to ``model`` in place; return the undo log.
+
+    Raises :class:`ExportError` (with the model restored) if anything fails.
+    """
+    try:
+        tensors = new_tensors(model, spec)
+    except Exception as exc:
+        raise ExportError(f"could not compute the pruned parameters: {exc}") from exc
+    rb = Rollback()
+    try:
+        touched = {}
+        for name, t in tensors.items():
+            rb.set_data(_tensor(model, name), t)
+            mod_name = name.rpartition(".")[0]
+            touched[mod_name] = model.get_submodule(mod_name) if mod_name else model
+        for m in touched.values():
+            _fix_attributes(m, rb)
+        for sub in spec.subselections:
+            m = model.get_submodule(sub.module) if sub.module else model
+            hook = InputSubset(sub.activation_dim, sub.indices, sub.contiguous)
+            rb.hooks.append(m.register_forward_pre_hook(hook))
+    except Exception as exc:
+        rb.undo()
+        raise ExportError(f"pruning failed and the model was restored: {exc}") from exc
+    return rb

@@ -1,0 +1,253 @@
+"""Channel reordering: make each consumer's subset a contiguous range (a view).
+
+Plain data, no torch. Start at :func:`plan_reorder`, then :class:`Layout`.
+
+A **segment** is a set of channel groups that are laid out together: all the
+groups one producer emits (and, through residual adds, every producer summed
+with it). Permuting a segment permutes the output rows of all its producers,
+the matching per-channel parameters, and the input columns of all its
+consumers, so the network computes the same thing in a new channel order.
+
+A segment may be permuted only when every trace shows it as whole, canonical
+blocks (each group possibly repeated, as after ``flatten``), no group of it is
+pinned (pinned groups are exactly where literal channel positions matter), and
+no parameter aligned with it is shared by two different uses.
+
+The order itself: consumers that keep a proper subset of a segment define a
+consumer x group incidence; we want every consumer's groups consecutive (the
+consecutive-ones property). :func:`order_segment` builds orders greedily over
+classes of groups with equal membership and keeps the one that copies least.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, FrozenSet, Iterable, List, Optional, Sequence, Set, Tuple
+
+from .trace import TracedGraph
+
+
+def is_tiling(out: Sequence[int], base: Sequence[int]) -> bool:
+    """``out`` is ``base`` with every entry repeated m times, tiled k times.
+
+    >>> is_tiling([1, 1, 2, 2, 1, 1, 2, 2], [1, 2])
+    True
+    >>> is_tiling([2, 1], [1, 2])
+    False
+    """
+    n = len(base)
+    if n == 0 or len(out) % n:
+        return False
+    out = list(out)
+    for m in range(1, len(out) // n + 1):
+        if (len(out) // n) % m:
+            continue
+        unit = [g for g in base for _ in range(m)]
+        if unit * (len(out) // len(unit)) == out:
+            return True
+    return False
+
+
+class Layout:
+    """Physical order of a tensor's present channels.
+
+    ``order(ids)`` returns the original positions of the present channels of a
+    trace, in the order the pruned model stores them.
+    """
+
+    def __init__(
+        self,
+        find: Callable[[int], int],
+        absent: Set[int],
+        seg_of: Dict[int, int],
+        canon: Dict[int, List[int]],
+        new_order: Dict[int, List[int]],
+    ) -> None:
+        self.find = find
+        self.absent = absent
+        self.seg_of = seg_of
+        self.canon = canon
+        self.canon_index = {s: {g: i for i, g in enumerate(c)} for s, c in canon.items()}
+        self.new_order = new_order  # only reordered segments; present groups only
+
+    def groups(self, ids: Sequence[int]) -> List[int]:
+        find = self.find
+        return [find(a) if a >= 0 else -1 for a in ids]
+
+    def order(self, ids: Sequence[int]) -> List[int]:
+        gs = self.groups(ids)
+        res: List[int] = []
+        n = len(gs)
+        p = 0
+        absent = self.absent
+        while p < n:
+            g = gs[p]
+            s = self.seg_of.get(g) if g >= 0 else None
+            if s is None or s not in self.new_order:
+                if g < 0 or g not in absent:
+                    res.append(p)
+                p += 1
+                continue
+            q = p
+            while q < n and gs[q] >= 0 and self.seg_of.get(gs[q]) == s:
+                q += 1
+            m = 1
+            while p + m < q and gs[p + m] == gs[p]:
+                m += 1
+            block = m * len(self.canon[s])
+            cidx = self.canon_index[s]
+            for b in range(p, q, block):
+                for g2 in self.new_order[s]:
+                    i = cidx[g2]
+                    res.extend(range(b + i * m, b + i * m + m))
+            p = q
+        return res
+
+
+def find_segments(graph: TracedGraph, find: Callable[[int], int]) -> Tuple[Dict[int, int], Dict[int, List[int]]]:
+    """Group -> segment id, and each segment's canonical group order."""
+    parent: Dict[int, int] = {}
+
+    def sfind(g: int) -> int:
+        while parent.setdefault(g, g) != g:
+            parent[g] = parent[parent[g]]
+            g = parent[g]
+        return g
+
+    producer_groups = []
+    for p in graph.producers.values():
+        gs = [find(a) for a in p.out_ids]
+        producer_groups.append(gs)
+        first = sfind(gs[0])
+        for g in gs[1:]:
+            r = sfind(g)
+            if r != first:
+                parent[r] = first
+    seg_of: Dict[int, int] = {}
+    members: Dict[int, Set[int]] = {}
+    for g in list(parent):
+        s = sfind(g)
+        seg_of[g] = s
+        members.setdefault(s, set()).add(g)
+    canon: Dict[int, List[int]] = {}
+    for gs in producer_groups:
+        s = seg_of[gs[0]]
+        if s in canon:
+            continue
+        seen: List[int] = []
+        seen_set: Set[int] = set()
+        for g in gs:
+            if g not in seen_set:
+                seen_set.add(g)
+                seen.append(g)
+        if len(seen) == len(members[s]):
+            canon[s] = seen
+    return seg_of, canon
+
+
+def free_segments(
+    graph: TracedGraph,
+    find: Callable[[int], int],
+    seg_of: Dict[int, int],
+    canon: Dict[int, List[int]],
+    traces: Iterable[Sequence[int]],
+) -> Set[int]:
+    """Segments whose channel order may be changed (see module docstring)."""
+    free = {s for s, c in canon.items() if len(c) > 1}
+    for g, s in seg_of.items():
+        if s in free and graph.sources.is_pinned(g):
+            free.discard(s)
+    uses: Dict[Tuple[str, int], int] = {}
+    for u in graph.param_uses:
+        uses[(u.param, u.dim)] = uses.get((u.param, u.dim), 0) + 1
+    for u in graph.param_uses:
+        if uses[(u.param, u.dim)] > 1:
+            for a in u.ids:
+                if a >= 0:
+                    free.discard(seg_of.get(find(a), -1))
+    for ids in traces:
+        if not free:
+            break
+        gs = [find(a) if a >= 0 else -1 for a in ids]
+        p, n = 0, len(gs)
+        while p < n:
+            s = seg_of.get(gs[p]) if gs[p] >= 0 else None
+            if s is None or s not in free:
+                p += 1
+                continue
+            q = p
+            while q < n and gs[q] >= 0 and seg_of.get(gs[q]) == s:
+                q += 1
+            if not is_tiling(gs[p:q], canon[s]):
+                free.discard(s)
+            p = q
+    return free
+
+
+def order_segment(present: List[int], keeps: List[FrozenSet[int]]) -> List[int]:
+    """Order ``present`` groups so each set in ``keeps`` is contiguous if possible.
+
+    >>> order_segment([1, 2, 3, 4], [frozenset({2, 3}), frozenset({3, 4})])
+    [1, 2, 3, 4]
+    >>> order_segment([1, 2, 3, 4], [frozenset({1, 3})])
+    [2, 4, 1, 3]
+    """
+    keeps = [k & frozenset(present) for k in keeps]
+    keeps = [k for k in keeps if 0 < len(k) < len(present)]
+    if not keeps:
+        return list(present)
+    # classes of groups with the same membership signature, in canonical order
+    sig_of: Dict[int, FrozenSet[int]] = {}
+    for g in present:
+        sig_of[g] = frozenset(i for i, k in enumerate(keeps) if g in k)
+    classes: Dict[FrozenSet[int], List[int]] = {}
+    for g in present:
+        classes.setdefault(sig_of[g], []).append(g)
+    sigs = list(classes)
+    if len(sigs) > 300:  # too many classes for the greedy search: sort by signature
+        sigs.sort(key=lambda s: sorted(s))
+        return [g for s in sigs for g in classes[s]]
+
+    def cost(seq: List[FrozenSet[int]]) -> int:
+        total = 0
+        for i, k in enumerate(keeps):
+            idx = [j for j, s in enumerate(seq) if i in s]
+            if idx and idx[-1] - idx[0] + 1 != len(idx):
+                total += len(k)
+        return total
+
+    identity = [sig_of[g] for g in present]
+    if cost(_runs(identity)) == 0:
+        return list(present)
+
+    def greedy(start: FrozenSet[int]) -> List[FrozenSet[int]]:
+        seq = [start]
+        left = set(sigs) - {start}
+        while left:
+            last = seq[-1]
+            # prefer the class sharing most consumers with the last one, then the
+            # one whose consumers are most "finished" (fewest members left elsewhere)
+            best = max(left, key=lambda s: (len(s & last), -len(s ^ last), -len(s), sorted(s)))
+            seq.append(best)
+            left.discard(best)
+        return seq
+
+    best_seq, best_cost = None, None
+    starts = sorted(sigs, key=lambda s: (len(s), sorted(s)))[:6]
+    for st in starts:
+        seq = greedy(st)
+        c = cost(seq)
+        if best_cost is None or c < best_cost:
+            best_seq, best_cost = seq, c
+            if c == 0:
+                break
+    assert best_seq is not None
+    return [g for s in best_seq for g in classes[s]]
+
+
+def _runs(seq: List[FrozenSet[int]]) -> List[FrozenSet[int]]:
+    """Collapse consecutive equal signatures (so cost() sees classes)."""
+    out: List[FrozenSet[int]] = []
+    for s in seq:
+        if not out or out[-1] != s:
+            out.append(s)
+    return out

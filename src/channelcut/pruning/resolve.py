@@ -1,0 +1,272 @@
+"""Resolve pruned channels into a :class:`PruningSpec`. Plain data, no torch.
+
+Start at :func:`resolve`. The steps:
+
+1. validate the request and turn it into, per consumer, the set of input
+   channels it drops (``pruned_outputs`` drop a channel group everywhere);
+2. decide which channel groups stay *present* in the pruned model:
+   unconstrained, a group is removed when no consumer keeps it; constrained,
+   when any consumer drops it. Pinned groups and groups that present ones
+   depend on always stay;
+3. reorder segments so subsets become contiguous (``reorder.py``);
+4. write the spec: kept indices per parameter dim (in the new order), which
+   consumers read a subset of their input, and what the mock masks.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
+
+from ..errors import ChannelRangeError, EmptyLayerError, ExportError, NotPrunableError, UnknownParameterError
+from .reorder import Layout, find_segments, free_segments, order_segment
+from .spec import LayerStat, MaskEntry, PruningSpec, Subselection
+from .trace import Consumer, TracedGraph
+
+MODES = ("unconstrained", "constrained", "baseline")
+
+
+def _lookup(name: str, by_param: Dict[str, List[str]], ops: Mapping[str, object]) -> Optional[List[str]]:
+    if name in by_param:
+        return by_param[name]
+    if name in ops:
+        return [name]
+    if name + ".weight" in by_param:
+        return by_param[name + ".weight"]
+    return None
+
+
+def _not_found(graph: TracedGraph, name: str, role: str) -> Exception:
+    valid = list(graph.consumers_by_param) if role == "consumer" else list(graph.producers_by_param)
+    other = graph.producers_by_param if role == "consumer" else graph.consumers_by_param
+    if name in graph.param_shapes or name in other or name + ".weight" in other:
+        kinds = "consumers (conv/linear layers whose input channels can be cut)" if role == "consumer" else "producers (conv/linear/embedding layers whose output channels can be cut)"
+        return NotPrunableError(
+            f"{name!r} is not one of the {kinds}. Valid names include: "
+            + ", ".join(sorted(valid)[:8]) + (", ..." if len(valid) > 8 else "")
+        )
+    return UnknownParameterError(name, valid, what=f"{role} parameter")
+
+
+def _check_channel(name: str, ch: object, n: int, what: str) -> int:
+    if isinstance(ch, bool) or not isinstance(ch, int):
+        try:
+            import numbers
+
+            if isinstance(ch, numbers.Integral):
+                ch = int(ch)
+            elif hasattr(ch, "item") and hasattr(ch, "numel") and ch.numel() == 1:  # 0-d tensor
+                ch = int(ch.item())
+            else:
+                raise TypeError
+        except TypeError:
+            raise ChannelRangeError(f"channel {ch!r} for {name!r} is not an integer; give an index in 0..{n - 1}") from None
+    if not 0 <= ch < n:
+        raise ChannelRangeError(f"channel {ch} out of range for {name!r}: it has {n} {what} channels (valid 0..{n - 1})")
+    return ch
+
+
+def resolve(
+    graph: TracedGraph,
+    pruned_inputs: Iterable[Tuple[str, int]] = (),
+    pruned_outputs: Iterable[Tuple[str, int]] = (),
+    mode: str = "unconstrained",
+    reorder: bool = True,
+) -> PruningSpec:
+    """Compute the :class:`PruningSpec` for the given pruned channels."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    src = graph.sources
+    find = src.find
+
+    # 1. per consumer op: dropped input positions --------------------------------
+    dropped: Dict[str, Set[int]] = defaultdict(set)
+    for item in pruned_inputs:
+        name, ch = _pair(item, "pruned_inputs")
+        ops = _lookup(name, graph.consumers_by_param, graph.consumers)
+        if ops is None:
+            raise _not_found(graph, name, "consumer")
+        n = len(graph.consumers[ops[0]].in_ids)
+        ch = _check_channel(name, ch, n, "input")
+        for op in ops:
+            dropped[op].add(ch)
+    removed_req: Set[int] = set()
+    for item in pruned_outputs:
+        name, ch = _pair(item, "pruned_outputs")
+        ops = _lookup(name, graph.producers_by_param, graph.producers)
+        if ops is None:
+            raise _not_found(graph, name, "producer")
+        for op in ops:
+            out_ids = graph.producers[op].out_ids
+            ch = _check_channel(name, ch, len(out_ids), "output")
+            a = out_ids[ch]
+            reason = src.pinned_reason(a)
+            if reason is not None:
+                raise NotPrunableError(f"output channel {ch} of {name!r} can not be removed: it {reason}")
+            removed_req.add(find(a))
+    groups_of: Dict[str, List[int]] = {op: [find(a) if a >= 0 else -1 for a in c.in_ids] for op, c in graph.consumers.items()}
+    if removed_req:
+        for op, gs in groups_of.items():
+            for p, g in enumerate(gs):
+                if g in removed_req:
+                    dropped[op].add(p)
+    # consumers sharing one weight drop the same columns and can not subselect
+    physical: Dict[str, bool] = {op: c.physical for op, c in graph.consumers.items()}
+    for param, ops in graph.consumers_by_param.items():
+        if len(ops) > 1:
+            shared: Set[int] = set().union(*(dropped.get(op, set()) for op in ops))
+            for op in ops:
+                physical[op] = False
+                if shared:
+                    dropped[op] = set(shared)
+
+    # 2. which groups stay present --------------------------------------------
+    kept_by_any: Set[int] = set()
+    dropped_by_any: Set[int] = set()
+    for op, gs in groups_of.items():
+        d = dropped.get(op, ())
+        for p, g in enumerate(gs):
+            if g < 0:
+                continue
+            if p in d:
+                dropped_by_any.add(g)
+            else:
+                kept_by_any.add(g)
+    if mode == "constrained":
+        absent = (dropped_by_any | removed_req)
+    else:
+        absent = (dropped_by_any - kept_by_any) | removed_req
+    absent = {g for g in absent if not src.is_pinned(g)}
+    if graph.needs and absent:
+        adj: Dict[int, List[int]] = defaultdict(list)
+        for a, b in graph.needs:
+            adj[find(a)].append(find(b))
+        stack = [g for g in adj if g not in absent]
+        seen = set(stack)
+        while stack:
+            g = stack.pop()
+            for h in adj.get(g, ()):
+                if h in absent:
+                    absent.discard(h)
+                if h not in seen:
+                    seen.add(h)
+                    stack.append(h)
+    if mode == "constrained":
+        for op, gs in groups_of.items():
+            extra = {p for p, g in enumerate(gs) if g in absent}
+            if extra:
+                dropped[op] |= extra
+
+    # every consumer and producer keeps something
+    for op, c in graph.consumers.items():
+        if len(dropped.get(op, ())) >= len(c.in_ids):
+            raise EmptyLayerError(
+                f"this would remove every input channel of {c.param!r} ({len(c.in_ids)} channels); "
+                "keep at least one channel of each layer"
+            )
+    for op, p in graph.producers.items():
+        if all(find(a) in absent for a in p.out_ids):
+            raise EmptyLayerError(
+                f"this would remove every output channel of {p.param or op!r} ({len(p.out_ids)} channels): "
+                "no consumer keeps any of them; keep at least one"
+            )
+
+    # 3. reorder --------------------------------------------------------------
+    seg_of, canon = find_segments(graph, find)
+    new_order: Dict[int, List[int]] = {}
+    free: Set[int] = set()
+    if mode == "unconstrained" and reorder:
+        traces = [p.out_ids for p in graph.producers.values()]
+        traces += [c.in_ids for c in graph.consumers.values()]
+        traces += [u.ids for u in graph.param_uses]
+        free = free_segments(graph, find, seg_of, canon, traces)
+        keeps_by_seg: Dict[int, List[frozenset]] = defaultdict(list)
+        for op, gs in groups_of.items():
+            if not physical[op] or graph.consumers[op].groups != 1:
+                continue
+            d = dropped.get(op, ())
+            kept_groups = {g for p, g in enumerate(gs) if p not in d and g >= 0}
+            by_seg: Dict[int, Set[int]] = defaultdict(set)
+            for g in kept_groups:
+                s = seg_of.get(g)
+                if s in free:
+                    by_seg[s].add(g)
+            touched = {seg_of.get(g) for g in gs if g >= 0} & free
+            for s in touched:
+                keeps_by_seg[s].append(frozenset(by_seg.get(s, ())))
+        for s in free:
+            present = [g for g in canon[s] if g not in absent]
+            order = order_segment(present, keeps_by_seg.get(s, []))
+            if order != present:
+                new_order[s] = order
+    layout = Layout(find, absent, seg_of, canon, new_order)
+
+    # 4. write the spec ---------------------------------------------------------
+    spec = PruningSpec(mode=mode)
+    slices: Dict[str, Dict[int, List[int]]] = defaultdict(dict)
+    full_sizes: Dict[Tuple[str, int], int] = {}
+
+    def put(param: str, dim: int, kept: List[int], size: int, what: str) -> None:
+        prev = slices[param].get(dim)
+        if prev is not None and prev != kept:
+            raise ExportError(
+                f"internal inconsistency: {param!r} dim {dim} is sliced two different ways ({what}); "
+                "please report this model"
+            )
+        slices[param][dim] = kept
+        full_sizes[(param, dim)] = size
+
+    for u in graph.param_uses:
+        order = layout.order(u.ids)
+        put(u.param, u.dim, [u.positions[c] for c in order], graph.param_shapes[u.param][u.dim], "parameter alignment")
+
+    masks: Dict[str, MaskEntry] = {}
+    for op, c in graph.consumers.items():
+        d = dropped.get(op, set())
+        if d:
+            m = masks.get(c.param)
+            if m is None:
+                masks[c.param] = MaskEntry(c.param, c.weight_dim, c.groups, sorted(d))
+            else:
+                m.channels = sorted(set(m.channels) | d)
+        order = layout.order(c.in_ids)
+        kept = [p for p in order if p not in d]
+        zero_at = [i for i, p in enumerate(order) if p in d]
+        if c.groups == 1:
+            if physical[op]:
+                put(c.param, c.weight_dim, kept, graph.param_shapes[c.param][c.weight_dim], "consumer input")
+                if len(kept) != len(order):
+                    pos = {p: i for i, p in enumerate(order)}
+                    sub = Subselection(op, c.module or "", c.param, c.activation_dim, [pos[p] for p in kept], len(order))
+                    spec.subselections.append(sub)
+                zero_at = []
+            else:
+                put(c.param, c.weight_dim, order, graph.param_shapes[c.param][c.weight_dim], "consumer input")
+        if zero_at:
+            spec.zeros.append(MaskEntry(c.param, c.weight_dim, c.groups, zero_at))
+        spec.consumers.append(LayerStat(c.param, c.kind, len(c.in_ids), len(kept)))
+    spec.masks = list(masks.values())
+    if mode == "baseline":
+        for s in spec.subselections:
+            s.allow_view = False
+    for op, p in graph.producers.items():
+        spec.producers.append(LayerStat(p.param or op, p.kind, len(p.out_ids), sum(1 for a in p.out_ids if find(a) not in absent)))
+    # drop identity slices
+    for param, dims in slices.items():
+        for dim, kept in dims.items():
+            if kept != list(range(full_sizes[(param, dim)])):
+                spec.slices.setdefault(param, {})[dim] = kept
+    all_groups = {find(a) for a in range(len(src))}
+    spec.total_groups = len(all_groups)
+    spec.removed_groups = len(absent)
+    spec.pinned_groups = sum(1 for g in all_groups if src.is_pinned(g))
+    spec.barriers = list(graph.barriers)
+    spec.segments = len(canon)
+    spec.reordered_segments = len(new_order)
+    return spec
+
+
+def _pair(item: object, what: str) -> Tuple[str, int]:
+    if not isinstance(item, (tuple, list)) or len(item) != 2 or not isinstance(item[0], str):
+        raise TypeError(f"each entry of {what} must be a (parameter name, channel index) pair, got {item!r}")
+    return item[0], item[1]  # type: ignore[return-value]

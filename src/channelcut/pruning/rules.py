@@ -1,0 +1,938 @@
+"""The one table of op rules: how output traces follow from input traces.
+
+Every torch function the tracer understands is one entry in ``RULES`` (keyed by
+function name; in-place variants share the rule of their base op). Start
+reading at :func:`dispatch`. An op with tracked inputs and no rule is a
+**barrier** (:func:`barrier`): its inputs are pinned, its outputs are fresh
+pinned sources, and the user is warned once. Ops whose tensor inputs are all
+untracked (constants, parameters) produce constants, except that data movement
+on a parameter keeps track of which parameter entries it shows, so a reshaped
+layer-scale or position embedding can still be sliced.
+
+Adding an op means adding one entry here and one case to the op-rule tests.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .trace import NO_SOURCE, Consumer, Producer
+from .tracing import Tr, Tracer, _TooBig, flatten_tensors
+
+Rule = Callable[[Tracer, Any, tuple, dict, Any], None]
+RULES: Dict[str, Rule] = {}
+
+
+def rule(*names: str) -> Callable[[Rule], Rule]:
+    def deco(fn: Rule) -> Rule:
+        for n in names:
+            RULES[n] = fn
+        return fn
+
+    return deco
+
+
+def func_name(func: Any) -> str:
+    name = getattr(func, "__name__", None) or repr(func)
+    if name == "__get__":
+        owner = getattr(func, "__self__", None)
+        return "get:" + getattr(owner, "__name__", "?")
+    return name
+
+
+def _base_name(name: str) -> str:
+    if name.startswith("__i") and name.endswith("__") and name[3:-2] in _INPLACE_DUNDERS:
+        return "__" + name[3:-2] + "__"
+    if name.endswith("_") and not name.endswith("__") and not name.startswith("_"):
+        return name[:-1]
+    return name
+
+
+_INPLACE_DUNDERS = {"add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "and", "or", "xor", "lshift", "rshift", "matmul"}
+
+
+def _tensor_args(args: Sequence[Any], kwargs: Dict[str, Any]) -> List[torch.Tensor]:
+    return flatten_tensors([list(args), list(kwargs.values())])
+
+
+def dispatch(tr: Tracer, func: Any, args: tuple, kwargs: dict, out: Any) -> None:
+    outs = flatten_tensors(out) if not isinstance(out, torch.Tensor) else [out]
+    if not outs:
+        return  # sizes, dtypes, bools, None: nothing to trace
+    tensors = _tensor_args(args, kwargs)
+    name = func_name(func)
+    tracked = [x for x in tensors if tr.get(x) is not None]
+    if not tracked:
+        _untracked(tr, name, func, args, kwargs, out, tensors)
+        return
+    r = RULES.get(name) or RULES.get(_base_name(name))
+    if r is None:
+        barrier(tr, name, args, kwargs, out, "no rule for this op")
+        return
+    try:
+        r(tr, func, args, kwargs, out)
+    except _TooBig:
+        raise
+    except _Unsupported as exc:
+        barrier(tr, name, args, kwargs, out, str(exc))
+    for y in outs:  # any output a rule forgot is a fresh, safe barrier output
+        if tr.get(y) is None and not _is_same_as_input(y, tensors):
+            tr.set(y, tr.fresh_pinned(tr.new_op(name), y.dim(), f"output of {name}"))
+
+
+def _is_same_as_input(y: torch.Tensor, tensors: List[torch.Tensor]) -> bool:
+    return any(y is x for x in tensors)
+
+
+class _Unsupported(Exception):
+    pass
+
+
+def barrier(tr: Tracer, name: str, args: tuple, kwargs: dict, out: Any, reason: str) -> None:
+    """Keep every channel flowing in; outputs become fresh pinned sources."""
+    op = tr.new_op(name)
+    where = tr.module or "<model>"
+    msg = f"op '{name}' in {where}: {reason}"
+    tr.graph.barriers.append((name, tr.module, reason))
+    tr.pin_all(_tensor_args(args, kwargs), f"flows into unsupported op '{name}' ({where})")
+    for y in flatten_tensors(out) if not isinstance(out, torch.Tensor) else [out]:
+        tr.set(y, tr.fresh_pinned(op, y.dim(), f"output of unsupported op '{name}' ({where})"))
+    tr.warn_once(
+        name,
+        f"channelcut: {msg}. Treated as a barrier: channels flowing into it are kept, "
+        "the model stays correct but prunes less there.",
+    )
+
+
+# ---------------------------------------------------------------------------
+# ops on untracked tensors: constants, with parameter provenance
+# ---------------------------------------------------------------------------
+
+
+def _untracked(tr: Tracer, name: str, func, args, kwargs, out, tensors) -> None:
+    base = _base_name(name)
+    refs = [tr.param_ref(x) for x in tensors]
+    live = [r for r in refs if r is not None]
+    if not isinstance(out, torch.Tensor) or len(live) != 1 or tensors[0] is not _first_param(tensors, tr):
+        return
+    pname, idx = live[0]
+    if base in MOVEMENT or name in ("get:T", "get:mT", "get:data"):
+        try:
+            res = _apply_to_ids(func, args, kwargs, {id(tensors[0]): idx}, tr, allow_untracked=True)
+        except Exception:
+            return
+        if isinstance(res, torch.Tensor) and tuple(res.shape) == tuple(out.shape):
+            tr.prov[out] = (pname, res)
+    elif (base in ELEMENTWISE or base in SAME_SHAPE) and tuple(out.shape) == tuple(tensors[0].shape):
+        tr.prov[out] = (pname, idx)
+
+
+def _first_param(tensors, tr):
+    for x in tensors:
+        if tr.param_ref(x) is not None:
+            return x
+    return None
+
+
+# ---------------------------------------------------------------------------
+# elementwise ops (with broadcasting)
+# ---------------------------------------------------------------------------
+
+ELEMENTWISE = {
+    # arithmetic
+    "add", "sub", "subtract", "mul", "multiply", "div", "divide", "true_divide", "floor_divide",
+    "remainder", "fmod", "pow", "float_power", "neg", "negative", "abs", "absolute", "sign", "sgn",
+    "reciprocal", "sqrt", "rsqrt", "square", "exp", "exp2", "expm1", "log", "log2", "log10", "log1p",
+    "sin", "cos", "tan", "asin", "acos", "atan", "atan2", "sinh", "cosh", "tanh", "asinh", "acosh",
+    "atanh", "erf", "erfc", "erfinv", "sigmoid", "logit", "clamp", "clip", "clamp_min", "clamp_max",
+    "floor", "ceil", "round", "trunc", "frac", "maximum", "minimum", "fmax", "fmin", "lerp", "addcmul",
+    "addcdiv", "where", "masked_fill", "nan_to_num", "hypot", "xlogy", "copysign", "heaviside",
+    "__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__", "__truediv__", "__rtruediv__",
+    "__div__", "__rdiv__", "__floordiv__", "__rfloordiv__", "__mod__", "__rmod__", "__pow__", "__rpow__",
+    "__neg__", "__pos__", "__abs__", "rsub",
+    # comparisons / logic
+    "eq", "ne", "lt", "le", "gt", "ge", "__eq__", "__ne__", "__lt__", "__le__", "__gt__", "__ge__",
+    "logical_and", "logical_or", "logical_not", "logical_xor", "bitwise_and", "bitwise_or", "bitwise_not",
+    "__and__", "__or__", "__xor__", "__invert__", "isnan", "isinf", "isfinite", "signbit",
+    # activations
+    "relu", "relu6", "leaky_relu", "elu", "selu", "celu", "gelu", "silu", "mish", "hardswish",
+    "hardsigmoid", "hardtanh", "softplus", "softsign", "tanhshrink", "threshold", "logsigmoid",
+    "hardshrink", "softshrink", "rrelu", "sigmoid_", "erf_",
+    # dropout family (per-element or per-channel masks)
+    "dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout",
+    "feature_dropout",
+}
+
+# same-shape ops that only read their first tensor argument
+SAME_SHAPE = {
+    "to", "type", "type_as", "float", "double", "half", "bfloat16", "int", "long", "bool", "cpu", "cuda",
+    "contiguous", "clone", "detach", "requires_grad", "get:data", "zeros_like", "ones_like", "empty_like",
+    "full_like", "rand_like", "randn_like", "fill", "zero", "normal", "uniform", "bernoulli",
+    "positive", "resolve_conj", "resolve_neg", "__deepcopy__", "pin_memory",
+}
+
+
+@rule(*ELEMENTWISE)
+def elementwise(tr: Tracer, func, args, kwargs, out) -> None:
+    tensors = _tensor_args(args, kwargs)
+    target = out if isinstance(out, torch.Tensor) else None
+    if target is None:
+        raise _Unsupported("elementwise op without a tensor output")
+    _elementwise_into(tr, func_name(func), tensors, target)
+    if _base_name(func_name(func)) != func_name(func) and tensors and tensors[0] is not target:
+        tr.set(tensors[0], tr.get(target))  # in-place op that returned a new handle
+
+
+def _elementwise_into(tr: Tracer, what: str, tensors: List[torch.Tensor], target: torch.Tensor) -> None:
+    ndim = target.dim()
+    tracked = [(x, tr.get(x)) for x in tensors if tr.get(x) is not None]
+    # the output channel dim: the varying dim of tracked operands (aligned right)
+    vdims = set()
+    for x, t in tracked:
+        if t.vdim is not None:
+            vdims.add(t.vdim + ndim - x.dim())
+    if len(vdims) > 1:  # atoms vary along several dims: combine in full and couple
+        full = None
+        for x, t in tracked:
+            c = t.t.reshape((1,) * (ndim - x.dim()) + tuple(t.t.shape))
+            full = c if full is None else tr.union_pairs(full, c)
+        shape = torch.broadcast_shapes(*[tuple(t.t.reshape((1,) * (ndim - x.dim()) + tuple(t.t.shape)).shape) for x, t in tracked])
+        res = tr.compress(full.expand(shape).contiguous())
+        tr.set(target, res)
+        vd = res.vdim
+        if vd is not None:
+            for x in tensors:
+                if tr.get(x) is None and x is not target:
+                    tr.align_operand(x, ndim, vd, res.ids, what)
+        return
+    vd = next(iter(vdims)) if vdims else None
+    if vd is None:
+        ids = None
+        for x, t in tracked:
+            a = int(t.ids[0])
+            if ids is None or ids < 0:
+                ids = a
+            else:
+                tr.need(torch.tensor([ids]), a)
+        tr.set(target, Tr.scalar(NO_SOURCE if ids is None else ids, ndim))
+        return
+    merged = None
+    scalars = []
+    for x, t in tracked:
+        if t.vdim is not None:
+            merged = t.ids if merged is None else tr.union_pairs(merged, t.ids)
+        else:
+            scalars.append(int(t.ids[0]))
+    assert merged is not None
+    for s in scalars:
+        tr.need(merged, s)
+    if merged.numel() != target.shape[vd]:
+        raise _Unsupported("broadcast along the channel dim")
+    for x in tensors:
+        if tr.get(x) is None and x is not target:
+            tr.align_operand(x, ndim, vd, merged, what)
+    tr.set(target, Tr.along(merged, vd, ndim))
+
+
+@rule(*SAME_SHAPE)
+def same_shape(tr: Tracer, func, args, kwargs, out) -> None:
+    x = args[0] if args and isinstance(args[0], torch.Tensor) else None
+    if x is None or not isinstance(out, torch.Tensor) or tr.get(x) is None:
+        raise _Unsupported("unexpected arguments")
+    if tuple(out.shape) != tuple(x.shape):
+        raise _Unsupported("shape changed")
+    t = tr.get(x)
+    tr.set(out, Tr(t.t, t.vdim))
+
+
+@rule("prelu")
+def prelu(tr: Tracer, func, args, kwargs, out) -> None:
+    x, w = args[0], args[1] if len(args) > 1 else kwargs["weight"]
+    t = tr.get(x)
+    tr.set(out, Tr(t.t, t.vdim))
+    if w.numel() > 1:
+        name = tr.param_name(w)
+        ids = tr.ids_along(x, 1)
+        if name is None:
+            tr.pin_ids(ids, "prelu with a non-parameter weight")
+        else:
+            tr.record_param_use(name, 0, list(range(w.numel())), ids)
+
+
+@rule("glu")
+def glu(tr: Tracer, func, args, kwargs, out) -> None:
+    x = args[0]
+    dim = args[1] if len(args) > 1 else kwargs.get("dim", -1)
+    dim %= x.dim()
+    t = tr.get(x)
+    if t.vdim != dim:
+        tr.set(out, Tr(t.t, t.vdim))
+        return
+    ids = t.ids
+    half = ids.numel() // 2
+    merged = tr.union_pairs(ids[:half], ids[half:])
+    tr.set(out, Tr.along(merged, dim, x.dim()))
+
+
+# ---------------------------------------------------------------------------
+# reductions and ops that mix along a dim
+# ---------------------------------------------------------------------------
+
+REDUCTIONS = {"sum", "mean", "amax", "amin", "max", "min", "prod", "logsumexp", "all", "any", "argmax",
+              "argmin", "nansum", "nanmean", "median", "nanmedian", "count_nonzero", "std", "var",
+              "std_mean", "var_mean", "aminmax", "mode"}
+
+
+def _dims(d: Any, ndim: int) -> Optional[List[int]]:
+    if d is None:
+        return None
+    if isinstance(d, int):
+        return [d % ndim] if ndim else []
+    return [int(i) % ndim for i in d]
+
+
+@rule(*REDUCTIONS)
+def reduction(tr: Tracer, func, args, kwargs, out) -> None:
+    name = _base_name(func_name(func))
+    x = args[0]
+    rest = list(args[1:])
+    if name in ("max", "min") and rest and isinstance(rest[0], torch.Tensor):
+        return elementwise(tr, func, args, kwargs, out)
+    if "other" in kwargs:
+        return elementwise(tr, func, args, kwargs, out)
+    dim = kwargs.get("dim", kwargs.get("axis", None))
+    keepdim = kwargs.get("keepdim", False)
+    if dim is None and rest and (isinstance(rest[0], (int, list, tuple))) and not isinstance(rest[0], bool):
+        dim = rest[0]
+        if len(rest) > 1 and isinstance(rest[-1], bool) and "keepdim" not in kwargs:
+            keepdim = rest[-1] if not (name in ("std", "var", "std_mean", "var_mean") and len(rest) == 2) else False
+    dims = _dims(dim, x.dim())
+    t = tr.get(x)
+    outs = flatten_tensors(out) if not isinstance(out, torch.Tensor) else [out]
+    if dims is None or (t.vdim is not None and t.vdim in dims):
+        rep = tr.couple(t.ids)
+        for y in outs:
+            tr.set(y, Tr.scalar(rep, y.dim()))
+        return
+    vd = t.vdim
+    if vd is not None and not keepdim:
+        vd -= sum(1 for d in dims if d < vd)
+    for y in outs:
+        if vd is None:
+            tr.set(y, Tr.scalar(int(t.ids[0]), y.dim()))
+        else:
+            tr.set(y, Tr.along(t.ids, vd, y.dim()))
+
+
+@rule("norm")
+def norm(tr: Tracer, func, args, kwargs, out) -> None:
+    x = args[0]
+    dim = kwargs.get("dim", args[2] if len(args) > 2 else None)
+    keepdim = kwargs.get("keepdim", args[3] if len(args) > 3 else False)
+    _reduce_dims(tr, x, _dims(dim, x.dim()), keepdim, out)
+
+
+def _reduce_dims(tr: Tracer, x, dims, keepdim, out) -> None:
+    t = tr.get(x)
+    if dims is None or (t.vdim is not None and t.vdim in dims):
+        tr.set(out, Tr.scalar(tr.couple(t.ids), out.dim()))
+        return
+    vd = t.vdim
+    if vd is not None and not keepdim:
+        vd -= sum(1 for d in dims if d < vd)
+    tr.set(out, Tr.scalar(int(t.ids[0]), out.dim()) if vd is None else Tr.along(t.ids, vd, out.dim()))
+
+
+MIX_ALONG = {"softmax", "log_softmax", "softmin", "cumsum", "cumprod", "logcumsumexp", "cummax", "cummin",
+             "normalize"}
+
+
+@rule(*MIX_ALONG)
+def mix_along(tr: Tracer, func, args, kwargs, out) -> None:
+    name = _base_name(func_name(func))
+    x = args[0]
+    if name == "normalize":
+        dim = kwargs.get("dim", args[2] if len(args) > 2 else 1)
+    else:
+        dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
+    t = tr.get(x)
+    dims = _dims(dim, x.dim())
+    if dims is None or (t.vdim is not None and t.vdim in dims):
+        rep = tr.couple(t.ids)
+        res = Tr(torch.full_like(t.t, rep), t.vdim)
+    else:
+        res = Tr(t.t, t.vdim)
+    for y in flatten_tensors(out) if not isinstance(out, torch.Tensor) else [out]:
+        tr.set(y, Tr(res.t, res.vdim))
+
+
+# ---------------------------------------------------------------------------
+# spatial ops: pooling, resampling (channel dim 1 passes through)
+# ---------------------------------------------------------------------------
+
+SPATIAL = {
+    "max_pool1d", "max_pool2d", "max_pool3d", "max_pool1d_with_indices", "max_pool2d_with_indices",
+    "max_pool3d_with_indices", "avg_pool1d", "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d",
+    "adaptive_avg_pool2d", "adaptive_avg_pool3d", "adaptive_max_pool1d", "adaptive_max_pool2d",
+    "adaptive_max_pool3d", "adaptive_max_pool1d_with_indices", "adaptive_max_pool2d_with_indices",
+    "adaptive_max_pool3d_with_indices", "lp_pool1d", "lp_pool2d", "lp_pool3d", "interpolate", "upsample",
+    "upsample_nearest", "upsample_bilinear", "fractional_max_pool2d", "fractional_max_pool3d",
+    "_max_pool1d", "_max_pool2d", "_max_pool3d", "_adaptive_max_pool1d", "_adaptive_max_pool2d",
+    "_adaptive_max_pool3d", "_fractional_max_pool2d", "_fractional_max_pool3d",
+}
+
+
+@rule(*SPATIAL)
+def spatial(tr: Tracer, func, args, kwargs, out) -> None:
+    x = args[0] if args else kwargs.get("input")
+    t = tr.get(x)
+    outs = flatten_tensors(out) if not isinstance(out, torch.Tensor) else [out]
+    for y in outs:
+        if y.dim() != x.dim():
+            raise _Unsupported("pooling changed the number of dims")
+        if t.vdim is None or (t.vdim == 1 and x.dim() >= 3) or (x.dim() >= 3 and t.vdim < x.dim() - _spatial_rank(func_name(func), x)):
+            tr.set(y, Tr(t.t, t.vdim))
+        else:
+            tr.set(y, Tr.scalar(tr.couple(t.ids), y.dim()))
+
+
+def _spatial_rank(name: str, x: torch.Tensor) -> int:
+    for k in ("1d", "2d", "3d"):
+        if k in name:
+            return int(k[0])
+    return x.dim() - 2  # interpolate / upsample
+
+
+@rule("grid_sample")
+def grid_sample(tr: Tracer, func, args, kwargs, out) -> None:
+    x, grid = args[0], args[1] if len(args) > 1 else kwargs["grid"]
+    t = tr.get(x) or Tr.scalar(NO_SOURCE, x.dim())
+    if t.vdim not in (None, 1):
+        t = Tr.scalar(tr.couple(t.ids), x.dim())
+    g = tr.get(grid)
+    if g is not None:
+        tr.need(t.ids, tr.couple(g.ids))
+    tr.set(out, Tr(t.t, t.vdim))
+
+
+@rule("pad")
+def pad(tr: Tracer, func, args, kwargs, out) -> None:
+    x = args[0]
+    p = args[1] if len(args) > 1 else kwargs["pad"]
+    t = tr.get(x)
+    padded = {x.dim() - 1 - i // 2 for i, v in enumerate(p) if v != 0}
+    if t.vdim is not None and t.vdim in padded:
+        tr.pin_ids(t.ids, "padded along the channel dim")
+        tr.set(out, tr.fresh_pinned(tr.new_op("pad"), out.dim(), "padded channels"))
+        tr.need(t.ids, int(tr.get(out).ids[0]))
+        return
+    tr.set(out, Tr(t.t, t.vdim))
+
+
+# ---------------------------------------------------------------------------
+# normalisation layers
+# ---------------------------------------------------------------------------
+
+
+def _per_channel(tr: Tracer, x: torch.Tensor, dim: int, params: Sequence[Any], what: str) -> torch.Tensor:
+    """Output = input trace; per-channel params aligned with ``dim``."""
+    t = tr.get(x)
+    if t.vdim is not None and t.vdim != dim % x.dim():
+        t = Tr.scalar(tr.couple(t.ids), x.dim())
+        tr.set(x, t)
+    ids = tr.ids_along(x, dim)
+    for p in params:
+        if p is None or not isinstance(p, torch.Tensor):
+            continue
+        name = tr.param_name(p)
+        if name is None:
+            tr.pin_ids(ids, f"{what} with a non-parameter per-channel tensor")
+        elif p.dim() == 1 and p.numel() == ids.numel():
+            tr.record_param_use(name, 0, list(range(p.numel())), ids)
+        else:
+            tr.pin_ids(ids, f"{what} parameter {name} has an unexpected shape")
+    return ids
+
+
+def _arg(args, kwargs, i, name, default=None):
+    if name in kwargs:
+        return kwargs[name]
+    return args[i] if len(args) > i else default
+
+
+@rule("batch_norm")
+def batch_norm(tr: Tracer, func, args, kwargs, out) -> None:
+    x = args[0]
+    params = [_arg(args, kwargs, i, n) for i, n in ((1, "running_mean"), (2, "running_var"), (3, "weight"), (4, "bias"))]
+    t = tr.get(x)
+    _per_channel(tr, x, 1, params, "batch_norm")
+    t = tr.get(x)
+    tr.set(out, Tr(t.t, t.vdim))
+
+
+@rule("instance_norm")
+def instance_norm(tr: Tracer, func, args, kwargs, out) -> None:
+    x = args[0]
+    params = [_arg(args, kwargs, i, n) for i, n in ((1, "running_mean"), (2, "running_var"), (3, "weight"), (4, "bias"))]
+    _per_channel(tr, x, 1, params, "instance_norm")
+    t = tr.get(x)
+    tr.set(out, Tr(t.t, t.vdim))
+
+
+@rule("layer_norm", "rms_norm")
+def layer_norm(tr: Tracer, func, args, kwargs, out) -> None:
+    x = args[0]
+    shape = _arg(args, kwargs, 1, "normalized_shape")
+    k = 1 if isinstance(shape, int) else len(shape)
+    name = func_name(func)
+    w = _arg(args, kwargs, 2, "weight")
+    b = _arg(args, kwargs, 3, "bias") if name == "layer_norm" else None
+    t = tr.get(x)
+    normed = set(range(x.dim() - k, x.dim()))
+    if t.vdim is not None and t.vdim in normed:
+        # statistics over the channels: every output channel depends on all of them
+        rep = tr.couple(t.ids)
+        res = Tr(torch.full_like(t.t, rep), t.vdim)
+        for p in (w, b):
+            if isinstance(p, torch.Tensor):
+                pname = tr.param_name(p)
+                pd = t.vdim - (x.dim() - k)
+                if pname is None or p.shape[pd] != t.ids.numel():
+                    tr.pin_ids(res.ids, f"{name} with an unexpected weight")
+                else:
+                    tr.record_param_use(pname, pd, list(range(p.shape[pd])), res.ids)
+        tr.set(out, res)
+    else:
+        tr.set(out, Tr(t.t, t.vdim))
+
+
+@rule("group_norm")
+def group_norm(tr: Tracer, func, args, kwargs, out) -> None:
+    x = args[0]
+    g = _arg(args, kwargs, 1, "num_groups")
+    w, b = _arg(args, kwargs, 2, "weight"), _arg(args, kwargs, 3, "bias")
+    t = tr.get(x)
+    if t.vdim is not None and t.vdim != 1:
+        t = Tr.scalar(tr.couple(t.ids), x.dim())
+    ids = tr.ids_along(x, 1) if t.vdim == 1 else t.ids.expand(x.shape[1]).clone()
+    per = x.shape[1] // g
+    reps = [tr.couple(ids[i * per:(i + 1) * per]) for i in range(g)]
+    new_ids = torch.tensor(reps, dtype=torch.long).repeat_interleave(per)
+    for p in (w, b):
+        if isinstance(p, torch.Tensor):
+            pname = tr.param_name(p)
+            if pname is None:
+                tr.pin_ids(new_ids, "group_norm with a non-parameter weight")
+            else:
+                tr.record_param_use(pname, 0, list(range(p.numel())), new_ids)
+    tr.set(out, Tr.along(new_ids, 1, x.dim()) if x.shape[1] > 1 else Tr.scalar(int(new_ids[0]), x.dim()))
+
+
+@rule("local_response_norm")
+def lrn(tr: Tracer, func, args, kwargs, out) -> None:
+    x = args[0]
+    t = tr.get(x)
+    rep = tr.couple(t.ids)
+    tr.set(out, Tr(torch.full_like(t.t, rep), t.vdim))
+
+
+# ---------------------------------------------------------------------------
+# producers and consumers: conv, linear, embedding, matmul with a parameter
+# ---------------------------------------------------------------------------
+
+
+@rule("conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d", "convolution")
+def conv(tr: Tracer, func, args, kwargs, out) -> None:
+    name = func_name(func)
+    transposed = "transpose" in name
+    x, w = args[0], _arg(args, kwargs, 1, "weight")
+    bias = _arg(args, kwargs, 2, "bias")
+    groups = _arg(args, kwargs, 6, "groups", 1)
+    if name == "convolution":
+        transposed = bool(_arg(args, kwargs, 6, "transposed", False))
+        groups = _arg(args, kwargs, 8, "groups", 1)
+    wname = tr.param_name(w)
+    bname = tr.param_name(bias) if isinstance(bias, torch.Tensor) else None
+    in_ids = tr.ids_along(x, 1)
+    cin, cout = x.shape[1], out.shape[1]
+    module = tr.graph.param_modules.get(wname) if wname else None
+    op = tr.new_op(name, preferred=module if module is not None else None)
+    if wname is None:
+        # a computed weight (e.g. weight standardisation): nothing to slice
+        tr.pin_ids(in_ids, f"read by {name} with a computed weight")
+        tr.set(out, tr.fresh_pinned(op, out.dim(), f"output of {name} with a computed weight"))
+        return
+    physical = tr.module == module
+    if groups == 1:
+        atoms = torch.tensor(list(tr.src.new_atoms(op, cout)), dtype=torch.long)
+        tr.graph.add_consumer(Consumer(op, wname, module, in_ids.tolist(), 0 if transposed else 1, 1, 1, physical, name))
+        tr.graph.add_producer(Producer(op, wname, atoms.tolist(), name))
+        tr.record_param_use(wname, 1 if transposed else 0, list(range(cout)), atoms)
+    elif not transposed and w.shape[1] == 1:  # depthwise: channels pass through
+        m = cout // cin
+        atoms = in_ids.repeat_interleave(m)
+        tr.record_param_use(wname, 0, list(range(cout)), atoms)
+    elif not transposed:  # grouped conv: keep groups uniform
+        k = cin // groups
+        ko = cout // groups
+        for q in range(1, groups):
+            tr.union_pairs(in_ids[:k], in_ids[q * k:(q + 1) * k])
+        atoms = torch.tensor(list(tr.src.new_atoms(op, cout)), dtype=torch.long)
+        for q in range(1, groups):
+            tr.union_pairs(atoms[:ko], atoms[q * ko:(q + 1) * ko])
+        tr.graph.add_consumer(Consumer(op, wname, module, in_ids.tolist(), 1, groups, 1, False, name))
+        tr.graph.add_producer(Producer(op, wname, atoms.tolist(), name))
+        tr.record_param_use(wname, 1, list(range(k)), in_ids[:k])
+        tr.record_param_use(wname, 0, list(range(cout)), atoms)
+    else:
+        tr.pin_ids(in_ids, "read by a grouped transposed conv")
+        atoms = torch.tensor(list(tr.src.new_atoms(op, cout)), dtype=torch.long)
+        tr.pin_ids(atoms, "output of a grouped transposed conv")
+    if bname is not None:
+        tr.record_param_use(bname, 0, list(range(cout)), atoms)
+    elif isinstance(bias, torch.Tensor):
+        tr.pin_ids(atoms, f"{name} with a computed bias")
+    tr.set(out, Tr.along(atoms, 1, out.dim()) if cout > 1 else Tr.scalar(int(atoms[0]), out.dim()))
+
+
+@rule("linear")
+def linear(tr: Tracer, func, args, kwargs, out) -> None:
+    x, w = args[0], _arg(args, kwargs, 1, "weight")
+    bias = _arg(args, kwargs, 2, "bias")
+    _linear_like(tr, "linear", x, w, bias, out, weight_in_dim=1)
+
+
+def _linear_like(tr: Tracer, name: str, x, w, bias, out, weight_in_dim: int) -> None:
+    t = tr.get(x)
+    last = x.dim() - 1
+    if t.vdim is not None and t.vdim != last:
+        # mixes along a dim that carries no channels (e.g. token mixing): pass through
+        wn = tr.param_name(w)
+        if wn is None and tr.get(w) is not None:
+            raise _Unsupported("weight is an activation")
+        tr.set(out, Tr(t.t, t.vdim))
+        return
+    wname = tr.param_name(w)
+    bname = tr.param_name(bias) if isinstance(bias, torch.Tensor) else None
+    in_ids = tr.ids_along(x, last)
+    cout = out.shape[-1] if out.dim() else 1
+    module = tr.graph.param_modules.get(wname) if wname else None
+    op = tr.new_op(name, preferred=module if module is not None else None)
+    if wname is None or tr.get(w) is not None:
+        tr.pin_ids(in_ids, f"read by {name} with a computed weight")
+        if tr.get(w) is not None:
+            tr.pin_all([w], f"used as the weight of {name}")
+        tr.set(out, tr.fresh_pinned(op, out.dim(), f"output of {name} with a computed weight"))
+        return
+    physical = tr.module == module and name == "linear"
+    atoms = torch.tensor(list(tr.src.new_atoms(op, cout)), dtype=torch.long)
+    tr.graph.add_consumer(Consumer(op, wname, module, in_ids.tolist(), weight_in_dim, 1, -1, physical, name))
+    tr.graph.add_producer(Producer(op, wname, atoms.tolist(), name))
+    tr.record_param_use(wname, 1 - weight_in_dim, list(range(cout)), atoms)
+    if bname is not None:
+        tr.record_param_use(bname, 0, list(range(cout)), atoms)
+    elif isinstance(bias, torch.Tensor):
+        tr.pin_ids(atoms, f"{name} with a computed bias")
+    tr.set(out, Tr.along(atoms, out.dim() - 1, out.dim()) if cout > 1 else Tr.scalar(int(atoms[0]), out.dim()))
+
+
+@rule("embedding")
+def embedding(tr: Tracer, func, args, kwargs, out) -> None:
+    if func is torch.embedding:
+        w, idx = args[0], args[1]
+    else:
+        idx, w = args[0], _arg(args, kwargs, 1, "weight")
+    wname = tr.param_name(w)
+    d = out.shape[-1]
+    module = tr.graph.param_modules.get(wname) if wname else None
+    op = tr.new_op("embedding", preferred=module)
+    atoms = torch.tensor(list(tr.src.new_atoms(op, d)), dtype=torch.long)
+    if wname is None:
+        tr.pin_ids(atoms, "embedding with a computed table")
+    else:
+        tr.graph.add_producer(Producer(op, wname, atoms.tolist(), "embedding"))
+        tr.record_param_use(wname, 1, list(range(d)), atoms)
+    tr.set(out, Tr.along(atoms, out.dim() - 1, out.dim()))
+
+
+@rule("matmul", "mm", "bmm", "__matmul__", "__rmatmul__")
+def matmul(tr: Tracer, func, args, kwargs, out) -> None:
+    a, b = args[0], args[1]
+    if func_name(func) == "__rmatmul__":
+        a, b = b, a
+    if tr.get(b) is None and tr.param_name(b) is not None and b.dim() == 2 and a.dim() >= 1:
+        return _linear_like(tr, "matmul", a, b, None, out, weight_in_dim=0)
+    if a.dim() < 2 or b.dim() < 2:
+        raise _Unsupported("matmul with a 1-d operand")
+    ta = tr.get(a) or Tr.scalar(NO_SOURCE, a.dim())
+    tb = tr.get(b) or Tr.scalar(NO_SOURCE, b.dim())
+    # contracted dims couple; row dim of a and column dim of b pass through
+    ca = ta.t
+    if ta.vdim == a.dim() - 1:
+        ca = torch.full((1,) * a.dim(), tr.couple(ta.ids), dtype=torch.long)
+    cb = tb.t
+    if tb.vdim == b.dim() - 2:
+        cb = torch.full((1,) * b.dim(), tr.couple(tb.ids), dtype=torch.long)
+    nd = out.dim()
+    ca = ca.reshape((1,) * (nd - ca.dim()) + tuple(ca.shape))
+    cb = cb.reshape((1,) * (nd - cb.dim()) + tuple(cb.shape))
+    merged = tr.union_pairs(ca, cb)
+    res = tr.compress(merged.contiguous())
+    tr.set(out, res)
+
+
+@rule("scaled_dot_product_attention")
+def sdpa(tr: Tracer, func, args, kwargs, out) -> None:
+    q, k, v = args[0], args[1], args[2]
+    mask = _arg(args, kwargs, 3, "attn_mask")
+    tv = tr.get(v) or Tr.scalar(NO_SOURCE, v.dim())
+    if tv.vdim is not None and tv.vdim != v.dim() - 1:
+        tv = Tr.scalar(tr.couple(tv.ids), v.dim())
+    qk = [tr.get(x).ids for x in (q, k, mask) if isinstance(x, torch.Tensor) and tr.get(x) is not None]
+    rep = tr.couple(torch.cat(qk)) if qk else NO_SOURCE
+    tr.need(tv.ids, rep)
+    if tv.vdim is None:
+        ids = tv.ids if int(tv.ids[0]) >= 0 else torch.tensor([rep])
+        tr.set(out, Tr.scalar(int(ids[0]), out.dim()))
+    else:
+        tr.set(out, Tr.along(tv.ids, out.dim() - 1, out.dim()))
+
+
+# ---------------------------------------------------------------------------
+# data movement: view/reshape/permute/index/cat ... computed on id tensors
+# ---------------------------------------------------------------------------
+
+MOVEMENT = {
+    "reshape", "view", "flatten", "unflatten", "permute", "transpose", "t", "swapaxes", "swapdims", "movedim",
+    "moveaxis", "squeeze", "unsqueeze", "expand", "expand_as", "repeat", "tile", "__getitem__", "narrow",
+    "select", "index_select", "cat", "concat", "concatenate", "stack", "hstack", "vstack", "dstack", "split",
+    "chunk", "tensor_split", "unbind", "split_with_sizes", "flip", "fliplr", "flipud", "roll", "rot90",
+    "take_along_dim", "gather", "view_as", "reshape_as", "broadcast_to", "pixel_shuffle", "pixel_unshuffle",
+    "channel_shuffle", "native_channel_shuffle", "unfold", "get:T", "get:mT", "get:H", "get:mH", "ravel",
+    "atleast_1d", "atleast_2d", "atleast_3d", "diagonal", "masked_select", "repeat_interleave", "as_strided",
+    "split_copy", "unsafe_split", "unsafe_chunk", "movedim_copy", "narrow_copy",
+}
+
+# ops whose output ids are exactly a permutation of dims: cheap on compressed traces
+PERMUTING = {"permute", "transpose", "t", "swapaxes", "swapdims", "movedim", "moveaxis", "get:T", "get:mT"}
+
+
+@rule(*MOVEMENT)
+def movement(tr: Tracer, func, args, kwargs, out) -> None:
+    name = _base_name(func_name(func))
+    tensors = _tensor_args(args, kwargs)
+    src = [x for x in tensors if tr.get(x) is not None]
+    outs = flatten_tensors(out) if not isinstance(out, torch.Tensor) else [out]
+    if name in ("contiguous", "clone", "detach"):
+        return same_shape(tr, func, args, kwargs, out)
+    if name in ("gather", "take_along_dim", "index_select", "masked_select") and tr.get(args[0]) is None:
+        raise _Unsupported("indexing with a tracked index")
+    fast = _fast_movement(tr, name, func, args, kwargs, outs)
+    if fast:
+        return
+    res = _apply_to_ids(func, args, kwargs, {}, tr)
+    res_list = flatten_tensors(res) if not isinstance(res, torch.Tensor) else [res]
+    if len(res_list) != len(outs):
+        raise _Unsupported("unexpected outputs")
+    in_groups = [_groups(tr, tr.get(x)) for x in src]
+    for y, r in zip(outs, res_list):
+        ctr = tr.compress(r)
+        if not _preserves_channels(tr, in_groups, ctr):
+            for x in src:
+                tr.pin_ids(tr.get(x).ids, f"'{name}' selects or reorders channels ({tr.module or '<model>'})")
+            tr.pin_ids(ctr.ids, f"'{name}' selects or reorders channels ({tr.module or '<model>'})")
+        tr.set(y, ctr)
+
+
+def _groups(tr: Tracer, t: Tr) -> List[int]:
+    if t.vdim is None:
+        return []
+    find = tr.src.find
+    return [find(a) if a >= 0 else -1 for a in t.ids.tolist()]
+
+
+def _is_tiling(out: List[int], base: List[int]) -> bool:
+    """``out`` is ``base`` with each entry repeated m times, all tiled k times."""
+    n = len(base)
+    if n == 0 or len(out) % n:
+        return False
+    for m in range(1, len(out) // n + 1):
+        if (len(out) // n) % m:
+            continue
+        unit = [g for g in base for _ in range(m)]
+        k = len(out) // len(unit)
+        if unit * k == out:
+            return True
+    return False
+
+
+def _preserves_channels(tr: Tracer, in_groups: List[List[int]], out: Tr) -> bool:
+    if out.vdim is None:
+        return all(len(set(g)) <= 1 for g in in_groups)
+    og = _groups(tr, out)
+    nonempty = [g for g in in_groups if g]
+    if not nonempty:
+        return True
+    if _is_tiling(og, [g for grp in nonempty for g in grp]):
+        return True
+    return all(_is_tiling(og, g) for g in nonempty)
+
+
+def _apply_to_ids(func, args, kwargs, subst: Dict[int, torch.Tensor], tr: Tracer, allow_untracked=False):
+    def conv(a):
+        if isinstance(a, torch.Tensor) and not (a.dtype in (torch.long, torch.int, torch.bool) and tr.get(a) is None and id(a) not in subst and not _is_data(a, tr)):
+            if id(a) in subst:
+                return subst[id(a)]
+            return tr.materialize(a)
+        if isinstance(a, (list, tuple)):
+            return type(a)(conv(b) for b in a) if not hasattr(a, "_fields") else type(a)(*[conv(b) for b in a])
+        return a
+
+    cargs = tuple(conv(a) for a in args)
+    ckw = {k: conv(v) for k, v in kwargs.items()}
+    return func(*cargs, **ckw)
+
+
+def _is_data(a: torch.Tensor, tr: Tracer) -> bool:
+    """Integer tensors that are data (tracked or parameters), not indices."""
+    return tr.get(a) is not None or tr.param_ref(a) is not None
+
+
+def _fast_movement(tr: Tracer, name: str, func, args, kwargs, outs) -> bool:
+    """Shortcuts on compressed traces for the common cheap cases."""
+    if len(outs) != 1:
+        return False
+    x = args[0] if args and isinstance(args[0], torch.Tensor) else None
+    y = outs[0]
+    if x is None or tr.get(x) is None:
+        return False
+    t = tr.get(x)
+    if t.vdim is None and name not in ("cat", "concat", "concatenate", "stack"):
+        tr.set(y, Tr.scalar(int(t.ids[0]), y.dim()))
+        return True
+    if name in PERMUTING:
+        res = _apply_to_ids(func, (t.t,) + tuple(args[1:]), kwargs, {}, tr)
+        if res.dim() == y.dim():
+            vd = [d for d in range(res.dim()) if res.shape[d] > 1]
+            tr.set(y, Tr(res.contiguous(), vd[0] if vd else None))
+            return True
+        return False
+    if name in ("reshape", "view", "flatten", "unflatten", "view_as", "reshape_as", "squeeze", "unsqueeze", "ravel"):
+        return _reshape_fast(tr, t, x, y)
+    if name in ("expand", "expand_as", "broadcast_to"):
+        if x.shape[t.vdim] == y.shape[t.vdim + y.dim() - x.dim()]:
+            tr.set(y, Tr.along(t.ids, t.vdim + y.dim() - x.dim(), y.dim()))
+            return True
+        return False
+    if name == "__getitem__":
+        return _getitem_fast(tr, t, x, args[1], y)
+    return False
+
+
+def _reshape_fast(tr: Tracer, t: Tr, x: torch.Tensor, y: torch.Tensor) -> bool:
+    """Map the varying dim through a reshape by matching dim groups."""
+    s_in, s_out = list(x.shape), list(y.shape)
+    i = j = 0
+    groups = []  # (in dims, out dims)
+    while i < len(s_in) or j < len(s_out):
+        gi, gj = [], []
+        pi = pj = 1
+        if i < len(s_in):
+            gi.append(i); pi *= s_in[i]; i += 1
+        if j < len(s_out):
+            gj.append(j); pj *= s_out[j]; j += 1
+        while pi != pj:
+            if pi < pj and i < len(s_in):
+                gi.append(i); pi *= s_in[i]; i += 1
+            elif pj < pi and j < len(s_out):
+                gj.append(j); pj *= s_out[j]; j += 1
+            else:
+                return False
+        # absorb trailing size-1 dims
+        while i < len(s_in) and s_in[i] == 1 and (j >= len(s_out) or s_out[j] != 1):
+            gi.append(i); i += 1
+        while j < len(s_out) and s_out[j] == 1 and (i >= len(s_in) or s_in[i] != 1):
+            gj.append(j); j += 1
+        groups.append((gi, gj))
+    for gi, gj in groups:
+        if t.vdim in gi:
+            sizes_out = [s_out[d] for d in gj if s_out[d] != 1]
+            dims_out = [d for d in gj if s_out[d] != 1]
+            if len(dims_out) != 1:
+                return False  # the channel dim is split: let the generic path couple
+            sizes_in = [s_in[d] for d in gi]
+            pos = gi.index(t.vdim)
+            inner = 1
+            for s in sizes_in[pos + 1:]:
+                inner *= s
+            outer = 1
+            for s in sizes_in[:pos]:
+                outer *= s
+            ids = t.ids.repeat_interleave(inner).repeat(outer)
+            tr.set(y, Tr.along(ids, dims_out[0], y.dim()))
+            return True
+    return False
+
+
+def _getitem_fast(tr: Tracer, t: Tr, x: torch.Tensor, idx: Any, y: torch.Tensor) -> bool:
+    if not isinstance(idx, tuple):
+        idx = (idx,)
+    if any(isinstance(i, (torch.Tensor, list)) or i is Ellipsis and False for i in idx):
+        return False
+    # expand Ellipsis
+    n_real = sum(1 for i in idx if i is not None and i is not Ellipsis)
+    full: List[Any] = []
+    for i in idx:
+        if i is Ellipsis:
+            full.extend([slice(None)] * (x.dim() - n_real))
+        else:
+            full.append(i)
+    d = 0
+    out_dim = 0
+    vd_out = None
+    for i in full:
+        if i is None:
+            out_dim += 1
+            continue
+        if isinstance(i, bool):
+            return False
+        if d == t.vdim:
+            if not (isinstance(i, slice) and i == slice(None)) and not (
+                isinstance(i, slice) and range(*i.indices(x.shape[d])) == range(x.shape[d])
+            ):
+                return False  # touches the channel dim: generic path decides
+            vd_out = out_dim
+        if isinstance(i, int):
+            d += 1
+            continue
+        if not isinstance(i, slice):
+            return False
+        d += 1
+        out_dim += 1
+    if vd_out is None:
+        vd_out = out_dim + (t.vdim - d)
+    if not (0 <= vd_out < y.dim()) or y.shape[vd_out] != x.shape[t.vdim]:
+        return False
+    tr.set(y, Tr.along(t.ids, vd_out, y.dim()))
+    return True
+
+
+@rule("__setitem__", "index_put", "masked_scatter", "scatter", "scatter_add", "index_add", "index_copy", "copy")
+def write_into(tr: Tracer, func, args, kwargs, out) -> None:
+    """In-place writes into a tensor: keep every channel involved."""
+    name = func_name(func)
+    tr.pin_all(_tensor_args(args, kwargs), f"written in place by '{name}'")
+    dst = args[0]
+    if isinstance(dst, torch.Tensor) and tr.get(dst) is None:
+        tr.set(dst, tr.fresh_pinned(tr.new_op(name), dst.dim(), f"written by '{name}'"))
+
+
+@rule("get:shape", "size", "dim", "numel", "get:device", "get:dtype", "get:is_cuda", "get:requires_grad",
+      "get:grad_fn", "get:ndim", "item", "tolist", "stride", "is_contiguous", "data_ptr", "element_size",
+      "get:grad", "__len__", "__bool__", "__format__", "__repr__", "get:layout", "nelement")
+def metadata(tr: Tracer, func, args, kwargs, out) -> None:
+    """Ops that only read metadata."""
+    return None

@@ -1,0 +1,145 @@
+"""The pruning spec: plain data describing one export, printable and serialisable.
+
+Produced by :func:`channelcut.pruning.resolve.resolve`, consumed by the mock
+(``mock.py``) and the pruner (``pruner.py``). No torch in here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+
+@dataclass
+class Subselection:
+    """A consumer that reads only some channels of its (physical) input.
+
+    ``indices`` are positions in the physical input; when they form one
+    contiguous range, ``start``/``length`` are set and the read is a view.
+    """
+
+    op: str
+    module: str
+    param: str
+    activation_dim: int
+    indices: List[int]
+    input_channels: int  # physical channels of the input tensor
+    allow_view: bool = True  # False in the baseline export: always gather
+
+    @property
+    def contiguous(self) -> bool:
+        idx = self.indices
+        return self.allow_view and bool(idx) and idx == list(range(idx[0], idx[0] + len(idx)))
+
+    @property
+    def start(self) -> int:
+        return self.indices[0]
+
+    @property
+    def length(self) -> int:
+        return len(self.indices)
+
+    @property
+    def copied_channels(self) -> int:
+        """Channels gathered (copied) per inference by this read."""
+        return 0 if self.contiguous else len(self.indices)
+
+
+@dataclass
+class MaskEntry:
+    """Input channels of a consumer's weight that are masked (zeroed).
+
+    ``channels`` index the consumer's activation input (original layout for the
+    mock; physical layout after pruning for the pruner's zero columns).
+    """
+
+    param: str
+    weight_dim: int
+    groups: int
+    channels: List[int]
+
+
+@dataclass
+class LayerStat:
+    name: str
+    kind: str
+    before: int
+    after: int
+
+
+@dataclass
+class PruningSpec:
+    """Everything needed to mock or apply one export."""
+
+    mode: str  # "unconstrained" | "constrained" | "baseline"
+    # parameter name -> {dim: kept indices of the original tensor, in new order}
+    slices: Dict[str, Dict[int, List[int]]] = field(default_factory=dict)
+    # what the mock masks (original indexing), one entry per consumer weight
+    masks: List[MaskEntry] = field(default_factory=list)
+    # zero columns the pruned model keeps (physical indexing, after slicing)
+    zeros: List[MaskEntry] = field(default_factory=list)
+    subselections: List[Subselection] = field(default_factory=list)
+    producers: List[LayerStat] = field(default_factory=list)
+    consumers: List[LayerStat] = field(default_factory=list)
+    barriers: List[Tuple[str, Optional[str], str]] = field(default_factory=list)
+    removed_groups: int = 0
+    total_groups: int = 0
+    pinned_groups: int = 0
+    reordered_segments: int = 0
+    segments: int = 0
+
+    # -- summaries -----------------------------------------------------------
+    @property
+    def copied_channels(self) -> int:
+        """Channels gathered by memory copies per inference (0 = all views)."""
+        return sum(s.copied_channels for s in self.subselections)
+
+    @property
+    def copy_ops(self) -> int:
+        return sum(1 for s in self.subselections if not s.contiguous)
+
+    @property
+    def view_ops(self) -> int:
+        return sum(1 for s in self.subselections if s.contiguous)
+
+    def kept(self) -> Dict[str, Tuple[int, int]]:
+        """Producer op -> (output channels before, after)."""
+        return {p.name: (p.before, p.after) for p in self.producers}
+
+    def to_dict(self) -> Dict[str, Any]:
+        d = asdict(self)
+        d["slices"] = {k: {str(dim): v for dim, v in dims.items()} for k, dims in self.slices.items()}
+        d["copied_channels"] = self.copied_channels
+        return d
+
+    def summary(self, max_rows: int = 40) -> str:
+        """A readable report: per layer channels before -> after, subsets read, copies."""
+        lines = [
+            f"PruningSpec ({self.mode}): {self.removed_groups} of {self.total_groups} channel groups removed, "
+            f"{self.pinned_groups} pinned; {len(self.subselections)} consumers read a subset "
+            f"({self.view_ops} views, {self.copy_ops} copies, {self.copied_channels} channels copied per inference); "
+            f"{self.reordered_segments} of {self.segments} segments reordered.",
+        ]
+        changed = [p for p in self.producers if p.after != p.before]
+        lines.append(f"producers with removed outputs: {len(changed)} of {len(self.producers)}")
+        w = max([len(p.name) for p in changed[:max_rows]] + [10])
+        for p in changed[:max_rows]:
+            lines.append(f"  {p.name:<{w}}  out {p.before:>5} -> {p.after:<5} ({p.kind})")
+        if len(changed) > max_rows:
+            lines.append(f"  ... {len(changed) - max_rows} more")
+        cchanged = [c for c in self.consumers if c.after != c.before]
+        lines.append(f"consumers with removed inputs: {len(cchanged)} of {len(self.consumers)}")
+        for c in cchanged[:max_rows]:
+            lines.append(f"  {c.name:<{w}}  in  {c.before:>5} -> {c.after:<5} ({c.kind})")
+        if len(cchanged) > max_rows:
+            lines.append(f"  ... {len(cchanged) - max_rows} more")
+        for s in self.subselections[:max_rows]:
+            how = f"view [{s.start}:{s.start + s.length}]" if s.contiguous else f"gather {s.length}"
+            lines.append(f"  subset: {s.module} reads {s.length} of {s.input_channels} channels ({how})")
+        if self.barriers:
+            names = sorted({f"{b[0]} in {b[1] or '<model>'}" for b in self.barriers})
+            lines.append(f"barrier ops (channels kept around them): {', '.join(names[:10])}")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.summary()

@@ -1,0 +1,223 @@
+"""Traces: where every channel of every tensor comes from. Plain data, no torch.
+
+Start reading at :class:`SourceTable`, then :class:`TracedGraph`.
+
+A **source** is one output channel of a producer (a conv, linear or embedding),
+or a pinned pseudo-channel that stands for anything we must not shrink (a model
+input, a barrier op's output). Sources are plain integers ("atoms") owned by a
+:class:`SourceTable`.
+
+A **trace** is the list of atoms of one tensor's channel dimension: position
+``c`` holds one representative atom of the channels mixed into channel ``c``,
+or ``-1`` for a channel that no source feeds (a constant). Whenever an op mixes
+channels (a residual add, a norm over channels, ...), the tracer *unions* their
+atoms. Atoms in one union-find class (a **group**) are always kept or removed
+together, so every tensor of the pruned model can be laid out as a plain,
+rectangular tensor. One representative atom per channel is therefore enough.
+
+Groups that must never be removed are **pinned** (model outputs, barrier ops,
+slicing with literal bounds, ...); the reason is kept for the report.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+NO_SOURCE = -1
+
+
+@dataclass(frozen=True)
+class ChannelSource:
+    """Where a channel comes from: ``(op id, channel index)``.
+
+    >>> ChannelSource("layer1.0.conv1", 3)
+    ChannelSource(op='layer1.0.conv1', channel=3)
+    """
+
+    op: str
+    channel: int
+
+
+class SourceTable:
+    """All atoms of one trace, with union-find groups and pins.
+
+    >>> t = SourceTable()
+    >>> a = t.new_atoms("conv_a", 3)
+    >>> b = t.new_atoms("conv_b", 3)
+    >>> t.union(a[1], b[1])
+    >>> t.find(a[1]) == t.find(b[1]), t.find(a[0]) == t.find(b[0])
+    (True, False)
+    >>> t.source(b[2])
+    ChannelSource(op='conv_b', channel=2)
+    >>> t.pin(a[1], "reaches the model output")
+    >>> t.pinned_reason(b[1])
+    'reaches the model output'
+    """
+
+    def __init__(self) -> None:
+        self._owner: List[str] = []
+        self._channel: List[int] = []
+        self._parent: List[int] = []
+        self._pins: Dict[int, str] = {}  # root -> reason (kept current on union)
+
+    def __len__(self) -> int:
+        return len(self._parent)
+
+    def new_atoms(self, owner: str, count: int) -> range:
+        """Create ``count`` fresh atoms owned by ``owner`` (channels 0..count-1)."""
+        start = len(self._parent)
+        self._owner.extend([owner] * count)
+        self._channel.extend(range(count))
+        self._parent.extend(range(start, start + count))
+        return range(start, start + count)
+
+    def source(self, atom: int) -> ChannelSource:
+        return ChannelSource(self._owner[atom], self._channel[atom])
+
+    def find(self, atom: int) -> int:
+        parent = self._parent
+        root = atom
+        while parent[root] != root:
+            root = parent[root]
+        while parent[atom] != root:  # path compression
+            parent[atom], atom = root, parent[atom]
+        return root
+
+    def union(self, a: int, b: int) -> None:
+        """Merge the groups of atoms ``a`` and ``b`` (``-1`` is ignored)."""
+        if a < 0 or b < 0:
+            return
+        ra, rb = self.find(a), self.find(b)
+        if ra == rb:
+            return
+        if ra > rb:  # keep the older atom as root: deterministic groups
+            ra, rb = rb, ra
+        self._parent[rb] = ra
+        reason = self._pins.pop(rb, None)
+        if reason is not None and ra not in self._pins:
+            self._pins[ra] = reason
+
+    def union_all(self, atoms: Iterable[int]) -> Optional[int]:
+        """Merge all given atoms into one group; return one of them (or None)."""
+        first = None
+        for a in atoms:
+            if a < 0:
+                continue
+            if first is None:
+                first = a
+            else:
+                self.union(first, a)
+        return first
+
+    def pin(self, atom: int, reason: str) -> None:
+        """Mark the group of ``atom`` as never removable."""
+        if atom < 0:
+            return
+        root = self.find(atom)
+        self._pins.setdefault(root, reason)
+
+    def pinned_reason(self, atom: int) -> Optional[str]:
+        if atom < 0:
+            return None
+        return self._pins.get(self.find(atom))
+
+    def is_pinned(self, atom: int) -> bool:
+        return atom >= 0 and self.find(atom) in self._pins
+
+
+@dataclass
+class Producer:
+    """An op whose output channels are fresh sources (conv, linear, embedding)."""
+
+    op: str
+    param: Optional[str]  # weight parameter name, if any
+    out_ids: List[int]  # one atom per output channel
+    kind: str
+
+
+@dataclass
+class Consumer:
+    """An op whose input channels can be cut by slicing its weight.
+
+    ``in_ids`` has one atom per *activation* input channel. ``weight_dim`` is the
+    weight dimension that holds input channels (1 for conv/linear, 0 for
+    transposed conv). ``groups > 1`` (grouped conv) and ``physical=False``
+    (the weight is also used elsewhere, or is read outside its module) mean the
+    consumer can not read a subset of its input: pruned channels that stay
+    present are kept as zero weight columns instead.
+    """
+
+    op: str
+    param: str
+    module: Optional[str]
+    in_ids: List[int]
+    weight_dim: int
+    groups: int = 1
+    activation_dim: int = 1  # dim of the input activation that holds channels
+    physical: bool = True
+    kind: str = "conv"
+
+
+@dataclass
+class ParamUse:
+    """A parameter or buffer whose dimension ``dim`` is aligned with a tensor's
+    channels: entry ``c`` of the aligned tensor uses index ``positions[c]`` of
+    the parameter and has atom ``ids[c]``. Sliced by presence of those atoms."""
+
+    param: str
+    dim: int
+    positions: List[int]
+    ids: List[int]
+
+
+@dataclass
+class OpRecord:
+    op: str  # unique op id
+    func: str  # readable function name
+    module: Optional[str]  # innermost module that called it
+
+
+@dataclass
+class TracedGraph:
+    """Everything export needs to know about one model, as plain data."""
+
+    sources: SourceTable = field(default_factory=SourceTable)
+    ops: List[OpRecord] = field(default_factory=list)
+    producers: Dict[str, Producer] = field(default_factory=dict)
+    consumers: Dict[str, Consumer] = field(default_factory=dict)
+    param_uses: List[ParamUse] = field(default_factory=list)
+    # (func name, module, reason) for every op the tracer could not understand
+    barriers: List[Tuple[str, Optional[str], str]] = field(default_factory=list)
+    # parameter name -> its shape, for every parameter of the model
+    param_shapes: Dict[str, Tuple[int, ...]] = field(default_factory=dict)
+    # parameter name -> owning module name
+    param_modules: Dict[str, str] = field(default_factory=dict)
+    # weight parameter name -> op ids of consumers / producers using it
+    consumers_by_param: Dict[str, List[str]] = field(default_factory=dict)
+    producers_by_param: Dict[str, List[str]] = field(default_factory=dict)
+    output_ids: List[List[int]] = field(default_factory=list)
+    # (a, b): whenever atom a's group is kept, atom b's group must be kept too
+    needs: List[Tuple[int, int]] = field(default_factory=list)
+
+    def add_consumer(self, c: Consumer) -> None:
+        self.consumers[c.op] = c
+        self.consumers_by_param.setdefault(c.param, []).append(c.op)
+
+    def add_producer(self, p: Producer) -> None:
+        self.producers[p.op] = p
+        if p.param is not None:
+            self.producers_by_param.setdefault(p.param, []).append(p.op)
+
+
+def collapse_runs(seq: Sequence[int]) -> List[int]:
+    """Drop consecutive duplicates.
+
+    >>> collapse_runs([4, 4, 4, 7, 7, 4])
+    [4, 7, 4]
+    """
+    out: List[int] = []
+    for x in seq:
+        if not out or out[-1] != x:
+            out.append(x)
+    return out

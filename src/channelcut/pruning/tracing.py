@@ -1,0 +1,381 @@
+"""Record traces with one real forward pass. Start at :func:`trace`.
+
+A :class:`torch.overrides.TorchFunctionMode` sees every torch function the
+model calls. Tensors stay ordinary tensors: their traces live in a side table
+keyed by tensor identity, so nothing is ever attached to the user's model, its
+parameters or its activations. Each call is computed for real, then the op's
+rule (``rules.py``) derives the output traces from the input traces.
+
+Inside the tracer a trace is a :class:`Tr`: an int64 tensor with the same
+number of dims as the activation, of size 1 everywhere except (at most) one
+"varying" dim holding one atom per channel. When an op makes atoms vary along
+two dims, the smaller one is coupled away (its atoms are unioned), which keeps
+the pruned model rectangular.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.weak import WeakIdKeyDictionary
+
+from ..errors import TracingError
+from .trace import NO_SOURCE, SourceTable, TracedGraph
+
+
+class Tr:
+    """Compressed trace of one tensor (see module docstring)."""
+
+    __slots__ = ("t", "vdim")
+
+    def __init__(self, t: torch.Tensor, vdim: Optional[int]) -> None:
+        self.t = t
+        self.vdim = vdim
+
+    @staticmethod
+    def scalar(atom: int, ndim: int) -> "Tr":
+        return Tr(torch.full((1,) * ndim, atom, dtype=torch.long), None)
+
+    @staticmethod
+    def along(ids: torch.Tensor, dim: int, ndim: int) -> "Tr":
+        shape = [1] * ndim
+        shape[dim] = ids.numel()
+        if ids.numel() == 1:
+            return Tr(ids.reshape(shape), None)
+        return Tr(ids.reshape(shape), dim)
+
+    @property
+    def ids(self) -> torch.Tensor:
+        """The atoms along the varying dim (1 element when none varies)."""
+        return self.t.reshape(-1)
+
+    @property
+    def ndim(self) -> int:
+        return self.t.dim()
+
+
+def _unravel(flat: torch.Tensor, shape: Sequence[int]) -> List[torch.Tensor]:
+    coords = []
+    for s in reversed(shape):
+        coords.append(flat % s)
+        flat = torch.div(flat, s, rounding_mode="floor")
+    return list(reversed(coords))
+
+
+class Tracer(TorchFunctionMode):
+    """The tracing context: side tables, op ids, module stack, rule dispatch."""
+
+    MAX_MATERIALIZE = 30_000_000
+
+    def __init__(self, model: torch.nn.Module, graph: TracedGraph) -> None:
+        super().__init__()
+        self.model = model
+        self.graph = graph
+        self.src: SourceTable = graph.sources
+        self.table: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self.prov: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self.param_names: Dict[int, str] = {}
+        for name, p in model.named_parameters(remove_duplicate=False):
+            self.param_names.setdefault(id(p), name)
+        for name, b in model.named_buffers(remove_duplicate=False):
+            self.param_names.setdefault(id(b), name)
+        self.module_names: Dict[int, str] = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
+        self.module_stack: List[Optional[str]] = []
+        self.op_counts: Dict[str, int] = {}
+        self.warned: set = set()
+        # (param name, dim) -> {position: first atom aligned with it}
+        self.param_alignment: Dict[Tuple[str, int], Dict[int, int]] = {}
+        self.param_use_keys: set = set()
+        self._keep_alive: List[torch.Tensor] = []
+
+    # -- op ids and module context ------------------------------------------
+    @property
+    def module(self) -> Optional[str]:
+        return self.module_stack[-1] if self.module_stack else None
+
+    def new_op(self, func_name: str, preferred: Optional[str] = None) -> str:
+        base = preferred if preferred is not None else f"{self.module or '<model>'}/{func_name}"
+        n = self.op_counts.get(base, 0)
+        self.op_counts[base] = n + 1
+        op = base if n == 0 else f"{base}#{n + 1}"
+        from .trace import OpRecord
+
+        self.graph.ops.append(OpRecord(op, func_name, self.module))
+        return op
+
+    # -- trace lookup --------------------------------------------------------
+    def get(self, x: Any) -> Optional[Tr]:
+        if isinstance(x, torch.Tensor):
+            return self.table.get(x)
+        return None
+
+    def set(self, x: torch.Tensor, tr: Tr) -> None:
+        if tr.t.dim() != x.dim():
+            raise AssertionError(f"internal: trace ndim {tr.t.dim()} != tensor ndim {x.dim()}")
+        self.table[x] = tr
+
+    def param_ref(self, x: Any) -> Optional[Tuple[str, torch.Tensor]]:
+        """(param name, flat index tensor) for parameters and tensors derived
+        from one by data movement, else None."""
+        if not isinstance(x, torch.Tensor):
+            return None
+        name = self.param_names.get(id(x))
+        if name is not None:
+            return name, torch.arange(x.numel()).reshape(x.shape)
+        return self.prov.get(x)
+
+    def param_name(self, x: Any) -> Optional[str]:
+        if isinstance(x, torch.Tensor):
+            return self.param_names.get(id(x))
+        return None
+
+    def ids_along(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        """One atom per index of ``dim`` of ``x`` (coupling other dims away)."""
+        dim = dim % x.dim()
+        tr = self.get(x)
+        size = x.shape[dim]
+        if tr is None:
+            return torch.full((size,), NO_SOURCE, dtype=torch.long)
+        if tr.vdim == dim:
+            return tr.ids
+        if tr.vdim is None:
+            return tr.ids.expand(size).clone()
+        rep = self.couple(tr.ids)
+        return torch.full((size,), rep, dtype=torch.long)
+
+    # -- union-find helpers -------------------------------------------------
+    def couple(self, ids: torch.Tensor) -> int:
+        """Union all atoms of ``ids``; return the representative (or -1)."""
+        vals = torch.unique(ids)
+        rep = self.src.union_all(vals.tolist())
+        return NO_SOURCE if rep is None else rep
+
+    def union_pairs(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Position-wise union of two broadcastable id tensors; returns merged ids."""
+        a, b = torch.broadcast_tensors(a, b)
+        mask = (a >= 0) & (b >= 0) & (a != b)
+        if bool(mask.any()):
+            pairs = torch.unique(torch.stack([a[mask], b[mask]], 1), dim=0).tolist()
+            union = self.src.union
+            for x, y in pairs:
+                union(x, y)
+        return torch.where(a >= 0, a, b)
+
+    def need(self, ids: torch.Tensor, target: int) -> None:
+        """Whenever any atom of ``ids`` is kept, ``target`` must be kept."""
+        if target < 0:
+            return
+        for a in torch.unique(ids).tolist():
+            if a >= 0 and a != target:
+                self.graph.needs.append((a, target))
+
+    def pin_ids(self, ids: torch.Tensor, reason: str) -> None:
+        for a in torch.unique(ids).tolist():
+            self.src.pin(a, reason)
+
+    def pin_all(self, tensors: Iterable[Any], reason: str) -> None:
+        for x in tensors:
+            tr = self.get(x)
+            if tr is not None:
+                self.pin_ids(tr.ids, reason)
+
+    def fresh_pinned(self, op: str, ndim: int, reason: str) -> Tr:
+        atom = self.src.new_atoms(op, 1)[0]
+        self.src.pin(atom, reason)
+        return Tr.scalar(atom, ndim)
+
+    # -- materialised traces ------------------------------------------------
+    def materialize(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() > self.MAX_MATERIALIZE:
+            raise _TooBig()
+        tr = self.get(x)
+        if tr is None:
+            return torch.full(tuple(x.shape), NO_SOURCE, dtype=torch.long)
+        return tr.t.expand(tuple(x.shape)).contiguous()
+
+    def compress(self, full: torch.Tensor) -> Tr:
+        """Turn a full-shape id tensor into a :class:`Tr`, coupling extra dims."""
+        ndim = full.dim()
+        if full.numel() == 0:
+            return Tr.scalar(NO_SOURCE, ndim)
+        vary = []
+        for d in range(ndim):
+            if full.shape[d] > 1:
+                first = full.narrow(d, 0, 1)
+                if not torch.equal(full, first.expand_as(full)):
+                    vary.append(d)
+        if not vary:
+            return Tr.scalar(int(full.reshape(-1)[0]), ndim)
+        if len(vary) == 1:
+            d = vary[0]
+            idx = [0] * ndim
+            idx[d] = slice(None)
+            return Tr.along(full[tuple(idx)].clone(), d, ndim)
+        p = max(vary, key=lambda d: (full.shape[d], d))
+        rows = full.movedim(p, 0).reshape(full.shape[p], -1)
+        reps = []
+        for row in rows:
+            reps.append(self.couple(row))
+        return Tr.along(torch.tensor(reps, dtype=torch.long), p, ndim)
+
+    # -- parameter alignment -----------------------------------------------
+    def record_param_use(self, name: str, dim: int, positions: List[int], ids: torch.Tensor) -> None:
+        """Parameter ``name`` is sliced along ``dim`` with the channels ``ids``."""
+        ids_l = ids.tolist()
+        key = (name, dim, tuple(positions), tuple(ids_l))
+        if key in self.param_use_keys:
+            return
+        self.param_use_keys.add(key)
+        from .trace import ParamUse
+
+        align = self.param_alignment.setdefault((name, dim), {})
+        for pos, a in zip(positions, ids_l):
+            first = align.get(pos)
+            if first is None:
+                align[pos] = a
+            elif first < 0 and a >= 0:
+                self.src.pin(a, f"parameter {name} is also used where it cannot be sliced")
+            elif a < 0 and first >= 0:
+                self.src.pin(first, f"parameter {name} is also used where it cannot be sliced")
+            else:
+                self.src.union(first, a)
+        self.graph.param_uses.append(ParamUse(name, dim, list(positions), ids_l))
+
+    def align_operand(self, x: torch.Tensor, out_ndim: int, vdim: int, out_ids: torch.Tensor, what: str) -> None:
+        """An untracked operand of an elementwise op, sized along the output's
+        channel dim: record the parameter slice, or pin if it cannot be sliced."""
+        d = vdim - (out_ndim - x.dim())
+        if d < 0 or x.shape[d] == 1:
+            return
+        ref = self.param_ref(x)
+        if ref is None:
+            self.pin_ids(out_ids, f"combined with a constant tensor of fixed size in {what}")
+            return
+        name, idx = ref
+        pshape = self.graph.param_shapes.get(name)
+        if pshape is None:
+            self.pin_ids(out_ids, f"combined with tensor {name} in {what}")
+            return
+        sel = [0] * x.dim()
+        sel[d] = slice(None)
+        flat = idx[tuple(sel)]
+        coords = _unravel(flat, pshape)
+        varying = [k for k, c in enumerate(coords) if c.numel() > 1 and bool((c != c[0]).any())]
+        ok = len(varying) == 1
+        if ok:
+            p = varying[0]
+            full_p = _unravel(idx.reshape(-1), pshape)[p].reshape(idx.shape)
+            shape = [1] * x.dim()
+            shape[d] = x.shape[d]
+            ok = torch.equal(full_p, coords[p].reshape(shape).expand_as(full_p))
+        if not ok:
+            self.pin_ids(out_ids, f"combined with a reshaped view of {name} in {what}")
+            return
+        self.record_param_use(name, p, coords[p].tolist(), out_ids)
+
+    def warn_once(self, key: str, msg: str) -> None:
+        if key not in self.warned:
+            self.warned.add(key)
+            warnings.warn(msg, stacklevel=3)
+
+    # -- dispatch -----------------------------------------------------------
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        from . import rules
+
+        try:
+            rules.dispatch(self, func, args, kwargs, out)
+        except _TooBig:
+            rules.barrier(self, rules.func_name(func), args, kwargs, out, "tensor too large to trace by materialising")
+        return out
+
+
+class _TooBig(Exception):
+    pass
+
+
+def _module_hooks(tracer: Tracer):
+    def pre(module, _inputs):
+        tracer.module_stack.append(tracer.module_names.get(id(module)))
+
+    def post(module, _inputs, _output):
+        if tracer.module_stack:
+            tracer.module_stack.pop()
+
+    h1 = torch.nn.modules.module.register_module_forward_pre_hook(pre)
+    h2 = torch.nn.modules.module.register_module_forward_hook(post, always_call=True)
+    return h1, h2
+
+
+def flatten_tensors(obj: Any) -> List[torch.Tensor]:
+    leaves, _ = tree_flatten(obj)
+    out = []
+    for leaf in leaves:
+        if isinstance(leaf, torch.Tensor):
+            out.append(leaf)
+        elif hasattr(leaf, "items") or hasattr(leaf, "__dict__"):
+            # e.g. HF ModelOutput already flattens as dict; dataclass-like: look inside
+            try:
+                out.extend(v for v in vars(leaf).values() if isinstance(v, torch.Tensor))
+            except TypeError:
+                pass
+    return out
+
+
+def run_model(model: torch.nn.Module, inputs: Sequence[Any] | Dict[str, Any]) -> Any:
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    return model(*inputs)
+
+
+def trace(model: torch.nn.Module, inputs: Sequence[Any] | Dict[str, Any]) -> Tuple[TracedGraph, Any]:
+    """Run ``model`` once on ``inputs`` and return its :class:`TracedGraph`
+    and the output. Nothing is left behind on the model."""
+    graph = TracedGraph()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        graph.param_shapes[name] = tuple(p.shape)
+    for name, b in model.named_buffers(remove_duplicate=False):
+        graph.param_shapes[name] = tuple(b.shape)
+    for mname, m in model.named_modules(remove_duplicate=False):
+        for pname, _ in m.named_parameters(recurse=False, remove_duplicate=False):
+            graph.param_modules[f"{mname}.{pname}" if mname else pname] = mname
+        for bname, _ in m.named_buffers(recurse=False, remove_duplicate=False):
+            graph.param_modules[f"{mname}.{bname}" if mname else bname] = mname
+    tracer = Tracer(model, graph)
+    leaves = list(inputs.values()) if isinstance(inputs, dict) else list(inputs)
+    for i, x in enumerate(flatten_tensors(leaves)):
+        if tracer.get(x) is None:
+            tracer.set(x, tracer.fresh_pinned(f"<input{i}>", x.dim(), "is a model input"))
+    hooks = _module_hooks(tracer)
+    try:
+        with torch.no_grad(), tracer:
+            out = run_model(model, inputs)
+    except TracingError:
+        raise
+    except Exception as exc:  # the model itself failed on these inputs
+        raise TracingError(
+            f"the model raised {type(exc).__name__} on the example inputs: {exc}. "
+            "Pass inputs that run the model, e.g. compute([torch.rand(1, 3, 224, 224)])."
+        ) from exc
+    finally:
+        for h in hooks:
+            h.remove()
+    outs = flatten_tensors(out)
+    if not outs:
+        raise TracingError(
+            f"the model returned {type(out).__name__} with no tensor in it; channelcut needs "
+            "a tensor, or a tuple/list/dict of tensors, to compare the pruned model against."
+        )
+    for y in outs:
+        tr = tracer.get(y)
+        if tr is None:
+            continue
+        tracer.pin_ids(tr.ids, "reaches the model output")
+        graph.output_ids.append(tr.ids.tolist())
+    return graph, out
