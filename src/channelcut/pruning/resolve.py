@@ -111,7 +111,9 @@ def resolve(
                 if g in removed_req:
                     dropped[op].add(p)
     # consumers sharing one weight drop the same columns and can not subselect
-    physical: Dict[str, bool] = {op: c.physical for op, c in graph.consumers.items()}
+    # (constrained export never reads subsets: pruned channels that must stay
+    # present become zero weight columns, so inference makes no copies)
+    physical: Dict[str, bool] = {op: c.physical and mode != "constrained" for op, c in graph.consumers.items()}
     for param, ops in graph.consumers_by_param.items():
         if len(ops) > 1:
             shared: Set[int] = set().union(*(dropped.get(op, set()) for op in ops))
@@ -152,6 +154,26 @@ def resolve(
                     seen.add(h)
                     stack.append(h)
     if mode == "constrained":
+        # growing the pruned set must never empty a layer: a consumer left with
+        # nothing keeps what it asked for; a producer left with nothing keeps
+        # what any consumer asked for (the others mask those as zero columns)
+        changed = True
+        while changed:
+            changed = False
+            for op, gs in groups_of.items():
+                d = dropped.get(op, ())
+                if all(g in absent for p, g in enumerate(gs) if p not in d):
+                    restore = {g for p, g in enumerate(gs) if p not in d and g >= 0}
+                    if restore & absent:
+                        absent -= restore
+                        changed = True
+            for p in graph.producers.values():
+                gs = {find(a) for a in p.out_ids}
+                if gs <= absent:
+                    restore = gs & kept_by_any
+                    if restore:
+                        absent -= restore
+                        changed = True
         for op, gs in groups_of.items():
             extra = {p for p, g in enumerate(gs) if g in absent}
             if extra:
