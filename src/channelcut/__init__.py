@@ -13,12 +13,13 @@ from .errors import (
     TracingError,
     UnknownParameterError,
 )
-from .pruning import PruningManager, PruningSpec, Subselection
+from .pruning import ChannelGroup, PruningManager, PruningSpec, Subselection
 
 __version__ = "0.1.0"
 
 __all__ = [
     "PruningManager",
+    "ChannelGroup",
     "PruningSpec",
     "Subselection",
     "ChannelcutError",

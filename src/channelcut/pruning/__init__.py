@@ -4,7 +4,7 @@
 ``spec`` -> ``mock`` / ``pruner``; ``manager`` is the front door.
 """
 
-from .manager import PruningManager
+from .manager import ChannelGroup, PruningManager
 from .spec import PruningSpec, Subselection
 
-__all__ = ["PruningManager", "PruningSpec", "Subselection"]
+__all__ = ["ChannelGroup", "PruningManager", "PruningSpec", "Subselection"]

@@ -17,6 +17,7 @@ True
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -32,6 +33,16 @@ from .tracing import flatten_tensors, run_model, trace
 from .utils import compare_outputs, find_zero_channels
 
 Inputs = Union[Sequence[Any], Dict[str, Any]]
+
+
+@dataclass
+class ChannelGroup:
+    """Channels that are always kept or removed together."""
+
+    id: int
+    producers: List[Tuple[str, int]]  # (producer weight name, output channel)
+    consumers: List[Tuple[str, int]]  # (consumer weight name, input channel)
+    pinned: Optional[str]  # why it can never be removed, or None
 
 
 class PruningManager:
@@ -99,6 +110,49 @@ class PruningManager:
             reorder=reorder and not baseline,
         )
         return self
+
+    # -- what can be pruned ------------------------------------------------
+    def _need_graph(self) -> TracedGraph:
+        if self.graph is None:
+            raise StateError("call trace(inputs) or compute(inputs, ...) first")
+        return self.graph
+
+    def consumers(self) -> Dict[str, int]:
+        """Consumer weight name -> number of input channels (for ``pruned_inputs``)."""
+        g = self._need_graph()
+        return {p: len(g.consumers[ops[0]].in_ids) for p, ops in g.consumers_by_param.items()}
+
+    def producers(self) -> Dict[str, int]:
+        """Producer weight name -> number of output channels (for ``pruned_outputs``)."""
+        g = self._need_graph()
+        return {p: len(g.producers[ops[0]].out_ids) for p, ops in g.producers_by_param.items()}
+
+    def channel_groups(self) -> List[ChannelGroup]:
+        """The channel groups of the traced model: channels that are always kept
+        or removed together (e.g. channel ``c`` of every layer summed into one
+        residual stream), with the producers that emit them, the consumer
+        inputs that read them and, if they can never be removed, why."""
+        g = self._need_graph()
+        find = g.sources.find
+        groups: Dict[int, ChannelGroup] = {}
+
+        def get(root: int) -> ChannelGroup:
+            grp = groups.get(root)
+            if grp is None:
+                grp = groups[root] = ChannelGroup(root, [], [], g.sources.pinned_reason(root))
+            return grp
+
+        for param, ops in g.producers_by_param.items():
+            for j, a in enumerate(g.producers[ops[0]].out_ids):
+                get(find(a)).producers.append((param, j))
+        for param, ops in g.consumers_by_param.items():
+            seen = set()
+            for op in ops:
+                for i, a in enumerate(g.consumers[op].in_ids):
+                    if a >= 0 and i not in seen:
+                        seen.add(i)
+                        get(find(a)).consumers.append((param, i))
+        return list(groups.values())
 
     def _need_spec(self) -> PruningSpec:
         if self.spec is None:
