@@ -68,12 +68,20 @@ class Layout:
         self.canon = canon
         self.canon_index = {s: {g: i for i, g in enumerate(c)} for s, c in canon.items()}
         self.new_order = new_order  # only reordered segments; present groups only
+        self._cache: Dict[Tuple[int, ...], List[int]] = {}
 
     def groups(self, ids: Sequence[int]) -> List[int]:
         find = self.find
         return [find(a) if a >= 0 else -1 for a in ids]
 
     def order(self, ids: Sequence[int]) -> List[int]:
+        key = tuple(ids)
+        hit = self._cache.get(key)
+        if hit is None:
+            hit = self._cache[key] = self._order(ids)
+        return hit
+
+    def _order(self, ids: Sequence[int]) -> List[int]:
         gs = self.groups(ids)
         res: List[int] = []
         n = len(gs)
@@ -164,9 +172,14 @@ def free_segments(
             for a in u.ids:
                 if a >= 0:
                     free.discard(seg_of.get(find(a), -1))
+    seen: Set[Tuple[int, ...]] = set()
     for ids in traces:
         if not free:
             break
+        key = tuple(ids)
+        if key in seen:
+            continue
+        seen.add(key)
         gs = [find(a) if a >= 0 else -1 for a in ids]
         p, n = 0, len(gs)
         while p < n:
@@ -190,50 +203,63 @@ def order_segment(present: List[int], keeps: List[FrozenSet[int]]) -> List[int]:
     [1, 2, 3, 4]
     >>> order_segment([1, 2, 3, 4], [frozenset({1, 3})])
     [2, 4, 1, 3]
+    >>> order_segment([1, 2, 3, 4, 5], [frozenset({1, 3}), frozenset({3, 5})])
+    [2, 4, 1, 3, 5]
     """
-    keeps = [k & frozenset(present) for k in keeps]
+    pset = frozenset(present)
+    keeps = [k & pset for k in keeps]
     keeps = [k for k in keeps if 0 < len(k) < len(present)]
     if not keeps:
         return list(present)
-    # classes of groups with the same membership signature, in canonical order
-    sig_of: Dict[int, FrozenSet[int]] = {}
-    for g in present:
-        sig_of[g] = frozenset(i for i, k in enumerate(keeps) if g in k)
-    classes: Dict[FrozenSet[int], List[int]] = {}
+    # classes of groups with the same membership signature (a bitmask over
+    # consumers), in canonical order
+    sig_of: Dict[int, int] = {g: 0 for g in present}
+    for i, k in enumerate(keeps):
+        bit = 1 << i
+        for g in k:
+            sig_of[g] |= bit
+    classes: Dict[int, List[int]] = {}
     for g in present:
         classes.setdefault(sig_of[g], []).append(g)
     sigs = list(classes)
-    if len(sigs) > 300:  # too many classes for the greedy search: sort by signature
-        sigs.sort(key=lambda s: sorted(s))
+    sizes = [len(k) for k in keeps]
+
+    def cost(seq: Sequence[int]) -> int:
+        first: Dict[int, int] = {}
+        last: Dict[int, int] = {}
+        count: Dict[int, int] = {}
+        for j, sig in enumerate(seq):
+            i = 0
+            while sig:
+                if sig & 1:
+                    first.setdefault(i, j)
+                    last[i] = j
+                    count[i] = count.get(i, 0) + 1
+                sig >>= 1
+                i += 1
+        return sum(sizes[i] for i in count if last[i] - first[i] + 1 != count[i])
+
+    if cost(_runs([sig_of[g] for g in present])) == 0:
+        return list(present)
+    if len(sigs) > 400:  # too many classes for the greedy search: sort by signature
+        sigs.sort(key=lambda s: bin(s)[::-1])
         return [g for s in sigs for g in classes[s]]
 
-    def cost(seq: List[FrozenSet[int]]) -> int:
-        total = 0
-        for i, k in enumerate(keeps):
-            idx = [j for j, s in enumerate(seq) if i in s]
-            if idx and idx[-1] - idx[0] + 1 != len(idx):
-                total += len(k)
-        return total
-
-    identity = [sig_of[g] for g in present]
-    if cost(_runs(identity)) == 0:
-        return list(present)
-
-    def greedy(start: FrozenSet[int]) -> List[FrozenSet[int]]:
+    def greedy(start: int) -> List[int]:
         seq = [start]
-        left = set(sigs) - {start}
+        left = set(sigs)
+        left.discard(start)
         while left:
             last = seq[-1]
-            # prefer the class sharing most consumers with the last one, then the
-            # one whose consumers are most "finished" (fewest members left elsewhere)
-            best = max(left, key=lambda s: (len(s & last), -len(s ^ last), -len(s), sorted(s)))
+            # most consumers shared with the last class, then fewest differences
+            best = max(left, key=lambda s: ((s & last).bit_count(), -(s ^ last).bit_count(), -s.bit_count(), -s))
             seq.append(best)
             left.discard(best)
         return seq
 
-    best_seq, best_cost = None, None
-    starts = sorted(sigs, key=lambda s: (len(s), sorted(s)))[:6]
-    for st in starts:
+    best_seq: Optional[List[int]] = None
+    best_cost: Optional[int] = None
+    for st in sorted(sigs, key=lambda s: (s.bit_count(), s))[:2]:
         seq = greedy(st)
         c = cost(seq)
         if best_cost is None or c < best_cost:
@@ -244,9 +270,9 @@ def order_segment(present: List[int], keeps: List[FrozenSet[int]]) -> List[int]:
     return [g for s in best_seq for g in classes[s]]
 
 
-def _runs(seq: List[FrozenSet[int]]) -> List[FrozenSet[int]]:
+def _runs(seq: List[int]) -> List[int]:
     """Collapse consecutive equal signatures (so cost() sees classes)."""
-    out: List[FrozenSet[int]] = []
+    out: List[int] = []
     for s in seq:
         if not out or out[-1] != s:
             out.append(s)

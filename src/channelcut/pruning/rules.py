@@ -730,6 +730,8 @@ def movement(tr: Tracer, func, args, kwargs, out) -> None:
         return same_shape(tr, func, args, kwargs, out)
     if name in ("gather", "take_along_dim", "index_select", "masked_select") and tr.get(args[0]) is None:
         raise _Unsupported("indexing with a tracked index")
+    if name in ("cat", "concat", "concatenate") and len(outs) == 1 and _cat_fast(tr, name, args, kwargs, outs[0]):
+        return
     fast = _fast_movement(tr, name, func, args, kwargs, outs)
     if fast:
         return
@@ -830,6 +832,49 @@ def _fast_movement(tr: Tracer, name: str, func, args, kwargs, outs) -> bool:
     if name == "__getitem__":
         return _getitem_fast(tr, t, x, args[1], y)
     return False
+
+
+def _cat_fast(tr: Tracer, name: str, args, kwargs, y: torch.Tensor) -> bool:
+    """cat along the channel dim concatenates traces; along another dim it
+    aligns (unions) the inputs' channels position by position."""
+    xs = args[0] if args else kwargs.get("tensors")
+    dim = kwargs.get("dim", args[1] if len(args) > 1 else 0)
+    if not isinstance(xs, (list, tuple)) or not xs or not isinstance(dim, int):
+        return False
+    nd = y.dim()
+    dim %= nd
+    trs = [tr.get(x) for x in xs]
+    vds = {t.vdim for t in trs if t is not None and t.vdim is not None}
+    if len(vds) > 1:
+        return False
+    vd = next(iter(vds)) if vds else None
+    if vd is None or vd == dim:
+        parts = []
+        for x, t in zip(xs, trs):
+            n = x.shape[dim] if x.dim() == nd else 0
+            if t is None:
+                parts.append(torch.full((n,), NO_SOURCE, dtype=torch.long))
+            elif t.vdim is None:
+                parts.append(t.ids[:1].expand(n))
+            else:
+                parts.append(t.ids)
+        ids = torch.cat(parts)
+        if vd is None and bool((ids == ids[0]).all()):
+            tr.set(y, Tr.scalar(int(ids[0]), nd))
+        else:
+            tr.set(y, Tr.along(ids, dim, nd))
+        return True
+    if any(t is not None and t.vdim is None for t in trs):
+        return False
+    merged = None
+    for t in trs:
+        if t is not None:
+            merged = t.ids if merged is None else tr.union_pairs(merged, t.ids)
+    for x, t in zip(xs, trs):
+        if t is None and x.dim() == nd:
+            tr.align_operand(x, nd, vd, merged, name)
+    tr.set(y, Tr.along(merged, vd, nd))
+    return True
 
 
 def _reshape_fast(tr: Tracer, t: Tr, x: torch.Tensor, y: torch.Tensor) -> bool:
