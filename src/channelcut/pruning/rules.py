@@ -981,3 +981,42 @@ def write_into(tr: Tracer, func, args, kwargs, out) -> None:
 def metadata(tr: Tracer, func, args, kwargs, out) -> None:
     """Ops that only read metadata."""
     return None
+
+
+@rule("new_zeros", "new_ones", "new_empty", "new_full", "new_tensor", "empty_like_strided")
+def creation(tr: Tracer, func, args, kwargs, out) -> None:
+    """New tensors that only borrow dtype/device from their input: constants."""
+    for y in flatten_tensors(out) if not isinstance(out, torch.Tensor) else [out]:
+        tr.set(y, Tr.scalar(NO_SOURCE, y.dim()))
+
+
+@rule("einsum")
+def einsum(tr: Tracer, func, args, kwargs, out) -> None:
+    """einsum without ellipsis: contracted letters couple, kept letters pass."""
+    eq = args[0]
+    ops = list(args[1]) if len(args) == 2 and isinstance(args[1], (list, tuple)) else list(args[1:])
+    if not isinstance(eq, str) or "..." in eq or not isinstance(out, torch.Tensor):
+        raise _Unsupported("einsum with ellipsis or operand lists")
+    eq = eq.replace(" ", "")
+    if "->" in eq:
+        lhs, rhs = eq.split("->")
+    else:
+        lhs = eq
+        letters = lhs.replace(",", "")
+        rhs = "".join(sorted(c for c in set(letters) if letters.count(c) == 1))
+    specs = lhs.split(",")
+    if len(specs) != len(ops):
+        raise _Unsupported("einsum operand count")
+    merged = torch.full((1,) * len(rhs), NO_SOURCE, dtype=torch.long)
+    for spec_, x in zip(specs, ops):
+        t = tr.get(x)
+        if t is None:
+            continue
+        if t.vdim is None or spec_[t.vdim] not in rhs:
+            c = torch.full((1,) * len(rhs), tr.couple(t.ids), dtype=torch.long)
+        else:
+            shape = [1] * len(rhs)
+            shape[rhs.index(spec_[t.vdim])] = t.ids.numel()
+            c = t.ids.reshape(shape)
+        merged = tr.union_pairs(merged, c)
+    tr.set(out, tr.compress(merged.contiguous()))

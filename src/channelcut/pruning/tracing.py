@@ -328,10 +328,27 @@ def flatten_tensors(obj: Any) -> List[torch.Tensor]:
     return out
 
 
+@contextlib.contextmanager
+def preserve_buffers(model: torch.nn.Module) -> Iterator[None]:
+    """Restore every buffer's value afterwards (a forward pass in train mode
+    updates BatchNorm running statistics; tracing must not)."""
+    saved = [(b, b.detach().clone()) for b in model.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, v in saved:
+                if b.shape == v.shape:
+                    b.copy_(v)
+
+
 def run_model(model: torch.nn.Module, inputs: Sequence[Any] | Dict[str, Any]) -> Any:
-    if isinstance(inputs, dict):
-        return model(**inputs)
-    return model(*inputs)
+    """Call the model on positional (list/tuple) or keyword (dict) inputs,
+    leaving its buffers unchanged."""
+    with preserve_buffers(model):
+        if isinstance(inputs, dict):
+            return model(**inputs)
+        return model(*inputs)
 
 
 def trace(model: torch.nn.Module, inputs: Sequence[Any] | Dict[str, Any]) -> Tuple[TracedGraph, Any]:
