@@ -4,46 +4,25 @@ All new tensors are computed before anything changes; every change is recorded
 in a :class:`Rollback`, so a failure (or a failed verification) restores the
 model exactly: same parameter objects, same values, same attributes, no hooks.
 
-Consumers that read a subset of their input get a forward pre-hook
-(:class:`InputSubset`) that narrows (a view) or gathers (a copy) the input;
-parameter names and the state_dict layout stay those of the original model.
+Consumers that read a subset of their input become Subselect layers
+(``modules.py``: an ``nn.Conv2d`` becomes a ``SubselectConv2d``, ...) that
+narrow (a view) or gather (a copy) the input before running the layer;
+parameter names and the state_dict layout stay those of the original model,
+and the model stays scriptable and exportable.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Tuple
+import weakref
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
 from ..errors import ExportError
 from .mock import zero_input_channels
+from .modules import install_subselection
 from .spec import PruningSpec, Subselection
-
-
-class InputSubset:
-    """Forward pre-hook: the module reads only some channels of its input."""
-
-    def __init__(self, dim: int, indices: List[int], contiguous: bool) -> None:
-        self.dim = dim
-        self.contiguous = contiguous
-        self.start = indices[0]
-        self.length = len(indices)
-        self.index = torch.tensor(indices, dtype=torch.long)
-
-    def __call__(self, module: nn.Module, args: Tuple[Any, ...]):
-        x = args[0]
-        if self.contiguous:
-            x = x.narrow(self.dim, self.start, self.length)
-        else:
-            if self.index.device != x.device:
-                self.index = self.index.to(x.device)
-            x = x.index_select(self.dim, self.index)
-        return (x,) + tuple(args[1:])
-
-    def __repr__(self) -> str:
-        how = f"narrow({self.start}, {self.length})" if self.contiguous else f"gather {self.length}"
-        return f"InputSubset(dim={self.dim}, {how})"
 
 
 class Rollback:
@@ -53,6 +32,7 @@ class Rollback:
         self.data: List[Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]] = []
         self.attrs: List[Tuple[nn.Module, str, Any]] = []
         self.hooks: List[Any] = []
+        self.undos: List[Callable[[], None]] = []  # e.g. class swaps of Subselect layers
 
     def set_data(self, t: torch.Tensor, new: torch.Tensor) -> None:
         self.data.append((t, t.data, t.grad if isinstance(t, nn.Parameter) else None))
@@ -65,6 +45,8 @@ class Rollback:
         setattr(m, name, value)
 
     def undo(self) -> None:
+        for fn in reversed(self.undos):
+            fn()
         for h in reversed(self.hooks):
             h.remove()
         for m, name, value in reversed(self.attrs):
@@ -76,6 +58,7 @@ class Rollback:
         self.data.clear()
         self.attrs.clear()
         self.hooks.clear()
+        self.undos.clear()
 
 
 def _tensor(model: nn.Module, name: str) -> torch.Tensor:
@@ -163,11 +146,31 @@ def prune_model(model: nn.Module, spec: PruningSpec) -> Rollback:
             touched[mod_name] = model.get_submodule(mod_name) if mod_name else model
         for m in touched.values():
             _fix_attributes(m, rb)
+        installed: Dict[str, Subselection] = {}
         for sub in spec.subselections:
             m = model.get_submodule(sub.module) if sub.module else model
-            hook = InputSubset(sub.activation_dim, sub.indices, sub.contiguous)
-            rb.hooks.append(m.register_forward_pre_hook(hook))
+            prev = installed.get(sub.module)
+            if prev is not None:
+                if (prev.indices, prev.activation_dim, prev.contiguous) != (sub.indices, sub.activation_dim, sub.contiguous):
+                    raise ExportError(f"module {sub.module!r} would need two different input subsets")
+                continue
+            installed[sub.module] = sub
+            rb.undos.append(install_subselection(m, sub.activation_dim, sub.indices, sub.contiguous, sub.input_channels))
+        history = _APPLIED.setdefault(model, [])
+        history.append(spec)
+        rb.undos.insert(0, lambda: history.remove(spec) if spec in history else None)
     except Exception as exc:
         rb.undo()
         raise ExportError(f"pruning failed and the model was restored: {exc}") from exc
     return rb
+
+
+# model -> the specs applied to it, in order (weak: never keeps a model alive,
+# puts nothing on the model). Read by :func:`applied_specs` (channelcut.save).
+_APPLIED: "weakref.WeakKeyDictionary[nn.Module, List[PruningSpec]]" = weakref.WeakKeyDictionary()
+
+
+def applied_specs(model: nn.Module) -> List[PruningSpec]:
+    """The specs :func:`prune_model` applied to ``model`` and that are not undone,
+    oldest first (empty for a model it never pruned, or a copy of one)."""
+    return list(_APPLIED.get(model, ()))

@@ -266,8 +266,76 @@ def order_segment(present: List[int], keeps: List[FrozenSet[int]]) -> List[int]:
             best_seq, best_cost = seq, c
             if c == 0:
                 break
-    assert best_seq is not None
+    assert best_seq is not None and best_cost is not None
+    if best_cost > 0 and len(sigs) <= 12:  # small instances: search exactly
+        exact = _branch_and_bound(sigs, sizes, best_cost, budget=4000)
+        if exact is not None:
+            best_seq = exact
     return [g for s in best_seq for g in classes[s]]
+
+
+def _branch_and_bound(sigs: List[int], sizes: List[int], upper: int, budget: int = 20000) -> Optional[List[int]]:
+    """Class order with the fewest copied channels, searched exhaustively with
+    pruning (exact whenever the search finishes within ``budget`` nodes).
+
+    A consumer is *broken* (its subset needs a copy) once one of its classes
+    follows a class without it after it started; broken consumers cost their
+    size. Returns a sequence cheaper than ``upper``, or None.
+    """
+    n_cons = len(sizes)
+    best: List[Optional[List[int]]] = [None]
+    bound = [upper]
+    nodes = [0]
+    # remaining members per consumer, to know when a consumer is complete
+    total = [0] * n_cons
+    for sgn in sigs:
+        for i in range(n_cons):
+            if sgn >> i & 1:
+                total[i] += 1
+
+    def rec(seq: List[int], left: Set[int], open_: int, closed: int, broken: int, cost: int, seen: List[int]) -> None:
+        if nodes[0] >= budget:
+            return
+        nodes[0] += 1
+        if not left:
+            if cost < bound[0]:
+                bound[0] = cost
+                best[0] = list(seq)
+            return
+        # try classes that keep every open consumer contiguous first
+        order = sorted(left, key=lambda s: (-(s & open_).bit_count(), (s & ~open_).bit_count()))
+        for sgn in order:
+            newly_broken = sgn & closed & ~broken
+            add = 0
+            b = newly_broken
+            i = 0
+            while b:
+                if b & 1:
+                    add += sizes[i]
+                b >>= 1
+                i += 1
+            if cost + add >= bound[0]:
+                continue
+            seen2 = seen[:]
+            now_open = 0
+            now_closed = closed
+            for i in range(n_cons):
+                if sgn >> i & 1:
+                    seen2[i] += 1
+                    if seen2[i] < total[i]:
+                        now_open |= 1 << i
+                elif open_ >> i & 1:
+                    now_closed |= 1 << i  # it was open and this class lacks it
+            left.discard(sgn)
+            seq.append(sgn)
+            rec(seq, left, now_open, now_closed | (sgn & ~now_open & ~0), broken | newly_broken, cost + add, seen2)
+            seq.pop()
+            left.add(sgn)
+            if bound[0] == 0 or nodes[0] >= budget:
+                return
+
+    rec([], set(sigs), 0, 0, 0, 0, [0] * n_cons)
+    return best[0]
 
 
 def _runs(seq: List[int]) -> List[int]:

@@ -6,7 +6,7 @@ Produced by :func:`channelcut.pruning.resolve.resolve`, consumed by the mock
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Dict, List, Optional, Tuple
 
 
@@ -111,6 +111,32 @@ class PruningSpec:
         d["slices"] = {k: {str(dim): v for dim, v in dims.items()} for k, dims in self.slices.items()}
         d["copied_channels"] = self.copied_channels
         return d
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "PruningSpec":
+        """Rebuild a spec from :meth:`to_dict` output (also after a JSON round trip).
+
+        >>> spec = PruningSpec("unconstrained", slices={"fc.weight": {1: [0, 2]}},
+        ...                    subselections=[Subselection("fc", "fc", "fc.weight", 1, [0, 2], 3)])
+        >>> PruningSpec.from_dict(spec.to_dict()) == spec
+        True
+
+        Raises ValueError (naming the field) for data that is not a spec.
+        """
+        if not isinstance(d, dict):
+            raise ValueError(f"a pruning spec must be a dict, got {type(d).__name__}")
+        known = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in d.items() if k in known}
+        if "mode" not in kw:
+            raise ValueError("pruning spec has no 'mode' field")
+        try:
+            kw["slices"] = {str(p): {int(dim): [int(i) for i in kept] for dim, kept in dims.items()} for p, dims in kw.get("slices", {}).items()}
+            for name, typ in (("masks", MaskEntry), ("zeros", MaskEntry), ("subselections", Subselection), ("producers", LayerStat), ("consumers", LayerStat)):
+                kw[name] = [e if isinstance(e, typ) else typ(**e) for e in kw.get(name, [])]
+            kw["barriers"] = [tuple(b) for b in kw.get("barriers", [])]
+        except (TypeError, AttributeError, ValueError) as exc:
+            raise ValueError(f"malformed pruning spec: {exc}") from exc
+        return cls(**kw)
 
     def summary(self, max_rows: int = 40) -> str:
         """A readable report: per layer channels before -> after, subsets read, copies."""
