@@ -14,11 +14,13 @@ from .errors import (
     UnknownParameterError,
 )
 from .pruning import ChannelGroup, PruningManager, PruningSpec, Subselection
+from .masking import MaskingManager
 
 __version__ = "0.1.0"
 
 __all__ = [
     "PruningManager",
+    "MaskingManager",
     "ChannelGroup",
     "PruningSpec",
     "Subselection",

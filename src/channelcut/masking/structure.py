@@ -9,7 +9,7 @@ unconstrained masks of weight-based heuristics).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Set
 
 import torch
 from torch import nn
@@ -56,6 +56,8 @@ class Structure:
     input_groups: Dict[str, List[int]] = field(default_factory=dict)
     segments: List[Segment] = field(default_factory=list)
     segment_of: Dict[int, int] = field(default_factory=dict)  # group id -> segment id
+    # consumers that read only model inputs (the stem): not masked unless asked for
+    input_layers: Set[str] = field(default_factory=set)
 
     def names(self) -> Dict[str, str]:
         """Every valid layer name (weight or module name) -> weight name."""
@@ -144,6 +146,10 @@ def _from_graph(model: nn.Module, inputs: Any) -> Structure:
 
     groups = pm.channel_groups()
     st = Structure(model, consumers, producers, head, graph, groups, input_groups)
+    # a group's root is its oldest atom, so groups fed by a model input have an input's atom as root
+    for name, gs in input_groups.items():
+        if gs and all(g >= 0 and graph.sources.source(g).op.startswith("<input") for g in gs):
+            st.input_layers.add(name)
     _build_segments(st)
     return st
 
