@@ -13,6 +13,7 @@ from .errors import (
     TracingError,
     UnknownParameterError,
 )
+from .io import MissingTensorError, PlanError, PlanFormatError, PlanMismatchError, load, save
 from .pruning import ChannelGroup, PruningManager, PruningSpec, Subselection
 from .masking import MaskingManager
 
@@ -21,6 +22,12 @@ __version__ = "0.1.0"
 __all__ = [
     "PruningManager",
     "MaskingManager",
+    "save",
+    "load",
+    "PlanError",
+    "PlanFormatError",
+    "PlanMismatchError",
+    "MissingTensorError",
     "ChannelGroup",
     "PruningSpec",
     "Subselection",

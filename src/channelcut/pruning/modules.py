@@ -8,7 +8,7 @@ channels: ``index_select``, exported as ``Gather``) its input, then runs the
 original layer. Nothing else about the module changes:
 
 - parameter and buffer names stay those of the original model (the gather
-  index is a *non-persistent* buffer), so the ``state_dict`` of a pruned model
+  index is a plain tensor attribute, moved along by ``model.to(...)``), so the ``state_dict`` of a pruned model
   has the keys of the original one;
 - the module still is an instance of its original class (``isinstance`` holds);
 - the built-in subclasses are plain ``nn.Module`` code that ``torch.jit.script``,
@@ -56,9 +56,6 @@ __all__ = [
 ]
 
 # names of the attributes a Subselect layer adds to its module
-_INT_ATTRS = ("subselect_dim", "subselect_start", "subselect_length", "subselect_input_channels")
-_BOOL_ATTRS = ("subselect_contiguous",)
-_BUFFER = "subselect_index"
 
 
 class SubselectMixin:
@@ -70,10 +67,21 @@ class SubselectMixin:
             (``narrow``, a view), False for a gather (``index_select``, a copy).
         subselect_start, subselect_length: the range, when contiguous.
         subselect_input_channels: channels of the (physical) input.
-        subselect_index: non-persistent ``long`` buffer of the kept channels.
+        subselect_indices: the kept channels (a list of ints).
+        subselect_index: the same as a ``long`` tensor on the parameters'
+            device (not a buffer: it is not part of the state_dict).
     """
 
     # (no class-level annotations: TorchScript would read them as attribute types)
+
+    def _apply(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        # ``model.to(device)`` & co.: the index follows the parameters' device.
+        # (It is a plain tensor attribute, not a buffer: channelcut's tracer
+        # reads integer buffers as data, and it must stay out of state_dict.)
+        result = super()._apply(fn, *args, **kwargs)  # type: ignore[misc]
+        device = next((t.device for t in self.parameters(recurse=False)), self.subselect_index.device)  # type: ignore[attr-defined]
+        self.subselect_index = torch.tensor(self.subselect_indices, dtype=torch.long, device=device)
+        return result
 
     def subselect(self, x: torch.Tensor) -> torch.Tensor:
         """The channels of ``x`` this layer reads."""
@@ -85,7 +93,7 @@ class SubselectMixin:
         if self.subselect_contiguous:
             end = self.subselect_start + self.subselect_length
             return f"subselect=narrow dim {self.subselect_dim}: [{self.subselect_start}:{end}] of {self.subselect_input_channels}"
-        idx = self.subselect_index.tolist()
+        idx = self.subselect_indices
         shown = ", ".join(str(i) for i in idx[:8]) + (", ..." if len(idx) > 8 else "")
         return f"subselect=gather {len(idx)} of dim {self.subselect_dim}: [{shown}]"
 
@@ -196,7 +204,7 @@ def subselection_of(module: nn.Module) -> Optional[Dict[str, Any]]:
     if module.subselect_contiguous:
         indices = list(range(module.subselect_start, module.subselect_start + module.subselect_length))
     else:
-        indices = [int(i) for i in module.subselect_index.tolist()]
+        indices = list(module.subselect_indices)
     return {
         "dim": int(module.subselect_dim),
         "indices": indices,
@@ -215,7 +223,7 @@ def install_subselection(
     """Make ``module`` read only channels ``indices`` of dim ``dim`` of its input.
 
     Swaps the module's class for :func:`subselect_class` of it and adds the
-    selection attributes and a non-persistent index buffer. ``contiguous``
+    selection attributes (plain attributes: the state_dict is unchanged). ``contiguous``
     (default: whether ``indices`` is one ascending range) chooses ``narrow``
     over ``index_select``. Returns a function that undoes all of it.
 
@@ -243,19 +251,18 @@ def install_subselection(
         "subselect_length": len(idx),
         "subselect_input_channels": int(input_channels if input_channels is not None else max(idx) + 1),
         "subselect_contiguous": bool(contiguous),
+        "subselect_indices": idx,
+        "subselect_index": torch.tensor(idx, dtype=torch.long, device=device),
     }
     for name in values:
         if name in module.__dict__:
             raise TypeError(f"{old_cls.__name__} already has an attribute {name!r}")
     module.__dict__.update(values)
-    module.register_buffer(_BUFFER, torch.tensor(idx, dtype=torch.long, device=device), persistent=False)
     module.__class__ = new_cls
 
     def undo() -> None:
         module.__class__ = old_cls
         for name in values:
             module.__dict__.pop(name, None)
-        module._buffers.pop(_BUFFER, None)
-        module._non_persistent_buffers_set.discard(_BUFFER)
 
     return undo

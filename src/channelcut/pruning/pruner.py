@@ -14,6 +14,7 @@ and the model stays scriptable and exportable.
 from __future__ import annotations
 
 import weakref
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -140,6 +141,7 @@ def prune_model(model: nn.Module, spec: PruningSpec) -> Rollback:
     rb = Rollback()
     try:
         touched = {}
+        before = {name: tuple(_tensor(model, name).shape) for name in tensors}
         for name, t in tensors.items():
             rb.set_data(_tensor(model, name), t)
             mod_name = name.rpartition(".")[0]
@@ -156,21 +158,31 @@ def prune_model(model: nn.Module, spec: PruningSpec) -> Rollback:
                 continue
             installed[sub.module] = sub
             rb.undos.append(install_subselection(m, sub.activation_dim, sub.indices, sub.contiguous, sub.input_channels))
+        record = AppliedSpec(spec, before)
         history = _APPLIED.setdefault(model, [])
-        history.append(spec)
-        rb.undos.insert(0, lambda: history.remove(spec) if spec in history else None)
+        history.append(record)
+        rb.undos.insert(0, lambda: history.remove(record) if record in history else None)
     except Exception as exc:
         rb.undo()
         raise ExportError(f"pruning failed and the model was restored: {exc}") from exc
     return rb
 
 
+@dataclass(eq=False)
+class AppliedSpec:
+    """One :func:`prune_model` call on a model: the spec and, for every tensor
+    it changed, that tensor's shape before."""
+
+    spec: PruningSpec
+    shapes_before: Dict[str, Tuple[int, ...]]
+
+
 # model -> the specs applied to it, in order (weak: never keeps a model alive,
 # puts nothing on the model). Read by :func:`applied_specs` (channelcut.save).
-_APPLIED: "weakref.WeakKeyDictionary[nn.Module, List[PruningSpec]]" = weakref.WeakKeyDictionary()
+_APPLIED: "weakref.WeakKeyDictionary[nn.Module, List[AppliedSpec]]" = weakref.WeakKeyDictionary()
 
 
-def applied_specs(model: nn.Module) -> List[PruningSpec]:
-    """The specs :func:`prune_model` applied to ``model`` and that are not undone,
+def applied_specs(model: nn.Module) -> List[AppliedSpec]:
+    """The specs :func:`prune_model` applied to ``model`` that are not undone,
     oldest first (empty for a model it never pruned, or a copy of one)."""
     return list(_APPLIED.get(model, ()))

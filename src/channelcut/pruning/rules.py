@@ -55,7 +55,13 @@ _INPLACE_DUNDERS = {"add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "a
 
 
 def _tensor_args(args: Sequence[Any], kwargs: Dict[str, Any]) -> List[torch.Tensor]:
-    return flatten_tensors([list(args), list(kwargs.values())])
+    out: List[torch.Tensor] = []
+    for a in list(args) + list(kwargs.values()):
+        if isinstance(a, torch.Tensor):
+            out.append(a)
+        elif isinstance(a, (list, tuple, dict)):
+            out.extend(flatten_tensors(a))
+    return out
 
 
 def dispatch(tr: Tracer, func: Any, args: tuple, kwargs: dict, out: Any) -> None:

@@ -227,23 +227,26 @@ class Tracer(TorchFunctionMode):
     def record_param_use(self, name: str, dim: int, positions: List[int], ids: torch.Tensor) -> None:
         """Parameter ``name`` is sliced along ``dim`` with the channels ``ids``."""
         ids_l = ids.tolist()
-        key = (name, dim, tuple(positions), tuple(ids_l))
+        key = (name, dim, tuple(ids_l), tuple(positions))
         if key in self.param_use_keys:
             return
         self.param_use_keys.add(key)
         from .trace import ParamUse
 
-        align = self.param_alignment.setdefault((name, dim), {})
-        for pos, a in zip(positions, ids_l):
-            first = align.get(pos)
-            if first is None:
-                align[pos] = a
-            elif first < 0 and a >= 0:
-                self.src.pin(a, f"parameter {name} is also used where it cannot be sliced")
-            elif a < 0 and first >= 0:
-                self.src.pin(first, f"parameter {name} is also used where it cannot be sliced")
-            else:
-                self.src.union(first, a)
+        align = self.param_alignment.get((name, dim))
+        if align is None:
+            self.param_alignment[(name, dim)] = dict(zip(positions, ids_l))
+        else:
+            for pos, a in zip(positions, ids_l):
+                first = align.get(pos)
+                if first is None:
+                    align[pos] = a
+                elif first < 0 and a >= 0:
+                    self.src.pin(a, f"parameter {name} is also used where it cannot be sliced")
+                elif a < 0 and first >= 0:
+                    self.src.pin(first, f"parameter {name} is also used where it cannot be sliced")
+                else:
+                    self.src.union(first, a)
         self.graph.param_uses.append(ParamUse(name, dim, list(positions), ids_l))
 
     def align_operand(self, x: torch.Tensor, out_ndim: int, vdim: int, out_ids: torch.Tensor, what: str) -> None:
@@ -314,6 +317,11 @@ def _module_hooks(tracer: Tracer):
 
 
 def flatten_tensors(obj: Any) -> List[torch.Tensor]:
+    """All tensors in a (nested) container, in order."""
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, (list, tuple)) and all(isinstance(o, (torch.Tensor, int, float, bool, str, type(None), torch.dtype, torch.device)) for o in obj):
+        return [o for o in obj if isinstance(o, torch.Tensor)]
     leaves, _ = tree_flatten(obj)
     out = []
     for leaf in leaves:
