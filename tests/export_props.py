@@ -1,0 +1,408 @@
+"""Properties every export must hold, checked on one seeded random example.
+
+Start at :func:`run_example`: ``seed`` -> network (``randnet.make_net``), a
+random request (pruned inputs/outputs, mode, reorder) -> export -> checks.
+Used by ``tests/test_random_networks.py`` (CI) and ``benchmarks/soak.py``.
+
+Properties (each violation is one line in ``Outcome.problems``):
+
+1. The request is either exported, or rejected with a ChannelcutError of the
+   expected kind (EmptyLayerError / NotPrunableError), and a rejected model is
+   exactly as before (state_dict, parameter objects, structure, hooks).
+   Requests we can classify are held to it: nothing pruned must succeed; all
+   input channels of one layer must raise EmptyLayerError; an output channel
+   the engine reports as pinned must raise NotPrunableError.
+2. The spec honours the request: every requested input channel is masked;
+   every requested output channel is sliced away; constrained export reads
+   no subsets.
+3. ``get_mock_model()`` leaves the user's model untouched.
+4. After ``prune(verify=True)``: pruned outputs equal mock outputs in float64
+   to 1e-10 relative (same output structure), and the model has no more
+   parameters than before. Nothing pruned: the model is bit-identical.
+5. A second ``compute`` on the pruned model with ``pruned_inputs=[]`` gives a
+   spec with no slices, subselections, masks or zero columns, and pruning
+   with it changes nothing (outputs bit-identical).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+import traceback
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten
+
+from channelcut import ChannelcutError, EmptyLayerError, NotPrunableError, PruningManager
+from randnet import make_net
+
+RTOL = 1e-10
+MODES = ("unconstrained", "constrained", "baseline")
+REQUESTS = {  # kind -> weight
+    "empty": 0.07, "single_in": 0.2, "single_out": 0.15, "few": 0.2, "nearly_all_in": 0.1,
+    "nearly_all_out": 0.07, "all_in": 0.05, "pinned_out": 0.04, "mixed": 0.12,
+}
+
+
+# ---------------------------------------------------------------------------
+# model snapshots: "exactly as before"
+# ---------------------------------------------------------------------------
+
+
+def snapshot(net: nn.Module) -> Dict[str, Any]:
+    """Everything that must survive a failed export unchanged."""
+    tensors = {}
+    for k, v in list(net.named_parameters(remove_duplicate=False)) + list(net.named_buffers(remove_duplicate=False)):
+        tensors[k] = (id(v), v.detach().clone(), v.dtype, tuple(v.shape), v.requires_grad, type(v))
+    modules = {}
+    for name, m in net.named_modules(remove_duplicate=False):
+        modules[name] = (
+            type(m), id(m), m.training, sorted(vars(m)),
+            len(m._forward_pre_hooks), len(m._forward_hooks), len(m._backward_hooks),
+            len(getattr(m, "_backward_pre_hooks", {})), len(getattr(m, "_state_dict_hooks", {})),
+            sorted(m._parameters), sorted(m._buffers), sorted(m._modules),
+        )
+    pattrs = {k: sorted(vars(v)) for k, v in net.named_parameters(remove_duplicate=False)}
+    return {"repr": repr(net), "tensors": tensors, "modules": modules, "pattrs": pattrs,
+            "state_keys": list(net.state_dict().keys())}
+
+
+def diff_snapshot(net: nn.Module, snap: Dict[str, Any]) -> List[str]:
+    """Differences between ``net`` now and ``snap`` (empty list: unchanged)."""
+    now = snapshot(net)
+    out = []
+    if now["repr"] != snap["repr"]:
+        out.append("module structure (repr) changed")
+    if now["state_keys"] != snap["state_keys"]:
+        out.append(f"state_dict keys changed: {snap['state_keys']} -> {now['state_keys']}")
+    for k, before in snap["tensors"].items():
+        after = now["tensors"].get(k)
+        if after is None:
+            out.append(f"tensor {k} disappeared")
+            continue
+        if after[0] != before[0]:
+            out.append(f"tensor {k} was replaced by a new object")
+        if after[2:] != before[2:]:
+            out.append(f"tensor {k} dtype/shape/requires_grad/type changed: {before[2:]} -> {after[2:]}")
+        elif not torch.equal(after[1], before[1]):
+            out.append(f"tensor {k} values changed")
+    for k in now["tensors"]:
+        if k not in snap["tensors"]:
+            out.append(f"new tensor {k}")
+    if now["modules"] != snap["modules"]:
+        for name in sorted(set(now["modules"]) | set(snap["modules"])):
+            if now["modules"].get(name) != snap["modules"].get(name):
+                out.append(f"module {name or '<root>'} changed (attributes, hooks, training flag or children): "
+                           f"{snap['modules'].get(name)} -> {now['modules'].get(name)}")
+    if now["pattrs"] != snap["pattrs"]:
+        out.append(f"attributes left on parameters: {now['pattrs']} (before {snap['pattrs']})")
+    return out
+
+
+# ---------------------------------------------------------------------------
+# output comparison
+# ---------------------------------------------------------------------------
+
+
+def compare(out: Any, ref: Any, rtol: Optional[float] = RTOL) -> Optional[str]:
+    """None when ``out`` matches ``ref`` (same structure; tensors equal to
+    ``rtol`` relative to ``max |ref|``, or bit-equal when ``rtol`` is None)."""
+    a, sa = tree_flatten(out)
+    b, sb = tree_flatten(ref)
+    if sa != sb:
+        return f"output structure differs: {sa} vs {sb}"
+    for i, (x, y) in enumerate(zip(a, b)):
+        if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor)):
+            if x != y:
+                return f"output leaf {i} differs: {x!r} vs {y!r}"
+            continue
+        if x.shape != y.shape or x.dtype != y.dtype:
+            return f"output {i}: shape/dtype {tuple(x.shape)}/{x.dtype} vs expected {tuple(y.shape)}/{y.dtype}"
+        if rtol is None:
+            if not torch.equal(x, y):
+                return f"output {i} is not bit-identical (max diff {float((x - y).abs().max()):.3g})"
+            continue
+        if x.numel() == 0:
+            continue
+        scale = float(y.abs().max())
+        err = float((x - y).abs().max())
+        if not err <= rtol * max(scale, 1e-300):
+            return f"output {i} differs by {err:.3g} (max |ref| {scale:.3g}, rtol {rtol:g})"
+    return None
+
+
+def n_params(net: nn.Module) -> int:
+    return sum(p.numel() for p in net.parameters())
+
+
+# ---------------------------------------------------------------------------
+# requests
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class Request:
+    kind: str
+    mode: str
+    reorder: bool
+    pruned_inputs: List[Tuple[str, int]]
+    pruned_outputs: List[Tuple[str, int]]
+    expect: str  # "ok" | "ok_or_empty" | "EmptyLayerError" | "NotPrunableError"
+
+    def kwargs(self) -> Dict[str, Any]:
+        return dict(
+            pruned_inputs=list(self.pruned_inputs), pruned_outputs=list(self.pruned_outputs),
+            constrained=self.mode == "constrained", baseline=self.mode == "baseline", reorder=self.reorder,
+        )
+
+
+def make_request(seed: int, net: nn.Module, inputs: List[torch.Tensor]) -> Request:
+    rng = random.Random(seed * 1_000_003 + 17)
+    probe = PruningManager(net)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        probe.trace(inputs)
+    cons = probe.consumers()
+    prods = probe.producers()
+    pinned = set()
+    for g in probe.channel_groups():
+        if g.pinned is not None:
+            pinned.update(g.producers)
+    free_out = [(p, j) for p, n in prods.items() for j in range(n) if (p, j) not in pinned]
+    all_in = [(c, i) for c, n in cons.items() for i in range(n)]
+    mode = rng.choice(MODES)
+    reorder = rng.random() < 0.7
+    kind = rng.choices(list(REQUESTS), list(REQUESTS.values()))[0]
+    if kind in ("single_out", "nearly_all_out") and not free_out:
+        kind = "single_in"
+    if kind == "pinned_out" and not pinned:
+        kind = "few"
+    pi: List[Tuple[str, int]] = []
+    po: List[Tuple[str, int]] = []
+    expect = "ok_or_empty"
+    if kind == "empty":
+        expect = "ok"
+    elif kind == "single_in":
+        pi = [rng.choice(all_in)]
+    elif kind == "single_out":
+        po = [rng.choice(free_out)]
+    elif kind == "few":
+        pi = rng.sample(all_in, min(len(all_in), rng.randint(2, 6)))
+    elif kind == "mixed":
+        pi = rng.sample(all_in, min(len(all_in), rng.randint(1, 4)))
+        po = rng.sample(free_out, min(len(free_out), rng.randint(1, 3)))
+    elif kind == "nearly_all_in":
+        c = rng.choice([c for c, n in cons.items() if n >= 2] or list(cons))
+        n = cons[c]
+        keep = set(rng.sample(range(n), min(n, rng.choice([1, 1, 2]))))
+        pi = [(c, i) for i in range(n) if i not in keep]
+    elif kind == "nearly_all_out":
+        by_p: Dict[str, List[int]] = {}
+        for p, j in free_out:
+            by_p.setdefault(p, []).append(j)
+        p = rng.choice(sorted(by_p))
+        chans = by_p[p]
+        po = [(p, j) for j in chans[:-1]] if len(chans) > 1 else [(p, chans[0])]
+    elif kind == "all_in":
+        c = rng.choice(sorted(cons))
+        pi = [(c, i) for i in range(cons[c])]
+        expect = "EmptyLayerError"
+    elif kind == "pinned_out":
+        po = [rng.choice(sorted(pinned))]
+        if rng.random() < 0.5 and all_in:
+            pi = [rng.choice(all_in)]
+        expect = "NotPrunableError"
+    if kind != "all_in":
+        # asking for every input channel of a layer is always an empty layer
+        for c, n in cons.items():
+            if {i for (cc, i) in pi if cc == c} >= set(range(n)):
+                expect = "EmptyLayerError"
+    if expect != "NotPrunableError" and any(o in pinned for o in po):
+        expect = "NotPrunableError"
+    rng.shuffle(pi)
+    return Request(kind, mode, reorder, pi, po, expect)
+
+
+# ---------------------------------------------------------------------------
+# one example
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class Outcome:
+    seed: int
+    request: Optional[Request] = None
+    status: str = "?"  # "pruned" | "rejected:<ErrorName>" | "crashed"
+    problems: List[str] = field(default_factory=list)
+    barriers: List[str] = field(default_factory=list)
+    seconds: float = 0.0
+    removed_groups: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def report(self) -> str:
+        r = self.request
+        lines = [f"seed {self.seed}: {self.status}"]
+        if r is not None:
+            lines.append(f"  request: kind={r.kind} mode={r.mode} reorder={r.reorder} expect={r.expect}")
+            lines.append(f"  pruned_inputs={r.pruned_inputs}")
+            lines.append(f"  pruned_outputs={r.pruned_outputs}")
+        lines += [f"  PROBLEM: {p}" for p in self.problems]
+        lines.append(f"  reproduce: python -c \"import sys; sys.path.insert(0, 'tests'); import export_props as e; "
+                     f"print(e.run_example({self.seed}).report())\"")
+        return "\n".join(lines)
+
+
+def run_example(seed: int, show_net: bool = False) -> Outcome:
+    """Build network ``seed``, export a random request, check every property."""
+    out = Outcome(seed)
+    t0 = time.perf_counter()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            _run(seed, out)
+    except Exception:  # the harness itself or the engine crashed outside the API's errors
+        out.status = "crashed"
+        out.problems.append("unexpected exception:\n" + traceback.format_exc(limit=8))
+    out.seconds = time.perf_counter() - t0
+    if show_net and out.problems:
+        net, _ = make_net(seed)
+        out.problems.append("network:\n" + net.describe())
+    return out
+
+
+def _run(seed: int, out: Outcome) -> None:
+    torch.manual_seed(seed)
+    net, xs = make_net(seed)
+    req = make_request(seed, net, xs)
+    out.request = req
+    with torch.no_grad():
+        y_orig = net(*xs)
+    before = snapshot(net)
+    params_before = n_params(net)
+    problems = out.problems
+
+    # --- compute ------------------------------------------------------------
+    m = PruningManager(net)
+    try:
+        m.compute(xs, **req.kwargs())
+    except ChannelcutError as exc:
+        out.status = f"rejected:{type(exc).__name__}"
+        _check_rejection(req, exc, problems)
+        problems += [f"after {type(exc).__name__} in compute: {d}" for d in diff_snapshot(net, before)]
+        return
+    if req.expect in ("EmptyLayerError", "NotPrunableError"):
+        problems.append(f"expected {req.expect}, but compute accepted the request")
+    spec = m.spec
+    out.barriers = sorted({f"{b[0]} in {b[1]}" for b in spec.barriers})
+    out.removed_groups = spec.removed_groups
+    problems += [f"after compute: {d}" for d in diff_snapshot(net, before)]
+    _check_spec(m, req, problems)
+
+    # --- mock ---------------------------------------------------------------
+    mock = m.get_mock_model()
+    with torch.no_grad():
+        y_mock = mock(*xs)
+    del mock
+    problems += [f"after get_mock_model: {d}" for d in diff_snapshot(net, before)]
+    if req.kind == "empty":
+        d = compare(y_mock, y_orig, rtol=None)
+        if d:
+            problems.append(f"nothing pruned, but the mock differs from the model: {d}")
+
+    # --- prune --------------------------------------------------------------
+    try:
+        m.prune(verify=True)
+    except ChannelcutError as exc:
+        out.status = f"rejected:{type(exc).__name__}"
+        problems.append(f"prune() raised {type(exc).__name__}: {exc}")
+        problems += [f"after failed prune: {d}" for d in diff_snapshot(net, before)]
+        return
+    out.status = "pruned"
+    with torch.no_grad():
+        y_pruned = net(*xs)
+    d = compare(y_pruned, y_mock)
+    if d:
+        problems.append(f"pruned model != mock: {d}")
+    if n_params(net) > params_before:
+        problems.append(f"pruned model has more parameters: {params_before} -> {n_params(net)}")
+    if req.kind == "empty":
+        d = compare(y_pruned, y_orig, rtol=None)
+        if d:
+            problems.append(f"nothing pruned, but outputs changed: {d}")
+        diffs = diff_snapshot(net, before)
+        if diffs:
+            problems.append(f"nothing pruned, but the model changed: {diffs[:3]}")
+
+    # --- a second export of the pruned model prunes nothing -----------------
+    m2 = PruningManager(net)
+    try:
+        m2.compute(xs, pruned_inputs=[])
+    except ChannelcutError as exc:
+        problems.append(f"second compute on the pruned model raised {type(exc).__name__}: {exc}")
+        return
+    s2 = m2.spec
+    if s2.slices or s2.subselections or s2.masks or s2.zeros:
+        problems.append(
+            f"second compute with nothing pruned is not empty: slices={sorted(s2.slices)} "
+            f"subselections={[s.param for s in s2.subselections]} masks={[e.param for e in s2.masks]} "
+            f"zeros={[e.param for e in s2.zeros]}"
+        )
+    try:
+        m2.prune(verify=True)
+    except ChannelcutError as exc:
+        problems.append(f"second prune (nothing pruned) raised {type(exc).__name__}: {exc}")
+        return
+    with torch.no_grad():
+        y2 = net(*xs)
+    d = compare(y2, y_pruned, rtol=None)
+    if d:
+        problems.append(f"second prune (nothing pruned) changed the outputs: {d}")
+
+
+def _check_rejection(req: Request, exc: ChannelcutError, problems: List[str]) -> None:
+    name = type(exc).__name__
+    if req.expect == "ok":
+        problems.append(f"a valid request was rejected with {name}: {exc}")
+    elif req.expect == "ok_or_empty":
+        if not isinstance(exc, EmptyLayerError):
+            problems.append(f"unexpected {name}: {exc}")
+    elif req.expect == "EmptyLayerError":
+        if not isinstance(exc, EmptyLayerError):
+            problems.append(f"expected EmptyLayerError, got {name}: {exc}")
+    elif req.expect == "NotPrunableError":
+        # a request can be invalid twice over (pinned output and an emptied layer)
+        if not isinstance(exc, (NotPrunableError, EmptyLayerError)):
+            problems.append(f"expected NotPrunableError, got {name}: {exc}")
+    if not str(exc).strip():
+        problems.append(f"{name} with an empty message")
+
+
+def _check_spec(m: PruningManager, req: Request, problems: List[str]) -> None:
+    spec = m.spec
+    masked: Dict[str, set] = {}
+    for e in spec.masks:
+        masked.setdefault(e.param, set()).update(e.channels)
+    for p, c in req.pruned_inputs:
+        if c not in masked.get(p, set()):
+            problems.append(f"requested input channel ({p!r}, {c}) is not masked in the spec")
+    g = m.graph
+    for p, j in req.pruned_outputs:
+        for op in g.producers_by_param.get(p, []):
+            prod = g.producers[op]
+            for u in g.param_uses:
+                if u.param == p and list(u.ids) == list(prod.out_ids) and list(u.positions) == list(range(len(u.ids))):
+                    kept = spec.slices.get(p, {}).get(u.dim)
+                    if kept is None or j in kept:
+                        problems.append(f"requested output channel ({p!r}, {j}) is not sliced away")
+                    break
+    if req.mode == "constrained" and spec.subselections:
+        problems.append(f"constrained export reads subsets: {[s.param for s in spec.subselections]}")
+    if req.kind == "empty" and (spec.slices or spec.subselections or spec.masks or spec.zeros):
+        problems.append(f"nothing requested, but the spec slices {sorted(spec.slices)}")

@@ -1,0 +1,141 @@
+"""Randomised end-to-end export tests on seeded random networks.
+
+Each case is one seed: ``randnet.make_net(seed)`` builds a network (float64,
+eval) and ``export_props.make_request`` picks a request (empty, single
+channel, several, nearly all, all channels of a layer, a pinned output, ...),
+a mode (unconstrained / constrained / baseline) and reorder on/off. The
+properties are listed in ``export_props``. A failing case prints the seed,
+the request, every violated property, the network and a one-line repro.
+
+``CHANNELCUT_RANDNET_EXAMPLES`` / ``CHANNELCUT_RANDNET_SEED`` change how many
+examples run and where the seeds start (defaults: 500 from 1_000_000, about a
+minute on one CPU core). ``benchmarks/soak.py`` runs thousands.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+
+import pytest
+import torch
+
+import export_props as props
+import randnet
+
+N_EXAMPLES = int(os.environ.get("CHANNELCUT_RANDNET_EXAMPLES", "500"))
+BASE_SEED = int(os.environ.get("CHANNELCUT_RANDNET_SEED", "1000000"))
+SEEDS = list(range(BASE_SEED, BASE_SEED + N_EXAMPLES))
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_random_network_export(seed):
+    outcome = props.run_example(seed, show_net=True)
+    assert outcome.ok, outcome.report()
+
+
+# ---------------------------------------------------------------------------
+# the generator and the harness themselves
+# ---------------------------------------------------------------------------
+
+
+def test_generator_is_deterministic():
+    for seed in (0, 7, 12345):
+        a, xa = randnet.make_net(seed)
+        b, xb = randnet.make_net(seed)
+        assert a.describe() == b.describe()
+        assert all(torch.equal(x, y) for x, y in zip(xa, xb))
+        sa, sb = a.state_dict(), b.state_dict()
+        assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+        ra = props.make_request(seed, a, xa)
+        rb = props.make_request(seed, b, xb)
+        assert ra == rb
+
+
+def test_generator_covers_every_feature():
+    """The CI seeds exercise every kind of block the issue asks for."""
+    tags = collections.Counter()
+    convs = set()
+    n_inputs = collections.Counter()
+    formats = collections.Counter()
+    for seed in SEEDS[:300]:
+        net, xs = randnet.make_net(seed)
+        assert all(x.dtype == torch.float64 for x in xs)
+        assert all(p.dtype == torch.float64 for p in net.state_dict().values() if p.is_floating_point())
+        assert not net.training
+        n_inputs[len(xs)] += 1
+        formats[net.out_format] += 1
+        for name, _ in net.program:
+            tags[name.split("_", 1)[1]] += 1
+        for m in net.modules():
+            if isinstance(m, torch.nn.modules.conv._ConvNd):
+                nd = len(m.kernel_size)
+                if m.transposed:
+                    convs.add(f"transposed{nd}d")
+                elif m.groups == 1:
+                    convs.add(f"plain{nd}d")
+                elif m.groups == m.in_channels:
+                    convs.add("depthwise_mult" if m.out_channels > m.in_channels else "depthwise")
+                else:
+                    convs.add("grouped")
+    want = {"add2", "add3", "add4", "cat", "slice", "chunk", "shuffle", "se", "layerscale", "cl_linear", "ln_cl",
+            "ln_all", "bn", "bn1d", "gn", "in", "ln", "linear", "attn", "to_tokens", "tovec_flatten", "tovec_gap",
+            "tovec_mean", "tovec_amax", "tovec_tokmean", "tovec_cls", "pool", "merge_add", "merge_cat", "merge_mul",
+            "tok2seq", "act", "dwconv", "gconv", "convT", "conv", "conv1x1"}
+    assert want <= set(tags), f"never generated: {sorted(want - set(tags))}"
+    assert {"plain1d", "plain2d", "plain3d", "transposed1d", "transposed2d", "transposed3d", "depthwise",
+            "depthwise_mult", "grouped"} <= convs, convs
+    assert set(n_inputs) == {1, 2, 3}
+    assert set(formats) == {"single", "tuple", "list", "dict"}
+
+
+def test_requests_cover_every_kind_and_mostly_prune():
+    """The requests span every kind and mode, and most exports really prune
+    (an engine that rejected everything must not pass the suite)."""
+    kinds, modes, status = collections.Counter(), collections.Counter(), collections.Counter()
+    removed = 0
+    for seed in SEEDS[:80]:
+        o = props.run_example(seed)
+        kinds[o.request.kind] += 1
+        modes[(o.request.mode, o.request.reorder)] += 1
+        status[o.status.split(":")[0]] += 1
+        removed += o.removed_groups > 0
+    assert len(modes) == 6, modes
+    assert len(kinds) >= 8, kinds
+    assert status["pruned"] >= 0.6 * sum(status.values()), status
+    assert removed >= 0.4 * sum(status.values()), removed
+
+
+def test_harness_detects_differences():
+    """``compare`` and ``diff_snapshot`` can fail."""
+    y = torch.randn(3, 4, dtype=torch.float64)
+    assert props.compare(y, y.clone()) is None
+    assert props.compare(y, y * (1 + 1e-8)) is not None
+    assert props.compare((y,), [y]) is not None  # structure
+    assert props.compare({"a": y}, {"b": y}) is not None
+    assert props.compare(y, y + 1e-13 * y.abs().max()) is None
+    assert props.compare(y, y + 1e-13 * y.abs().max(), rtol=None) is not None
+    net, _ = randnet.make_net(3)
+    snap = props.snapshot(net)
+    assert props.diff_snapshot(net, snap) == []
+    p = next(net.parameters())
+    with torch.no_grad():
+        p.view(-1)[0] += 1
+    assert any("values changed" in d for d in props.diff_snapshot(net, snap))
+    with torch.no_grad():
+        p.view(-1)[0] -= 1
+    h = next(iter(net.blocks.values())).register_forward_pre_hook(lambda m, a: None)
+    assert props.diff_snapshot(net, snap)
+    h.remove()
+    p.foo = 1
+    assert any("attributes left on parameters" in d for d in props.diff_snapshot(net, snap))
+    del p.foo
+    assert props.diff_snapshot(net, snap) == []

@@ -1,0 +1,183 @@
+"""Named regression tests: minimal networks reduced from random-network failures.
+
+Each test states the seed it came from (``tests/test_random_networks.py`` /
+``benchmarks/soak.py``), the observed behaviour and the expected one. The rule
+they all hold: an export request is either rejected at ``compute`` with a
+ChannelcutError (model unchanged), or it is exported and ``prune(verify=True)``
+succeeds with the pruned model equal to the mock in float64. An explicitly
+requested channel is never silently kept.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from channelcut import ChannelcutError, PruningManager
+from export_props import compare, diff_snapshot, snapshot
+
+D = torch.float64
+
+
+def export_is_sound(net: nn.Module, xs, **kw) -> str:
+    """Run one export; return "rejected" or "pruned"; assert the invariants."""
+    net = net.to(D).eval()
+    before = snapshot(net)
+    m = PruningManager(net)
+    try:
+        m.compute(xs, **kw)
+    except ChannelcutError:
+        assert diff_snapshot(net, before) == []
+        return "rejected"
+    with torch.no_grad():
+        y_mock = m.get_mock_model()(*xs)
+    try:
+        m.prune(verify=True)
+    except ChannelcutError as exc:
+        assert diff_snapshot(net, before) == []
+        raise AssertionError(f"compute accepted the request but prune failed: {exc}") from exc
+    with torch.no_grad():
+        y = net(*xs)
+    assert compare(y, y_mock) is None
+    return "pruned"
+
+
+def _seeded(cls, *args):
+    torch.manual_seed(0)
+    return cls(*args)
+
+
+# ---------------------------------------------------------------------------
+# a tensor whose channels all carry one atom is treated as a broadcast scalar
+# ---------------------------------------------------------------------------
+
+
+class InputResidual(nn.Module):
+    """``x + conv(x)`` where ``x`` is the model input (4 channels)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 1)
+        self.head = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        return self.head(x + self.conv(x))
+
+
+def test_residual_from_model_input_is_not_pruned_on_one_side():
+    """Seed 1885 (and others). Observed: compute accepts removing
+    ``conv.weight`` output 0, then ``prune`` fails verification ("size of tensor
+    a (4) must match b (3)"): the input's trace is one pinned atom for all 4
+    channels, compressed to a scalar, so ``x + conv(x)`` records "needs"
+    instead of unioning conv's channels with the (pinned) input. Expected:
+    NotPrunableError at compute (the channel is added to a model input)."""
+    net = _seeded(InputResidual)
+    x = torch.randn(1, 4, 5, 5, dtype=D)
+    export_is_sound(net, [x], pruned_outputs=[("conv.weight", 0)])
+
+
+class CoupledThenReshaped(nn.Module):
+    """A stream coupled into one group (LayerNorm over channels) and then
+    reshaped (a channel shuffle) is added to a fresh linear output."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(3, 6)
+        self.ln = nn.LayerNorm(6)
+        self.b = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 2)
+
+    def forward(self, x):
+        y = self.ln(self.a(x))
+        n, c = y.shape
+        y = y.reshape(n, 2, c // 2).transpose(1, 2).reshape(n, c)
+        return self.head(y + self.b(y))
+
+
+def test_coupled_stream_after_reshape_unions_with_residual():
+    """Seed 1000435 (constrained). Observed: ``b`` output 0 is sliced away
+    while the residual ``y`` keeps 6 channels; prune fails verification
+    ("size of tensor a (6) must match b (5)"). Same root cause as above: the
+    reshape turns a fully coupled trace into a scalar trace. Expected: ``b``'s
+    outputs join the group of ``y`` (so the request is rejected or applied to
+    both sides)."""
+    net = _seeded(CoupledThenReshaped)
+    x = torch.randn(3, 3, dtype=D)
+    export_is_sound(net, [x], pruned_outputs=[("b.weight", 0)])
+    export_is_sound(net, [x], pruned_inputs=[("head.weight", 0)], constrained=True)
+
+
+# ---------------------------------------------------------------------------
+# channel shuffle with one channel per group
+# ---------------------------------------------------------------------------
+
+
+class ShuffleOnePerGroup(nn.Module):
+    def __init__(self, how: str):
+        super().__init__()
+        self.a = nn.Conv1d(3, 2, 1)
+        self.head = nn.Conv1d(2, 3, 1)
+        self.how = how
+
+    def forward(self, x):
+        y = self.a(x)
+        if self.how == "fn":
+            y = F.channel_shuffle(y, 2)
+        else:
+            b, c, n = y.shape
+            y = y.view(b, 2, c // 2, n).transpose(1, 2).reshape(b, c, n)
+        return self.head(y)
+
+
+def test_view_channel_shuffle_with_one_channel_per_group():
+    """Seeds 682, 1354. ``view(b, 2, c // 2, n)`` on 2 channels: the fast
+    reshape path treats the size-1 ``c // 2`` dim as absorbed and does not
+    couple the two channels; compute accepts removing one, prune fails
+    verification ("shape '[1, 2, 0, 5]' is invalid"). Expected: the shuffle's
+    channels coupled like any other group count (request rejected)."""
+    x = torch.randn(1, 3, 5, dtype=D)
+    export_is_sound(_seeded(ShuffleOnePerGroup, "view"), [x], pruned_outputs=[("a.weight", 0)])
+
+
+def test_functional_channel_shuffle_with_one_channel_per_group():
+    """Seed 2008. ``F.channel_shuffle(y, 2)`` on 2 channels: compute accepts
+    removing one, prune fails ("Number of channels must be divisible by
+    groups. Got 1 channels and 2 groups"). Expected: coupled, rejected."""
+    x = torch.randn(1, 3, 5, dtype=D)
+    export_is_sound(_seeded(ShuffleOnePerGroup, "fn"), [x], pruned_outputs=[("a.weight", 0)])
+
+
+# ---------------------------------------------------------------------------
+# requested channels silently kept
+# ---------------------------------------------------------------------------
+
+
+class OneChannelGate(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 1, 1)
+        self.b = nn.Conv2d(3, 1, 1)
+        self.head = nn.Conv2d(1, 2, 1)
+
+    def forward(self, x):
+        return self.head(self.a(x) * torch.sigmoid(self.b(x)))
+
+
+def test_requested_output_channel_is_never_silently_kept():
+    """Seeds 200, 582, 764, 890, 2018, 1000327. Observed: ``compute`` accepts
+    ``pruned_outputs=[("b.weight", 0)]`` and returns an empty spec (nothing
+    removed, no error, no warning): both one-channel tensors are scalar traces,
+    so the product records "a needs b" and the request is dropped by the
+    needs-closure in resolve. Expected: NotPrunableError naming the channel
+    (or the channel removed)."""
+    net = _seeded(OneChannelGate).to(D).eval()
+    x = torch.randn(1, 3, 4, 4, dtype=D)
+    m = PruningManager(net)
+    try:
+        m.compute([x], pruned_outputs=[("b.weight", 0)])
+    except ChannelcutError as exc:
+        assert "b.weight" in str(exc)
+        return
+    kept = m.spec.slices.get("b.weight", {}).get(0, [0])
+    assert 0 not in kept, f"request silently ignored: spec slices {m.spec.slices}, removed {m.spec.removed_groups}"
