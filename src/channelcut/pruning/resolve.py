@@ -182,8 +182,13 @@ def resolve(
     # every consumer and producer keeps something
     for op, c in graph.consumers.items():
         if len(dropped.get(op, ())) >= len(c.in_ids):
+            why = ""
+            if removed_req:
+                culprits = [f"{pr.param or pop}[{j}]" for pop, pr in graph.producers.items()
+                            for j, a in enumerate(pr.out_ids) if find(a) in removed_req]
+                why = f" (pruned_outputs remove the channels {', '.join(culprits[:6])}, which {c.param!r} reads)"
             raise EmptyLayerError(
-                f"this would remove every input channel of {c.param!r} ({len(c.in_ids)} channels); "
+                f"this would remove every input channel of {c.param!r} ({len(c.in_ids)} channels){why}; "
                 "keep at least one channel of each layer"
             )
     for op, p in graph.producers.items():

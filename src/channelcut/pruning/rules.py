@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .trace import NO_SOURCE, Consumer, Producer
+from .sizes import SizeInt
 from .tracing import Tr, Tracer, _TooBig, flatten_tensors
 
 Rule = Callable[[Tracer, Any, tuple, dict, Any], None]
@@ -215,24 +216,41 @@ def _elementwise_into(tr: Tracer, what: str, tensors: List[torch.Tensor], target
                     tr.align_operand(x, ndim, vd, res.ids, what)
         return
     vd = next(iter(vdims)) if vdims else None
+    out_shape = tuple(target.shape)
+
+    def broadcasts(x: torch.Tensor) -> bool:
+        """True when ``x`` is smaller than the output along some dim (a mask,
+        a per-sample scale): it is read whole by every output element."""
+        lead = ndim - x.dim()
+        if any(s != 1 for s in out_shape[:lead]):
+            return True
+        return any(x.shape[i] != out_shape[lead + i] for i in range(x.dim()))
+
     if vd is None:
-        ids = None
-        for x, t in tracked:
-            a = int(t.ids[0])
-            if ids is None or ids < 0:
-                ids = a
-            else:
-                tr.need(torch.tensor([ids]), a)
-        tr.set(target, Tr.scalar(NO_SOURCE if ids is None else ids, ndim))
+        # no channel structure: operands of the output's full shape are aligned
+        # with it (co-present); smaller, broadcast operands are only needed
+        full = [int(t.ids[0]) for x, t in tracked if not broadcasts(x)]
+        small = [int(t.ids[0]) for x, t in tracked if broadcasts(x)]
+        rep = tr.src.union_all(full) if full else None
+        if rep is None:
+            rep = next((a for a in small if a >= 0), NO_SOURCE)
+        for a in small:
+            tr.need(torch.tensor([rep]), a)
+        tr.set(target, Tr.scalar(NO_SOURCE if rep is None else rep, ndim))
         return
     merged = None
     scalars = []
     for x, t in tracked:
         if t.vdim is not None:
             merged = t.ids if merged is None else tr.union_pairs(merged, t.ids)
-        else:
-            scalars.append(int(t.ids[0]))
     assert merged is not None
+    for x, t in tracked:
+        if t.vdim is None:
+            d = vd - (ndim - x.dim())
+            if d >= 0 and x.shape[d] == out_shape[vd]:
+                merged = tr.union_pairs(merged, t.ids[:1].expand(merged.numel()))  # full size: aligned
+            else:
+                scalars.append(int(t.ids[0]))
     for s in scalars:
         tr.need(merged, s)
     if merged.numel() != target.shape[vd]:
@@ -716,8 +734,7 @@ MOVEMENT = {
     "moveaxis", "squeeze", "unsqueeze", "expand", "expand_as", "repeat", "tile", "__getitem__", "narrow",
     "select", "index_select", "cat", "concat", "concatenate", "stack", "hstack", "vstack", "dstack", "split",
     "chunk", "tensor_split", "unbind", "split_with_sizes", "flip", "fliplr", "flipud", "roll", "rot90",
-    "take_along_dim", "gather", "view_as", "reshape_as", "broadcast_to", "pixel_shuffle", "pixel_unshuffle",
-    "channel_shuffle", "native_channel_shuffle", "unfold", "get:T", "get:mT", "get:H", "get:mH", "ravel",
+    "take_along_dim", "gather", "view_as", "reshape_as", "broadcast_to", "unfold", "get:T", "get:mT", "get:H", "get:mH", "ravel",
     "atleast_1d", "atleast_2d", "atleast_3d", "diagonal", "masked_select", "repeat_interleave", "as_strided",
     "split_copy", "unsafe_split", "unsafe_chunk", "movedim_copy", "narrow_copy",
 }
@@ -829,7 +846,7 @@ def _fast_movement(tr: Tracer, name: str, func, args, kwargs, outs) -> bool:
             return True
         return False
     if name in ("reshape", "view", "flatten", "unflatten", "view_as", "reshape_as", "squeeze", "unsqueeze", "ravel"):
-        return _reshape_fast(tr, t, x, y)
+        return _reshape_fast(tr, t, x, y, _requested_shape(name, x, args, kwargs), name)
     if name in ("expand", "expand_as", "broadcast_to"):
         if x.shape[t.vdim] == y.shape[t.vdim + y.dim() - x.dim()]:
             tr.set(y, Tr.along(t.ids, t.vdim + y.dim() - x.dim(), y.dim()))
@@ -883,8 +900,34 @@ def _cat_fast(tr: Tracer, name: str, args, kwargs, y: torch.Tensor) -> bool:
     return True
 
 
-def _reshape_fast(tr: Tracer, t: Tr, x: torch.Tensor, y: torch.Tensor) -> bool:
-    """Map the varying dim through a reshape by matching dim groups."""
+def _requested_shape(name: str, x: torch.Tensor, args, kwargs) -> Optional[List[Any]]:
+    """The shape arguments of reshape/view/unflatten as the model wrote them
+    (ints, -1, or channel-carrying :class:`SizeInt`), aligned to output dims."""
+    if name in ("reshape", "view"):
+        shape = kwargs.get("shape", kwargs.get("size"))
+        if shape is None:
+            rest = list(args[1:])
+            shape = rest[0] if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else rest
+        if any(isinstance(v, torch.dtype) for v in shape):
+            return None
+        return list(shape)
+    if name == "unflatten":
+        dim = _arg(args, kwargs, 1, "dim")
+        sizes = list(_arg(args, kwargs, 2, "sizes"))
+        dim %= x.dim()
+        return [None] * dim + sizes + [None] * (x.dim() - dim - 1)
+    return None
+
+
+def _reshape_fast(tr: Tracer, t: Tr, x: torch.Tensor, y: torch.Tensor, requested: Optional[List[Any]] = None, name: str = "reshape") -> bool:
+    """Map the channel dim through a reshape by matching groups of dims.
+
+    The output dims that receive the channel dim must include exactly one
+    *adaptive* dim (written as -1 or computed from the channel count), which
+    then carries the channels; other dims of that group (e.g. the literal
+    ``groups`` of a channel shuffle) keep their size, so channels are coupled
+    across them. With no adaptive dim the size is hard-coded: keep them all.
+    """
     s_in, s_out = list(x.shape), list(y.shape)
     i = j = 0
     groups = []  # (in dims, out dims)
@@ -909,22 +952,39 @@ def _reshape_fast(tr: Tracer, t: Tr, x: torch.Tensor, y: torch.Tensor) -> bool:
             gj.append(j); j += 1
         groups.append((gi, gj))
     for gi, gj in groups:
-        if t.vdim in gi:
-            sizes_out = [s_out[d] for d in gj if s_out[d] != 1]
-            dims_out = [d for d in gj if s_out[d] != 1]
-            if len(dims_out) != 1:
-                return False  # the channel dim is split: let the generic path couple
-            sizes_in = [s_in[d] for d in gi]
-            pos = gi.index(t.vdim)
-            inner = 1
-            for s in sizes_in[pos + 1:]:
-                inner *= s
-            outer = 1
-            for s in sizes_in[:pos]:
-                outer *= s
-            ids = t.ids.repeat_interleave(inner).repeat(outer)
-            tr.set(y, Tr.along(ids, dims_out[0], y.dim()))
-            return True
+        if t.vdim not in gi:
+            continue
+        if requested is not None and len(requested) == len(s_out):
+            adaptive = [d for d in gj if isinstance(requested[d], SizeInt) or (requested[d] == -1 and not isinstance(requested[d], bool))]
+        else:
+            adaptive = [d for d in gj if s_out[d] != 1]
+            if not adaptive:
+                adaptive = gj[:1]
+        if len(adaptive) != 1:
+            where = tr.module or "<model>"
+            why = "a hard-coded size" if not adaptive else "several sizes computed from the channel count"
+            tr.pin_ids(t.ids, f"'{name}' with {why} for the channel dim ({where})")
+            return False
+        a = adaptive[0]
+        shape_in = [s_in[d] for d in gi]
+        ids_shape = [1] * len(gi)
+        ids_shape[gi.index(t.vdim)] = t.ids.numel()
+        block = t.ids.reshape(ids_shape).expand(shape_in).reshape([s_out[d] for d in gj])
+        k = gj.index(a)
+        if block.dim() > 1:
+            rows = block.movedim(k, 0).reshape(block.shape[k], -1)
+            if rows.shape[1] > 1 and not bool((rows == rows[:, :1]).all()):
+                reps = [tr.couple(r) for r in rows]
+                ids = torch.tensor(reps, dtype=torch.long)
+            else:
+                ids = rows[:, 0].clone()
+        else:
+            ids = block.clone()
+        if ids.numel() == 1:
+            tr.set(y, Tr.scalar(int(ids[0]), y.dim()))
+        else:
+            tr.set(y, Tr.along(ids, a, y.dim()))
+        return True
     return False
 
 
@@ -1026,3 +1086,35 @@ def einsum(tr: Tracer, func, args, kwargs, out) -> None:
             c = t.ids.reshape(shape)
         merged = tr.union_pairs(merged, c)
     tr.set(out, tr.compress(merged.contiguous()))
+
+
+@rule("channel_shuffle", "native_channel_shuffle")
+def channel_shuffle(tr: Tracer, func, args, kwargs, out) -> None:
+    """Output channel ``i*g + j`` is input channel ``j*(C/g) + i``; channels
+    at the same place in each group are coupled so ``C`` stays divisible."""
+    x = args[0]
+    g = int(_arg(args, kwargs, 1, "groups"))
+    ids = tr.ids_along(x, 1)
+    per = ids.numel() // g
+    blocks = ids.reshape(g, per)
+    reps = torch.tensor([tr.couple(blocks[:, i]) for i in range(per)], dtype=torch.long)
+    new = reps.repeat_interleave(g)
+    tr.set(out, Tr.along(new, 1, out.dim()) if per > 1 else Tr.scalar(int(reps[0]), out.dim()))
+
+
+@rule("pixel_shuffle")
+def pixel_shuffle(tr: Tracer, func, args, kwargs, out) -> None:
+    """Each block of r*r input channels becomes one output channel."""
+    x = args[0]
+    r = int(_arg(args, kwargs, 1, "upscale_factor"))
+    ids = tr.ids_along(x, -3).reshape(-1, r * r)
+    reps = torch.tensor([tr.couple(row) for row in ids], dtype=torch.long)
+    tr.set(out, Tr.along(reps, out.dim() - 3, out.dim()) if reps.numel() > 1 else Tr.scalar(int(reps[0]), out.dim()))
+
+
+@rule("pixel_unshuffle")
+def pixel_unshuffle(tr: Tracer, func, args, kwargs, out) -> None:
+    x = args[0]
+    r = int(_arg(args, kwargs, 1, "downscale_factor"))
+    ids = tr.ids_along(x, -3).repeat_interleave(r * r)
+    tr.set(out, Tr.along(ids, out.dim() - 3, out.dim()))

@@ -25,6 +25,7 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ..errors import TracingError
+from .sizes import SizeInt
 from .trace import NO_SOURCE, SourceTable, TracedGraph
 
 
@@ -292,10 +293,31 @@ class Tracer(TorchFunctionMode):
         out = func(*args, **kwargs)
         from . import rules
 
+        if isinstance(out, int) or type(out) is torch.Size:
+            return self._mark_sizes(func, args, kwargs, out)
+
         try:
             rules.dispatch(self, func, args, kwargs, out)
         except _TooBig:
             rules.barrier(self, rules.func_name(func), args, kwargs, out, "tensor too large to trace by materialising")
+        return out
+
+
+    def _mark_sizes(self, func, args, kwargs, out):
+        """``x.shape`` / ``x.size(d)``: mark the channel dim's size."""
+        name = getattr(func, "__name__", "")
+        if name == "__get__":
+            name = getattr(getattr(func, "__self__", None), "__name__", "")
+        if name not in ("shape", "size") or not args or not isinstance(args[0], torch.Tensor):
+            return out
+        t = self.get(args[0])
+        if t is None or t.vdim is None:
+            return out
+        if isinstance(out, torch.Size):
+            return torch.Size([SizeInt(v) if d == t.vdim else v for d, v in enumerate(out)])
+        d = kwargs.get("dim", args[1] if len(args) > 1 else None)
+        if isinstance(d, int) and d % args[0].dim() == t.vdim:
+            return SizeInt(out)
         return out
 
 
