@@ -65,12 +65,21 @@ def _tensor_args(args: Sequence[Any], kwargs: Dict[str, Any]) -> List[torch.Tens
     return out
 
 
+WRITES = {"__setitem__", "index_put", "index_put_", "masked_scatter", "masked_scatter_", "scatter", "scatter_",
+          "scatter_add", "scatter_add_", "index_add", "index_add_", "index_copy", "index_copy_", "copy_"}
+
+
 def dispatch(tr: Tracer, func: Any, args: tuple, kwargs: dict, out: Any) -> None:
+    name = func_name(func)
+    if name in WRITES:
+        tensors = _tensor_args(args, kwargs)
+        if any(tr.get(x) is not None for x in tensors):
+            write_into(tr, func, args, kwargs, out)
+        return
     outs = flatten_tensors(out) if not isinstance(out, torch.Tensor) else [out]
     if not outs:
         return  # sizes, dtypes, bools, None: nothing to trace
     tensors = _tensor_args(args, kwargs)
-    name = func_name(func)
     tracked = [x for x in tensors if tr.get(x) is not None]
     if not tracked:
         _untracked(tr, name, func, args, kwargs, out, tensors)
@@ -85,6 +94,8 @@ def dispatch(tr: Tracer, func: Any, args: tuple, kwargs: dict, out: Any) -> None
         raise
     except _Unsupported as exc:
         barrier(tr, name, args, kwargs, out, str(exc))
+    except Exception as exc:  # a rule that cannot handle these arguments
+        barrier(tr, name, args, kwargs, out, f"rule failed ({type(exc).__name__}: {exc})")
     for y in outs:  # any output a rule forgot is a fresh, safe barrier output
         if tr.get(y) is None and not _is_same_as_input(y, tensors):
             tr.set(y, tr.fresh_pinned(tr.new_op(name), y.dim(), f"output of {name}"))
@@ -119,7 +130,33 @@ def barrier(tr: Tracer, name: str, args: tuple, kwargs: dict, out: Any, reason: 
 # ---------------------------------------------------------------------------
 
 
+def _sized_like_channels(tr: Tracer, args, kwargs, out) -> bool:
+    """A new tensor whose size was computed from a channel count (e.g.
+    ``torch.zeros(b, x.size(1))``, ``y.new_ones(y.shape)``) follows those
+    channels: give it their trace so it shrinks with them."""
+    sizes: List[Any] = []
+    for a in list(args) + [kwargs.get("size")]:
+        if isinstance(a, (list, tuple)):
+            sizes.extend(a)
+        elif isinstance(a, int):
+            sizes.append(a)
+    if not isinstance(out, torch.Tensor) or not any(isinstance(v, SizeInt) for v in sizes):
+        return False
+    sizes = [v for v in sizes if isinstance(v, int) and not isinstance(v, bool)]
+    if len(sizes) != out.dim():
+        sizes = sizes[-out.dim():] if out.dim() and len(sizes) > out.dim() else sizes
+    if len(sizes) != out.dim():
+        return False
+    for d, v in enumerate(sizes):
+        if isinstance(v, SizeInt) and v.base is not None and len(v.base) == out.shape[d] and out.shape[d] > 1:
+            tr.set(out, Tr.along(torch.tensor(v.base, dtype=torch.long), d, out.dim()))
+            return True
+    return False
+
+
 def _untracked(tr: Tracer, name: str, func, args, kwargs, out, tensors) -> None:
+    if _sized_like_channels(tr, args, kwargs, out):
+        return
     base = _base_name(name)
     refs = [tr.param_ref(x) for x in tensors]
     live = [r for r in refs if r is not None]
@@ -980,10 +1017,33 @@ def _reshape_fast(tr: Tracer, t: Tr, x: torch.Tensor, y: torch.Tensor, requested
                 ids = rows[:, 0].clone()
         else:
             ids = block.clone()
+        size = requested[a] if requested is not None and len(requested) == len(s_out) else None
+        if isinstance(size, SizeInt) and not _follows(tr, size, ids):
+            where = tr.module or "<model>"
+            tr.pin_ids(t.ids, f"'{name}' with a size computed from another tensor's channel count ({where})")
+            if size.base:
+                tr.pin_ids(torch.tensor(size.base, dtype=torch.long), f"its channel count sizes a '{name}' elsewhere ({where})")
         if ids.numel() == 1:
             tr.set(y, Tr.scalar(int(ids[0]), y.dim()))
         else:
             tr.set(y, Tr.along(ids, a, y.dim()))
+        return True
+    return False
+
+
+def _follows(tr: Tracer, size: SizeInt, ids: torch.Tensor) -> bool:
+    """Will ``size`` (read from some tensor's channel dim) still equal the
+    number of channels ``ids`` after pruning? True when it was read from the
+    same channels, or (same length) once the two are coupled."""
+    if size.base is None:
+        return False
+    find = tr.src.find
+    base_groups = {find(a) for a in size.base if a >= 0}
+    own = {find(a) for a in ids.tolist() if a >= 0}
+    if base_groups == own and len(size.base) % max(ids.numel(), 1) == 0:
+        return True
+    if len(size.base) == ids.numel():
+        tr.union_pairs(torch.tensor(size.base, dtype=torch.long), ids)
         return True
     return False
 
@@ -1051,7 +1111,10 @@ def metadata(tr: Tracer, func, args, kwargs, out) -> None:
 
 @rule("new_zeros", "new_ones", "new_empty", "new_full", "new_tensor", "empty_like_strided")
 def creation(tr: Tracer, func, args, kwargs, out) -> None:
-    """New tensors that only borrow dtype/device from their input: constants."""
+    """New tensors that only borrow dtype/device from their input: constants,
+    unless their size follows a channel count."""
+    if _sized_like_channels(tr, args[1:], kwargs, out):
+        return
     for y in flatten_tensors(out) if not isinstance(out, torch.Tensor) else [out]:
         tr.set(y, Tr.scalar(NO_SOURCE, y.dim()))
 
@@ -1118,3 +1181,15 @@ def pixel_unshuffle(tr: Tracer, func, args, kwargs, out) -> None:
     r = int(_arg(args, kwargs, 1, "downscale_factor"))
     ids = tr.ids_along(x, -3).repeat_interleave(r * r)
     tr.set(out, Tr.along(ids, out.dim() - 3, out.dim()))
+
+
+@rule("unfold")
+def unfold(tr: Tracer, func, args, kwargs, out) -> None:
+    """``F.unfold`` (im2col): channel ``c`` becomes rows ``c*k .. c*k+k-1``;
+    ``Tensor.unfold`` (sliding windows on one dim) is data movement."""
+    if func is not F.unfold:
+        return movement(tr, func, args, kwargs, out)
+    x = args[0]
+    ids = tr.ids_along(x, 1)
+    k = out.shape[1] // max(ids.numel(), 1)
+    tr.set(out, Tr.along(ids.repeat_interleave(k), 1, out.dim()))

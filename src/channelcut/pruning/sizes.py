@@ -7,37 +7,56 @@ with it, the tracer knows the size will follow the pruned channel count; a
 plain literal (``x.view(b, 512 * 7 * 7)``) tells it the size is hard-coded and
 those channels must be kept. ``int(s)`` drops the mark (conservative).
 
->>> c = SizeInt(64)
+Each SizeInt remembers the channel trace it was read from (``base``), so a
+reshape can check that the size it is given follows *this* tensor's channels;
+combining two channel sizes forgets the base (``None``).
+
+>>> c = SizeInt(64, base=(1, 2))
 >>> isinstance(c // 4, SizeInt), isinstance(4 * c + 1, SizeInt), (c // 4) == 16
 (True, True, True)
+>>> (c // 4).base, (c * c).base
+((1, 2), None)
 >>> isinstance(int(c), SizeInt)
 False
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional, Tuple
 
 
 class SizeInt(int):
     """An int that counts channels (see module docstring)."""
 
-    def _wrap(self, value: Any) -> Any:
-        return SizeInt(value) if isinstance(value, int) and not isinstance(value, bool) else value
+    base: Optional[Tuple[int, ...]]
 
-    def __add__(self, o): return self._wrap(int.__add__(self, o))  # noqa: E704
-    def __radd__(self, o): return self._wrap(int.__radd__(self, o))  # noqa: E704
-    def __sub__(self, o): return self._wrap(int.__sub__(self, o))  # noqa: E704
-    def __rsub__(self, o): return self._wrap(int.__rsub__(self, o))  # noqa: E704
-    def __mul__(self, o): return self._wrap(int.__mul__(self, o))  # noqa: E704
-    def __rmul__(self, o): return self._wrap(int.__rmul__(self, o))  # noqa: E704
-    def __floordiv__(self, o): return self._wrap(int.__floordiv__(self, o))  # noqa: E704
-    def __rfloordiv__(self, o): return self._wrap(int.__rfloordiv__(self, o))  # noqa: E704
-    def __mod__(self, o): return self._wrap(int.__mod__(self, o))  # noqa: E704
-    def __rmod__(self, o): return self._wrap(int.__rmod__(self, o))  # noqa: E704
-    def __neg__(self): return SizeInt(-int(self))  # noqa: E704
+    def __new__(cls, value: int, base: Optional[Tuple[int, ...]] = None) -> "SizeInt":
+        obj = super().__new__(cls, value)
+        obj.base = base
+        return obj
+
+    def __reduce__(self):
+        return (int, (int(self),))
+
+    def _wrap(self, value: Any, other: Any = None) -> Any:
+        if not isinstance(value, int) or isinstance(value, bool):
+            return value
+        base = self.base if not isinstance(other, SizeInt) else None
+        return SizeInt(value, base)
+
+    def __add__(self, o): return self._wrap(int.__add__(self, o), o)  # noqa: E704
+    def __radd__(self, o): return self._wrap(int.__radd__(self, o), o)  # noqa: E704
+    def __sub__(self, o): return self._wrap(int.__sub__(self, o), o)  # noqa: E704
+    def __rsub__(self, o): return self._wrap(int.__rsub__(self, o), o)  # noqa: E704
+    def __mul__(self, o): return self._wrap(int.__mul__(self, o), o)  # noqa: E704
+    def __rmul__(self, o): return self._wrap(int.__rmul__(self, o), o)  # noqa: E704
+    def __floordiv__(self, o): return self._wrap(int.__floordiv__(self, o), o)  # noqa: E704
+    def __rfloordiv__(self, o): return self._wrap(int.__rfloordiv__(self, o), o)  # noqa: E704
+    def __mod__(self, o): return self._wrap(int.__mod__(self, o), o)  # noqa: E704
+    def __rmod__(self, o): return self._wrap(int.__rmod__(self, o), o)  # noqa: E704
+    def __neg__(self): return SizeInt(-int(self), self.base)  # noqa: E704
     def __pos__(self): return self  # noqa: E704
-    def __abs__(self): return SizeInt(abs(int(self)))  # noqa: E704
+    def __abs__(self): return SizeInt(abs(int(self)), self.base)  # noqa: E704
     def __int__(self): return int.__int__(self)  # noqa: E704
     def __repr__(self): return int.__repr__(self)  # noqa: E704
 

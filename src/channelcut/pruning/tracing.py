@@ -313,11 +313,12 @@ class Tracer(TorchFunctionMode):
         t = self.get(args[0])
         if t is None or t.vdim is None:
             return out
+        base = tuple(t.ids.tolist())
         if isinstance(out, torch.Size):
-            return torch.Size([SizeInt(v) if d == t.vdim else v for d, v in enumerate(out)])
+            return torch.Size([SizeInt(v, base) if d == t.vdim else v for d, v in enumerate(out)])
         d = kwargs.get("dim", args[1] if len(args) > 1 else None)
         if isinstance(d, int) and d % args[0].dim() == t.vdim:
-            return SizeInt(out)
+            return SizeInt(out, base)
         return out
 
 
