@@ -749,6 +749,16 @@ def matmul(tr: Tracer, func, args, kwargs, out) -> None:
 def sdpa(tr: Tracer, func, args, kwargs, out) -> None:
     q, k, v = args[0], args[1], args[2]
     mask = _arg(args, kwargs, 3, "attn_mask")
+    heads = [tr.get(x) for x in (q, k, v)]
+    if all(t is not None and t.vdim == x.dim() - 3 for t, x in zip(heads, (q, k, v))) and len({t.ids.numel() for t in heads}) == 1:
+        # channels vary per head (B, H, N, D): heads are independent; each head's
+        # q, k and v are coupled (kept or removed together)
+        merged = tr.union_pairs(tr.union_pairs(heads[0].ids, heads[1].ids), heads[2].ids)
+        tm = tr.get(mask) if isinstance(mask, torch.Tensor) else None
+        if tm is not None:
+            tr.need(merged, tr.couple(tm.ids))
+        tr.set(out, Tr.along(merged, out.dim() - 3, out.dim()))
+        return
     tv = tr.get(v) or Tr.scalar(NO_SOURCE, v.dim())
     if tv.vdim is not None and tv.vdim != v.dim() - 1:
         tv = Tr.scalar(tr.couple(tv.ids), v.dim())
