@@ -181,3 +181,127 @@ def test_requested_output_channel_is_never_silently_kept():
         return
     kept = m.spec.slices.get("b.weight", {}).get(0, [0])
     assert 0 not in kept, f"request silently ignored: spec slices {m.spec.slices}, removed {m.spec.removed_groups}"
+
+
+# ---------------------------------------------------------------------------
+# found by the op-rule oracle (tests/test_op_rules.py), reduced to end-to-end
+# ---------------------------------------------------------------------------
+
+
+class WithUnfold(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 1)
+        self.unfold = nn.Unfold(2)
+        self.head = nn.Linear(9, 2)
+
+    def forward(self, x):
+        return self.head(self.unfold(self.a(x)).mean(1))
+
+
+def test_model_with_nn_unfold_can_be_traced():
+    """Oracle case ``unfold-*-F.unfold``. Observed: ``compute`` raises
+    TracingError "the model raised NotImplementedError ... "im2col_out_cpu" not
+    implemented for 'Long'": the movement rule replays F.unfold (im2col) on
+    int64 atom tensors, which has no integer kernel, and the exception is not
+    turned into a barrier. Expected: traced (a rule, or at least a barrier)."""
+    net = _seeded(WithUnfold)
+    x = torch.randn(1, 3, 4, 4, dtype=D)
+    assert export_is_sound(net, [x], pruned_inputs=[]) == "pruned"
+
+
+class WriteIntoSlice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 1)
+        self.head = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        y = self.a(x)
+        y[:, 1] = 0.0
+        return self.head(y)
+
+
+def test_setitem_on_a_traced_tensor_is_seen():
+    """Oracle cases ``__setitem__-*``. ``Tensor.__setitem__`` returns None, so
+    ``rules.dispatch`` returns before the ``write_into`` rule runs: the write is
+    invisible. Observed: removing ``head`` input 0 (channel 0 of ``a``) is
+    accepted, the pruned model then zeroes original channel 2 instead of 1 and
+    verification fails (ExportError). Expected: the written channels pinned
+    (request rejected or exported correctly)."""
+    net = _seeded(WriteIntoSlice)
+    x = torch.randn(1, 3, 4, 4, dtype=D)
+    export_is_sound(net, [x], pruned_inputs=[("head.weight", 0)])
+
+
+class NewOnesLikeShape(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 1)
+        self.head = nn.Conv2d(4, 2, 1)
+        self.head2 = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        y = self.a(x)
+        return self.head(y) + self.head2(y.new_ones(y.shape))
+
+
+def test_new_ones_with_the_shape_of_a_traced_tensor():
+    """Oracle cases ``new_zeros-*``/``new_empty-*``. The creation rule marks
+    ``y.new_ones(y.shape)`` as a fixed-size constant, but its channel count
+    follows ``y``. Observed: removing ``a`` output 0 is accepted; ``head2``
+    keeps 4 input columns and the pruned model raises (ExportError at verify).
+    Expected: the new tensor's channels follow ``y`` (like ``ones_like``) or
+    are pinned."""
+    net = _seeded(NewOnesLikeShape)
+    x = torch.randn(1, 3, 4, 4, dtype=D)
+    export_is_sound(net, [x], pruned_outputs=[("a.weight", 0)])
+
+
+# ---------------------------------------------------------------------------
+# found by benchmarks/soak.py
+# ---------------------------------------------------------------------------
+
+
+def test_group_norm_without_affine_gets_its_group_count_fixed():
+    """Seed 2435 (constrained). ``nn.GroupNorm(4, 8, affine=False)``: the
+    pruner only updates ``num_groups``/``num_channels`` when the module has a
+    weight. Removing one GN group's worth of channels per group (8 -> 4) keeps
+    ``num_groups=4``: every channel becomes its own group and the outputs
+    change. Observed: ExportError at verify; with ``verify=False`` a silently
+    wrong model (max diff 0.28). Expected: ``num_groups=2``, exact."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 1), nn.GroupNorm(4, 8, affine=False), nn.Conv2d(8, 2, 1))
+    x = torch.randn(2, 3, 4, 4, dtype=D)
+    assert export_is_sound(net, [x], pruned_outputs=[("0.weight", c) for c in range(4)]) == "pruned"
+    assert net[1].num_groups == 2 and net[1].num_channels == 4
+
+
+class SDPAResidual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(4, 2), nn.Linear(4, 2), nn.Linear(4, 2)
+        self.o = nn.Linear(2, 4)
+
+    def forward(self, x):
+        return x + self.o(F.scaled_dot_product_attention(self.q(x), self.k(x), self.v(x)))
+
+
+def test_sdpa_query_key_channels_are_not_silently_kept():
+    """Seeds 919, 1438, 2099, 2485, 2909 (attention), 2780, 2889 (SE gate).
+    ``pruned_outputs=[("q.weight", 0)]`` returns an empty spec: the sdpa rule
+    couples q and k into one group and records "v needs it", and the
+    needs-closure in resolve drops the request without a word. Expected: an
+    error (EmptyLayerError: the q/k group is all of q; or NotPrunableError) or
+    the channel removed."""
+    torch.manual_seed(0)
+    net = SDPAResidual().to(D).eval()
+    x = torch.randn(2, 3, 4, dtype=D)
+    m = PruningManager(net)
+    try:
+        m.compute([x], pruned_outputs=[("q.weight", 0)])
+    except ChannelcutError as exc:
+        assert "q.weight" in str(exc)
+        return
+    kept = m.spec.slices.get("q.weight", {}).get(0, [0, 1])
+    assert 0 not in kept, f"request silently ignored: spec slices {m.spec.slices}"

@@ -1,0 +1,576 @@
+"""Bad or unusual input: each case gets a clear ChannelcutError or a documented,
+tested behaviour, and after any error the model is exactly as before
+(parameters, buffers, structure, hooks and attributes compared by
+``export_props.snapshot``).
+
+Basic errors (unknown names, channels out of range, prune before compute)
+live in ``tests/pruning/test_errors.py``. Here:
+
+- duplicates in the request: idempotent (a set of channels), documented;
+- non-tensor / malformed example inputs: TracingError naming what to pass;
+- wrong input shapes or dtypes for the model: TracingError quoting the
+  model's own error;
+- models in train mode: exported as they are (batch statistics are per
+  channel); buffers are not updated by compute/verify; dropout in train mode
+  makes verification meaningless -> must not pass silently;
+- models in float32 / bfloat16 / float16: exported in their dtype;
+- tied weights (one Parameter in two layers): both layers drop the same
+  columns; the parameter is named by its first name;
+- one module called twice in a forward: both calls drop the same columns;
+- in-place ops (relu_, +=, mul_, clamp_, F.relu(inplace=True), x[...] = v);
+- buffers sized by the channel count: sliced with the channels;
+- data-dependent control flow: the branch taken by the example inputs is
+  exported; layers only on other branches are not prunable (clear error);
+- compute called twice: the second request replaces the first;
+- prune called twice / compute after prune: StateError, model unchanged.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from channelcut import (ChannelcutError, EmptyLayerError, ExportError, NotPrunableError, PruningManager,
+                        StateError, TracingError)
+from export_props import compare, diff_snapshot, n_params, snapshot
+
+D = torch.float64
+
+
+@pytest.fixture(autouse=True)
+def _quiet():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def _x(*shape, dtype=D, seed=0):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+
+
+def seq(dtype=D, train=False):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 4, 1)).to(dtype)
+    with torch.no_grad():
+        net[1].running_mean.uniform_(-0.5, 0.5)
+        net[1].running_var.uniform_(0.5, 1.5)
+    return net.train(train)
+
+
+def raises_unchanged(net, exc_type, fn, *match):
+    """``fn()`` raises ``exc_type`` (a ChannelcutError) whose message contains
+    every ``match``; the model is exactly as before."""
+    before = snapshot(net)
+    with pytest.raises(exc_type) as info:
+        fn()
+    assert isinstance(info.value, ChannelcutError)
+    msg = str(info.value)
+    for m in match:
+        assert m in msg, f"{m!r} not in error message: {msg}"
+    assert diff_snapshot(net, before) == []
+    return info.value
+
+
+def export_ok(net, xs, **kw):
+    """compute + mock + prune(verify) succeed; pruned == mock (float64 1e-10)."""
+    m = PruningManager(net).compute(xs, **kw)
+    with torch.no_grad():
+        y_mock = m.get_mock_model()(*xs)
+    p0 = n_params(net)
+    m.prune(verify=True)
+    with torch.no_grad():
+        y = net(*xs)
+    rtol = 1e-10 if y.dtype == D else {torch.float32: 1e-4, torch.bfloat16: 5e-2, torch.float16: 1e-2}[y.dtype]
+    assert compare(y, y_mock, rtol=rtol) is None
+    assert n_params(net) <= p0
+    return m
+
+
+# ---------------------------------------------------------------------------
+# duplicates
+# ---------------------------------------------------------------------------
+
+
+def _spec_key(m):
+    s = m.spec
+    return (s.slices, [(e.param, e.channels) for e in s.masks], [(x.param, x.indices) for x in s.subselections])
+
+
+@pytest.mark.parametrize("constrained", [False, True])
+def test_duplicate_pruned_inputs_are_idempotent(constrained):
+    x = _x(2, 3, 5, 5)
+    once = PruningManager(seq().eval()).compute([x], pruned_inputs=[("3.weight", 1), ("3.weight", 4)], constrained=constrained)
+    twice = PruningManager(seq().eval()).compute(
+        [x], pruned_inputs=[("3.weight", 4), ("3.weight", 1), ("3.weight", 1), ("3", 4)], constrained=constrained)
+    assert _spec_key(once) == _spec_key(twice)
+    export_ok(seq().eval(), [x], pruned_inputs=[("3.weight", 1), ("3.weight", 1)])
+
+
+def test_duplicate_pruned_outputs_and_overlap_with_inputs():
+    x = _x(2, 3, 5, 5)
+    a = PruningManager(seq().eval()).compute([x], pruned_outputs=[("0.weight", 2)])
+    b = PruningManager(seq().eval()).compute([x], pruned_outputs=[("0.weight", 2), ("0.weight", 2)],
+                                             pruned_inputs=[("3.weight", 2)])
+    assert a.spec.slices == b.spec.slices
+    assert a.spec.slices["0.weight"][0] == [0, 1, 3, 4, 5]
+
+
+def test_duplicates_do_not_hide_an_empty_layer():
+    net = seq().eval()
+    req = [("3.weight", c) for c in range(6)] + [("3.weight", 0)] * 3
+    raises_unchanged(net, EmptyLayerError, lambda: PruningManager(net).compute([_x(2, 3, 5, 5)], pruned_inputs=req),
+                     "3.weight")
+
+
+# ---------------------------------------------------------------------------
+# example inputs that are not what the model takes
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("inputs, words", [
+    ([3.0], ["no tensor"]),
+    ([], ["no tensor"]),
+    (None, ["list/tuple", "NoneType"]),
+    ("abc", ["list/tuple", "str"]),
+    (torch.zeros(2, 3, 5, 5, dtype=D), ["bare tensor"]),
+    ([[1, 2], "x"], ["no tensor"]),
+])
+def test_non_tensor_inputs(inputs, words):
+    net = seq().eval()
+    raises_unchanged(net, TracingError, lambda: PruningManager(net).compute(inputs, pruned_inputs=[("3.weight", 1)]),
+                     *words)
+
+
+def test_non_tensor_arguments_next_to_tensors_are_passed_through():
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(4, 6)
+            self.b = nn.Linear(6, 2)
+
+        def forward(self, x, scale: float, mode: str = "relu", extra=None):
+            y = self.a(x) * scale
+            y = F.relu(y) if mode == "relu" else y
+            return self.b(y)
+
+    torch.manual_seed(0)
+    net = Scaled().to(D).eval()
+    export_ok(net, [_x(3, 4), 0.5, "relu", None], pruned_inputs=[("b.weight", 2)])
+    assert net.a.out_features == 5
+    net2 = Scaled().to(D).eval()
+    m = PruningManager(net2).compute({"x": _x(3, 4), "scale": 2.0, "mode": "none"}, pruned_outputs=[("a.weight", 0)])
+    m.prune()
+    assert net2.a.out_features == 5
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 5, 5), (2, 3, 5), (3, 5, 5)])
+def test_wrong_input_shape(shape):
+    net = seq().eval()
+    err = raises_unchanged(net, TracingError,
+                           lambda: PruningManager(net).compute([_x(*shape)], pruned_inputs=[("3.weight", 1)]),
+                           "the model raised", "on the example inputs")
+    assert "compute([" in str(err)  # says what to pass instead
+
+
+def test_inputs_in_another_dtype_than_the_model():
+    net = seq().eval()
+    raises_unchanged(net, TracingError,
+                     lambda: PruningManager(net).compute([_x(2, 3, 5, 5, dtype=torch.float32)], pruned_inputs=[("3.weight", 1)]),
+                     "the model raised")
+
+
+# ---------------------------------------------------------------------------
+# train mode and dtypes
+# ---------------------------------------------------------------------------
+
+
+def test_train_mode_model_is_exported_in_train_mode_and_buffers_are_untouched():
+    """Documented: the model is traced and verified in the mode it is in;
+    BatchNorm in train mode normalises with batch statistics, per channel, so
+    the export is exact; compute/mock/verify do not update running stats; the
+    training flag is kept."""
+    net = seq(train=True)
+    x = _x(4, 3, 5, 5)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    m = PruningManager(net).compute([x], pruned_inputs=[("3.weight", 1), ("3.weight", 4)])
+    mock = m.get_mock_model()
+    assert mock.training and net.training
+    with torch.no_grad():
+        y_mock = mock(x)
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    m.prune(verify=True)
+    assert net.training
+    keep = [0, 2, 3, 5]
+    assert torch.equal(net[1].running_mean, before["1.running_mean"][keep])
+    assert torch.equal(net[1].running_var, before["1.running_var"][keep])
+    assert torch.equal(net[1].num_batches_tracked, before["1.num_batches_tracked"])
+    with torch.no_grad():
+        y = net(x)
+    assert compare(y, y_mock) is None
+
+
+def test_train_mode_with_dropout_does_not_verify_by_luck():
+    """Dropout in train mode draws new masks on every call, so the mock and
+    the pruned model can not be compared. Expected: a clear error that says
+    so (or a deterministic comparison, e.g. in eval mode / with a fixed seed);
+    never a silent success and never a wrong model. Observed today: ExportError
+    "verification failed ... depends on a channel count" (misleading), model
+    restored."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.Linear(8, 3)).to(D).train()
+    x = _x(16, 4)
+    before = snapshot(net)
+    m = PruningManager(net).compute([x], pruned_inputs=[("2.weight", 3)])
+    try:
+        m.prune(verify=True)
+    except ChannelcutError as exc:
+        assert diff_snapshot(net, before) == []
+        msg = str(exc).lower()
+        assert "train" in msg or "dropout" in msg or "random" in msg or "determin" in msg, (
+            f"the error does not say the model is in train mode / random: {exc}")
+        return
+    # accepted: then it must really be equal to the mock in eval mode
+    net.eval()
+    mock = m.get_mock_model().eval()
+    with torch.no_grad():
+        assert compare(net(x), mock(x)) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_models_in_other_dtypes(dtype):
+    net = seq(dtype=dtype).eval()
+    x = _x(2, 3, 5, 5, dtype=dtype)
+    export_ok(net, [x], pruned_inputs=[("3.weight", 1)], pruned_outputs=[("0.weight", 4)])
+    assert net[0].weight.dtype == dtype and net[1].running_mean.dtype == dtype
+    assert net[0].out_channels == 4 and net[1].num_features == 4
+
+
+# ---------------------------------------------------------------------------
+# shared parameters and modules
+# ---------------------------------------------------------------------------
+
+
+class Tied(nn.Module):
+    """``b`` reuses ``a``'s weight (tied), with its own bias."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 6)
+        self.b = nn.Linear(4, 6)
+        self.b.weight = self.a.weight
+        self.head = nn.Linear(12, 2)
+
+    def forward(self, x):
+        return self.head(torch.cat([self.a(x), self.b(x)], 1))
+
+
+def _tied():
+    torch.manual_seed(0)
+    return Tied().to(D).eval()
+
+
+def test_tied_weights_are_listed_once_under_their_first_name():
+    m = PruningManager(_tied())
+    m.trace([_x(3, 4)])
+    assert "a.weight" in m.consumers() and "b.weight" not in m.consumers()
+    net = _tied()
+    raises_unchanged(net, NotPrunableError,
+                     lambda: PruningManager(net).compute([_x(3, 4)], pruned_inputs=[("b.weight", 1)]), "a.weight")
+
+
+def test_tied_weights_prune_output_rows_in_both_layers():
+    net = _tied()
+    export_ok(net, [_x(3, 4)], pruned_outputs=[("a.weight", 1)])
+    assert net.a.weight is net.b.weight and net.a.weight.shape == (5, 4)
+    assert net.a.bias.shape == net.b.bias.shape == (5,)
+    assert net.head.weight.shape == (2, 10)
+
+
+def test_tied_weights_prune_input_columns():
+    """Pruning an input column of a weight used by two layers drops it in
+    both. Observed: the mock masks only module ``a`` (the parametrisation is
+    registered on one owner, ``b.weight`` still reads the raw tensor) while
+    the pruner zeroes the shared tensor, so verification fails (ExportError,
+    model restored). Expected: mock and pruned model agree."""
+    net = _tied()
+    export_ok(net, [_x(3, 4)], pruned_inputs=[("a.weight", 1)])
+
+
+class CalledTwiceInParallel(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 1)
+        self.b = nn.Conv2d(3, 4, 1)
+        self.shared = nn.Conv2d(4, 4, 1)
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        return self.head(torch.cat([self.shared(self.a(x)), self.shared(self.b(x))], 1))
+
+
+class CalledTwiceInSeries(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 1)
+        self.shared = nn.Conv2d(4, 4, 1)
+        self.head = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        return self.head(self.shared(F.relu(self.shared(self.a(x)))))
+
+
+@pytest.mark.parametrize("req", [
+    dict(pruned_inputs=[("shared.weight", 1)]),
+    dict(pruned_outputs=[("a.weight", 1)]),
+    dict(pruned_outputs=[("shared.weight", 2)]),
+    dict(pruned_inputs=[("head.weight", 1)]),
+    dict(pruned_inputs=[("head.weight", 5)], constrained=True),
+])
+def test_module_called_twice_on_parallel_branches(req):
+    torch.manual_seed(0)
+    net = CalledTwiceInParallel().to(D).eval()
+    m = export_ok(net, [_x(2, 3, 4, 4)], **req)
+    assert net.shared.weight.shape[1] == net.shared.in_channels
+
+
+@pytest.mark.parametrize("req", [
+    dict(pruned_inputs=[("shared.weight", 1)]),
+    dict(pruned_outputs=[("a.weight", 1)]),
+    dict(pruned_outputs=[("shared.weight", 2)]),
+    dict(pruned_inputs=[("head.weight", 1)]),
+])
+def test_module_called_twice_in_series(req):
+    """``shared(shared(a(x)))``: the shared weight's input columns see two
+    different channel spaces. Expected: exported (same columns dropped in
+    both calls, or zero columns), or a NotPrunable/EmptyLayer error that names
+    the shared layer. Observed for the first two: ExportError "internal
+    inconsistency: 'shared.weight' dim 1 is sliced two different ways
+    (consumer input); please report this model"."""
+    torch.manual_seed(0)
+    net = CalledTwiceInSeries().to(D).eval()
+    before = snapshot(net)
+    try:
+        export_ok(net, [_x(2, 3, 4, 4)], **req)
+    except (NotPrunableError, EmptyLayerError) as exc:
+        assert "shared" in str(exc)
+        assert diff_snapshot(net, before) == []
+
+
+# ---------------------------------------------------------------------------
+# in-place ops
+# ---------------------------------------------------------------------------
+
+
+class InPlace(nn.Module):
+    def __init__(self, how: str):
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 1)
+        self.b = nn.Conv2d(3, 4, 1)
+        self.g = nn.Parameter(torch.rand(4) + 0.5)
+        self.head = nn.Conv2d(4, 2, 1)
+        self.how = how
+
+    def forward(self, x):
+        y = self.a(x)
+        if self.how == "relu_":
+            y.relu_()
+        elif self.how == "iadd":
+            y += self.b(x)
+        elif self.how == "mul_":
+            y.mul_(self.g.view(-1, 1, 1))
+        elif self.how == "clamp_":
+            y.clamp_(min=0)
+        elif self.how == "F.relu(inplace)":
+            y = F.relu(y, inplace=True)
+        elif self.how == "setitem_const":
+            y[:, 1] = 0.0
+        elif self.how == "setitem_tensor":
+            y[:, 1:3] = self.b(x)[:, :2]
+        return self.head(y)
+
+
+INPLACE = ["relu_", "iadd", "mul_", "clamp_", "F.relu(inplace)", "setitem_const", "setitem_tensor"]
+REQS = [dict(pruned_inputs=[("head.weight", 0)]), dict(pruned_inputs=[("head.weight", 2)]),
+        dict(pruned_outputs=[("a.weight", 0)]), dict(pruned_outputs=[("b.weight", 1)])]
+
+
+@pytest.mark.parametrize("how", INPLACE)
+@pytest.mark.parametrize("req", REQS, ids=["head_in0", "head_in2", "a_out0", "b_out1"])
+def test_in_place_ops(how, req):
+    """Each request is either rejected at compute (model unchanged) or
+    exported exactly. ``x[:, 1] = v`` (``__setitem__``) returns None, so the
+    tracer never sees the write: observed for setitem_*: compute accepts
+    requests that shift or remove the written channels and prune fails
+    verification (ExportError, model restored)."""
+    torch.manual_seed(0)
+    net = InPlace(how).to(D).eval()
+    if how not in ("iadd", "setitem_tensor") and "b.weight" in str(req):
+        req = dict(pruned_outputs=[("a.weight", 3)])  # b is unused there
+    before = snapshot(net)
+    try:
+        m = PruningManager(net).compute([_x(2, 3, 4, 4)], **req)
+    except (NotPrunableError, EmptyLayerError):
+        assert diff_snapshot(net, before) == []
+        return
+    with torch.no_grad():
+        y_mock = m.get_mock_model()(_x(2, 3, 4, 4))
+    m.prune(verify=True)
+    with torch.no_grad():
+        assert compare(net(_x(2, 3, 4, 4)), y_mock) is None
+
+
+# ---------------------------------------------------------------------------
+# buffers sized by the channel count
+# ---------------------------------------------------------------------------
+
+
+class Buffers(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 1)
+        self.register_buffer("scale", torch.rand(4) + 0.5)  # (C,), used per channel
+        self.register_buffer("mask", torch.ones(1, 4, 1, 1))  # (1, C, 1, 1)
+        self.register_buffer("unused", torch.arange(4.0))  # (C,), never read in forward
+        self.head = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        return self.head(self.a(x) * self.scale.view(1, -1, 1, 1) * self.mask)
+
+
+def test_channel_sized_buffers_are_sliced_with_the_channels():
+    torch.manual_seed(0)
+    net = Buffers().to(D).eval()
+    scale = net.scale.clone()
+    export_ok(net, [_x(2, 3, 4, 4)], pruned_outputs=[("a.weight", 2)])
+    assert torch.equal(net.scale, scale[[0, 1, 3]])
+    assert net.mask.shape == (1, 3, 1, 1)
+    assert net.unused.shape == (4,)  # not aligned with anything traced: left alone
+    assert set(net.state_dict()) == {"a.weight", "a.bias", "scale", "mask", "unused", "head.weight", "head.bias"}
+
+
+class CountBuffer(nn.Module):
+    """A buffer holding the channel count, used as a literal shape."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 1)
+        self.register_buffer("c", torch.tensor(4))
+        self.head = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.head(self.a(x).mean((2, 3)).view(-1, int(self.c)))
+
+
+def test_buffer_holding_the_channel_count():
+    """Documented: a count read with ``int()`` is a literal to the tracer.
+    Requests that keep the channel count export. Removing channels of ``a``
+    is rejected: at compute (NotPrunableError: the view has a hard-coded
+    channel size) or, at the latest, by verification (ExportError); the model
+    is unchanged either way, never a wrong model."""
+    torch.manual_seed(0)
+    export_ok(CountBuffer().to(D).eval(), [_x(2, 3, 4, 4)], pruned_inputs=[("head.weight", 1)])
+    net = CountBuffer().to(D).eval()
+    before = snapshot(net)
+    try:
+        m = PruningManager(net).compute([_x(2, 3, 4, 4)], pruned_outputs=[("a.weight", 1)])
+    except NotPrunableError as exc:
+        assert "a.weight" in str(exc)
+        assert diff_snapshot(net, before) == []
+        return
+    raises_unchanged(net, ExportError, lambda: m.prune(verify=True), "restored")
+
+
+# ---------------------------------------------------------------------------
+# data-dependent control flow
+# ---------------------------------------------------------------------------
+
+
+class Branchy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 1)
+        self.b = nn.Conv2d(3, 4, 1)
+        self.head = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        y = self.a(x) if x.sum() > 0 else self.b(x)
+        return self.head(y)
+
+
+def test_data_dependent_control_flow_exports_the_traced_branch():
+    """Documented: export follows the branch the example inputs take. Layers
+    only on other branches are not consumers/producers (clear error listing
+    the valid names) and are left unchanged. An input that takes the other
+    branch after pruning raises (shapes disagree) instead of returning a
+    wrong result."""
+    torch.manual_seed(0)
+    x_pos, x_neg = _x(2, 3, 4, 4).abs(), -_x(2, 3, 4, 4).abs()
+    net = Branchy().to(D).eval()
+    m = PruningManager(net)
+    m.trace([x_pos])
+    assert set(m.consumers()) == {"a.weight", "head.weight"}
+    raises_unchanged(net, NotPrunableError,
+                     lambda: PruningManager(net).compute([x_pos], pruned_inputs=[("b.weight", 1)]), "a.weight")
+    b_weight = net.b.weight.clone()
+    export_ok(net, [x_pos], pruned_outputs=[("a.weight", 1)])
+    assert torch.equal(net.b.weight, b_weight)
+    with pytest.raises(RuntimeError):
+        net(x_neg)
+
+
+# ---------------------------------------------------------------------------
+# call order: compute twice, prune twice
+# ---------------------------------------------------------------------------
+
+
+def test_compute_twice_replaces_the_request():
+    net = seq().eval()
+    x = _x(2, 3, 5, 5)
+    m = PruningManager(net)
+    m.compute([x], pruned_inputs=[("3.weight", 1)])
+    m.compute([x], pruned_inputs=[("3.weight", 4)], constrained=True)
+    assert m.spec.mode == "constrained"
+    assert [e.channels for e in m.spec.masks] == [[4]]
+    with torch.no_grad():
+        y_mock = m.get_mock_model()(x)
+    m.prune()
+    assert net[0].out_channels == 5 and net[3].in_channels == 5
+    with torch.no_grad():
+        assert compare(net(x), y_mock) is None
+
+
+def test_failed_second_compute_keeps_the_model_unchanged():
+    net = seq().eval()
+    x = _x(2, 3, 5, 5)
+    m = PruningManager(net).compute([x], pruned_inputs=[("3.weight", 1)])
+    raises_unchanged(net, EmptyLayerError,
+                     lambda: m.compute([x], pruned_inputs=[("3.weight", c) for c in range(6)]), "3.weight")
+
+
+def test_prune_twice_and_compute_after_prune():
+    net = seq().eval()
+    x = _x(2, 3, 5, 5)
+    m = PruningManager(net).compute([x], pruned_inputs=[("3.weight", 1)])
+    m.prune()
+    raises_unchanged(net, StateError, lambda: m.prune(), "already")
+    raises_unchanged(net, StateError, lambda: m.compute([x], pruned_inputs=[("3.weight", 2)]), "already pruned")
+    # a new manager on the pruned model works from its new shape
+    m2 = PruningManager(net).compute([x], pruned_inputs=[("3.weight", 0)])
+    m2.prune()
+    assert net[3].in_channels == 4
+
+
+def test_undo_then_prune_again():
+    net = seq().eval()
+    x = _x(2, 3, 5, 5)
+    before = snapshot(net)
+    m = PruningManager(net).compute([x], pruned_inputs=[("3.weight", 1)])
+    m.prune()
+    m.undo()
+    assert diff_snapshot(net, before) == []
+    m.prune()
+    assert net[3].in_channels == 5
