@@ -3,6 +3,7 @@ that masks export correctly (mock == pruned in float64, constrained = no copies)
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import pytest
@@ -14,9 +15,13 @@ from torch.nn.utils import prune as torch_prune
 from channelcut import MaskingManager, PruningManager
 from channelcut.importance import FPGM, L1, L2, LAMP, BNScale, HRank, Importance, Taylor
 from channelcut.masking import from_torch_prune
-from channelcut.masking.select import count_for
 
 torch.set_num_threads(1)
+
+
+def count_for(amount: float, n: int) -> int:
+    """The expected number of channels removed: amount * n, rounded half up."""
+    return int(math.floor(amount * n + 0.5))
 
 
 class Block(nn.Module):
@@ -139,12 +144,19 @@ def test_constrained_amount(x, scope):
     assert sel.removed_groups
 
 
+class Contrarian(Importance):
+    """Ranks the largest columns lowest: zeroed columns look most important."""
+
+    def score_inputs(self, ctx):
+        return {n: -L1()._score(r.channel_matrix()) for n, r in ctx.consumers.items()}
+
+
 def test_already_zero_channels_count_as_removed(x):
     net = make_net()
     mm = MaskingManager(net, [x]).importance(L1())
     mm.mask(0.25)
     first = set(mm.selection.pruned_inputs)
-    mm.mask(0.5)
+    mm.importance(Contrarian()).mask(0.5)  # iterative pruning: 50% in all, not 25% + 50%
     second = set(mm.selection.pruned_inputs)
     assert first <= second
     for name, (n, k) in mm.selection.layers.items():
@@ -188,6 +200,17 @@ def test_layers_never_empty(x, mode, scope):
             assert m.in_channels >= 1 and m.out_channels >= 1
     if mode == "unconstrained" and scope == "global":
         assert mm.selection.layers["layer1.0.conv2.weight"] == (16, 15)
+
+
+def test_global_takes_the_remainder_elsewhere(x):
+    # the lopsided layer can give at most 15 of its 16 channels; the rest of the
+    # global amount comes from other layers, so the total is still exact
+    net = make_net()
+    mm = MaskingManager(net, [x]).importance(Lopsided())
+    mm.select(0.6, scope="global", ignore=["fc", "mix"])
+    assert mm.selection.layers["layer1.0.conv2.weight"] == (16, 15)
+    total = sum(n for n, _ in mm.selection.layers.values())
+    assert sum(k for _, k in mm.selection.layers.values()) == count_for(0.6, total)
 
 
 def test_producer_kept_non_empty_under_concat():

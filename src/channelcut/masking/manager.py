@@ -130,8 +130,9 @@ class MaskingManager:
                 count a multiple of this number; narrower layers are left alone.
             ignore: layers (module or weight names) that keep their width: their
                 input channels are never masked and their output channels never
-                removed. ``None`` ignores the classifier head (:attr:`head`);
-                pass ``[]`` to prune every layer.
+                removed (without example inputs only their inputs are kept:
+                the readers of their outputs are unknown). ``None`` ignores the
+                classifier head (:attr:`head`); pass ``[]`` to prune every layer.
             layers: only mask these layers (module or weight names). Default:
                 every layer except those that read only the model's inputs
                 (e.g. the first conv reading image channels).
@@ -148,7 +149,7 @@ class MaskingManager:
             and (n in chosen if chosen is not None else n not in st.input_layers)
         }
         protected = {n for n in st.producers if n in ignored}
-        ctx = self._context()
+        ctx = self._context(in_scope)
         h = self._heuristic
         raw_in = {k: v for k, v in h.score_inputs(ctx).items() if k in in_scope}
         for k, v in raw_in.items():
@@ -195,9 +196,10 @@ class MaskingManager:
         return self
 
     # ------------------------------------------------------------------
-    def _context(self) -> ScoringContext:
+    def _context(self, consumers: Optional[Set[str]] = None) -> ScoringContext:
         st = self._structure
-        return ScoringContext(self.model, st.consumers, st.producers, self.example_inputs, st.graph)
+        cons = st.consumers if consumers is None else {n: r for n, r in st.consumers.items() if n in consumers}
+        return ScoringContext(self.model, cons, st.producers, self.example_inputs, st.graph)
 
     def _need_graph(self, what: str) -> None:
         if self._structure.graph is None:
