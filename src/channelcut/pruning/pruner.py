@@ -148,6 +148,10 @@ def prune_model(model: nn.Module, spec: PruningSpec) -> Rollback:
             touched[mod_name] = model.get_submodule(mod_name) if mod_name else model
         for m in touched.values():
             _fix_attributes(m, rb)
+        for mod_name, attrs in spec.attributes.items():
+            m = model.get_submodule(mod_name) if mod_name else model
+            for attr, value in attrs.items():
+                rb.set_attr(m, attr, value)
         installed: Dict[str, Subselection] = {}
         for sub in spec.subselections:
             m = model.get_submodule(sub.module) if sub.module else model

@@ -150,6 +150,14 @@ def resolve(
             for h in adj.get(g, ()):
                 if h in absent:
                     absent.discard(h)
+                    if h in removed_req:
+                        names = [f"{pr.param or pop}[{j}]" for pop, pr in graph.producers.items()
+                                 for j, a in enumerate(pr.out_ids) if find(a) == h]
+                        raise NotPrunableError(
+                            f"pruned_outputs can not remove {', '.join(names[:6])}: channels the model keeps "
+                            "depend on all of them (e.g. attention scores or a gate computed from them); "
+                            "prune the consumers that read them instead"
+                        )
                 if h not in seen:
                     seen.add(h)
                     stack.append(h)
@@ -246,6 +254,10 @@ def resolve(
     for u in graph.param_uses:
         order = layout.order(u.ids)
         put(u.param, u.dim, [u.positions[c] for c in order], graph.param_shapes[u.param][u.dim], "parameter alignment")
+    for module, attr, ids, divisor in graph.module_sizes:
+        new = len(layout.order(ids)) // divisor
+        if new != len(ids) // divisor:
+            spec.attributes.setdefault(module, {})[attr] = new
 
     masks: Dict[str, MaskEntry] = {}
     for op, c in graph.consumers.items():

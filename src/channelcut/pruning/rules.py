@@ -25,6 +25,7 @@ from .tracing import Tr, Tracer, _TooBig, flatten_tensors
 
 Rule = Callable[[Tracer, Any, tuple, dict, Any], None]
 RULES: Dict[str, Rule] = {}
+_CURRENT: List[Tracer] = []  # the tracer running dispatch (for small helpers)
 
 
 def rule(*names: str) -> Callable[[Rule], Rule]:
@@ -70,11 +71,12 @@ WRITES = {"__setitem__", "index_put", "index_put_", "masked_scatter", "masked_sc
 
 
 def dispatch(tr: Tracer, func: Any, args: tuple, kwargs: dict, out: Any) -> None:
+    _CURRENT[:] = [tr]
     name = func_name(func)
-    if name in WRITES:
+    if name in WRITES:  # in-place writes return None or their target
         tensors = _tensor_args(args, kwargs)
         if any(tr.get(x) is not None for x in tensors):
-            write_into(tr, func, args, kwargs, out)
+            (RULES.get(name) or RULES[_base_name(name)])(tr, func, args, kwargs, out)
         return
     outs = flatten_tensors(out) if not isinstance(out, torch.Tensor) else [out]
     if not outs:
@@ -154,8 +156,13 @@ def _sized_like_channels(tr: Tracer, args, kwargs, out) -> bool:
     return False
 
 
+# creation ops whose values do not depend on the position along a dim: a
+# channel-sized one can shrink with the channels (arange, linspace... cannot)
+UNIFORM_CREATION = {"zeros", "ones", "full", "empty", "rand", "randn", "randint", "normal", "empty_strided"}
+
+
 def _untracked(tr: Tracer, name: str, func, args, kwargs, out, tensors) -> None:
-    if _sized_like_channels(tr, args, kwargs, out):
+    if name in UNIFORM_CREATION and _sized_like_channels(tr, args, kwargs, out):
         return
     base = _base_name(name)
     refs = [tr.param_ref(x) for x in tensors]
@@ -203,7 +210,7 @@ ELEMENTWISE = {
     "__and__", "__or__", "__xor__", "__invert__", "isnan", "isinf", "isfinite", "signbit",
     # activations
     "relu", "relu6", "leaky_relu", "elu", "selu", "celu", "gelu", "silu", "mish", "hardswish",
-    "hardsigmoid", "hardtanh", "softplus", "softsign", "tanhshrink", "threshold", "logsigmoid",
+    "hardsigmoid", "hardtanh", "softplus", "softsign", "tanhshrink", "threshold", "log_sigmoid",
     "hardshrink", "softshrink", "rrelu", "sigmoid_", "erf_",
     # dropout family (per-element or per-channel masks)
     "dropout", "dropout1d", "dropout2d", "dropout3d", "alpha_dropout", "feature_alpha_dropout",
@@ -518,6 +525,18 @@ def _per_channel(tr: Tracer, x: torch.Tensor, dim: int, params: Sequence[Any], w
     return ids
 
 
+def _current_module(tr: Tracer, cls: type) -> Optional[str]:
+    """Name of the module running this op, if it is an instance of ``cls``."""
+    name = tr.module
+    if name is None:
+        return None
+    try:
+        m = tr.model.get_submodule(name)
+    except AttributeError:
+        return None
+    return name if isinstance(m, cls) else None
+
+
 def _arg(args, kwargs, i, name, default=None):
     if name in kwargs:
         return kwargs[name]
@@ -528,8 +547,11 @@ def _arg(args, kwargs, i, name, default=None):
 def batch_norm(tr: Tracer, func, args, kwargs, out) -> None:
     x = args[0]
     params = [_arg(args, kwargs, i, n) for i, n in ((1, "running_mean"), (2, "running_var"), (3, "weight"), (4, "bias"))]
-    t = tr.get(x)
-    _per_channel(tr, x, 1, params, "batch_norm")
+    ids = _per_channel(tr, x, 1, params, "batch_norm")
+    if all(p is None for p in params):
+        mod = _current_module(tr, torch.nn.modules.batchnorm._BatchNorm)
+        if mod is not None:
+            tr.graph.module_sizes.append((mod, "num_features", ids.tolist(), 1))
     t = tr.get(x)
     tr.set(out, Tr(t.t, t.vdim))
 
@@ -538,7 +560,11 @@ def batch_norm(tr: Tracer, func, args, kwargs, out) -> None:
 def instance_norm(tr: Tracer, func, args, kwargs, out) -> None:
     x = args[0]
     params = [_arg(args, kwargs, i, n) for i, n in ((1, "running_mean"), (2, "running_var"), (3, "weight"), (4, "bias"))]
-    _per_channel(tr, x, 1, params, "instance_norm")
+    ids = _per_channel(tr, x, 1, params, "instance_norm")
+    if all(p is None for p in params):
+        mod = _current_module(tr, torch.nn.modules.instancenorm._InstanceNorm)
+        if mod is not None:
+            tr.graph.module_sizes.append((mod, "num_features", ids.tolist(), 1))
     t = tr.get(x)
     tr.set(out, Tr(t.t, t.vdim))
 
@@ -582,6 +608,10 @@ def group_norm(tr: Tracer, func, args, kwargs, out) -> None:
     per = x.shape[1] // g
     reps = [tr.couple(ids[i * per:(i + 1) * per]) for i in range(g)]
     new_ids = torch.tensor(reps, dtype=torch.long).repeat_interleave(per)
+    mod = _current_module(tr, torch.nn.GroupNorm)
+    if mod is not None:
+        tr.graph.module_sizes.append((mod, "num_channels", new_ids.tolist(), 1))
+        tr.graph.module_sizes.append((mod, "num_groups", new_ids.tolist(), per))
     for p in (w, b):
         if isinstance(p, torch.Tensor):
             pname = tr.param_name(p)
@@ -809,6 +839,12 @@ def movement(tr: Tracer, func, args, kwargs, out) -> None:
     res_list = flatten_tensors(res) if not isinstance(res, torch.Tensor) else [res]
     if len(res_list) != len(outs):
         raise _Unsupported("unexpected outputs")
+    for x in src:  # a fixed-size mask/index laid along the channel dim
+        t = tr.get(x)
+        if t.vdim is not None and any(
+            tr.get(u) is None and u.dim() == x.dim() and u.shape[t.vdim] == x.shape[t.vdim] > 1 for u in tensors
+        ):
+            tr.pin_ids(t.ids, f"'{name}' with a fixed-size tensor along the channel dim ({tr.module or '<model>'})")
     in_groups = [_groups(tr, tr.get(x)) for x in src]
     for y, r in zip(outs, res_list):
         ctr = tr.compress(r)
@@ -895,10 +931,15 @@ def _fast_movement(tr: Tracer, name: str, func, args, kwargs, outs) -> bool:
     if name in ("reshape", "view", "flatten", "unflatten", "view_as", "reshape_as", "squeeze", "unsqueeze", "ravel"):
         return _reshape_fast(tr, t, x, y, _requested_shape(name, x, args, kwargs), name)
     if name in ("expand", "expand_as", "broadcast_to"):
-        if x.shape[t.vdim] == y.shape[t.vdim + y.dim() - x.dim()]:
-            tr.set(y, Tr.along(t.ids, t.vdim + y.dim() - x.dim(), y.dim()))
-            return True
-        return False
+        vd = t.vdim + y.dim() - x.dim()
+        if x.shape[t.vdim] != y.shape[vd]:
+            return False
+        req = _requested_shape(name, x, args, kwargs)
+        size = req[vd] if req is not None and len(req) == y.dim() else -1
+        if not (size == -1 or isinstance(size, SizeInt) and _follows(tr, size, t.ids)):
+            tr.pin_ids(t.ids, f"'{name}' to a hard-coded channel count ({tr.module or '<model>'})")
+        tr.set(y, Tr.along(t.ids, vd, y.dim()))
+        return True
     if name == "__getitem__":
         return _getitem_fast(tr, t, x, args[1], y)
     return False
@@ -950,7 +991,14 @@ def _cat_fast(tr: Tracer, name: str, args, kwargs, y: torch.Tensor) -> bool:
 def _requested_shape(name: str, x: torch.Tensor, args, kwargs) -> Optional[List[Any]]:
     """The shape arguments of reshape/view/unflatten as the model wrote them
     (ints, -1, or channel-carrying :class:`SizeInt`), aligned to output dims."""
-    if name in ("reshape", "view"):
+    if name in ("view_as", "reshape_as", "expand_as"):
+        other = _arg(args, kwargs, 1, "other")
+        if not isinstance(other, torch.Tensor):
+            return None
+        t = _CURRENT[0].get(other) if _CURRENT else None
+        base = tuple(t.ids.tolist()) if t is not None and t.vdim is not None else None
+        return [SizeInt(v, base) if t is not None and d == t.vdim else int(v) for d, v in enumerate(other.shape)]
+    if name in ("reshape", "view", "expand", "broadcast_to"):
         shape = kwargs.get("shape", kwargs.get("size"))
         if shape is None:
             rest = list(args[1:])

@@ -79,6 +79,9 @@ class PruningSpec:
     # zero columns the pruned model keeps (physical indexing, after slicing)
     zeros: List[MaskEntry] = field(default_factory=list)
     subselections: List[Subselection] = field(default_factory=list)
+    # module name -> {attribute: new int value} for modules without parameters
+    # that describe a channel count (e.g. GroupNorm(affine=False).num_groups)
+    attributes: Dict[str, Dict[str, int]] = field(default_factory=dict)
     producers: List[LayerStat] = field(default_factory=list)
     consumers: List[LayerStat] = field(default_factory=list)
     barriers: List[Tuple[str, Optional[str], str]] = field(default_factory=list)

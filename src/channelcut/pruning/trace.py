@@ -199,6 +199,9 @@ class TracedGraph:
     output_ids: List[List[int]] = field(default_factory=list)
     # (a, b): whenever atom a's group is kept, atom b's group must be kept too
     needs: List[Tuple[int, int]] = field(default_factory=list)
+    # (module, attribute, channel atoms, divisor): module.attribute must become
+    # (number of kept channels) // divisor, e.g. GroupNorm.num_groups
+    module_sizes: List[Tuple[str, str, List[int], int]] = field(default_factory=list)
 
     def add_consumer(self, c: Consumer) -> None:
         self.consumers[c.op] = c
