@@ -337,6 +337,7 @@ def load(
     if not steps:  # no recorded spec: derive one from the saved shapes
         steps = [(_derived_spec(model, plan, hint), None)]
     weights = _read_weights(folder, plan)
+    _check_keys(model, plan, weights, strict, hint)
 
     rollbacks: List[Rollback] = []
     try:
@@ -470,20 +471,33 @@ def _read_weights(folder: Path, plan: Dict[str, Any]) -> Dict[str, torch.Tensor]
     raise PlanFormatError(f"unknown weights format {fmt!r} (known: 'safetensors', 'torch')")
 
 
+def _check_keys(model: nn.Module, plan: Dict[str, Any], weights: Dict[str, torch.Tensor], strict: bool, hint: str) -> None:
+    """Same tensor names in the model and the plan; every one in the weights file."""
+    aliases: Dict[str, str] = plan.get("aliases", {}) or {}
+    model_keys = list(model.state_dict(keep_vars=True))
+    saved_keys = list(plan["shapes"])
+
+    def shown(keys: List[str]) -> str:
+        return ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
+
+    extra_in_model = [k for k in model_keys if k not in plan["shapes"]]
+    if extra_in_model:
+        raise PlanMismatchError(f"the model has {len(extra_in_model)} tensor(s) the saved model did not: {shown(extra_in_model)}.{hint}")
+    missing_in_model = [k for k in saved_keys if k not in set(model_keys)]
+    if missing_in_model and strict:
+        raise PlanMismatchError(
+            f"the saved model has {len(missing_in_model)} tensor(s) this model does not: {shown(missing_in_model)}.{hint} "
+            "(load(..., strict=False) ignores them)"
+        )
+    lacking = [k for k in model_keys if aliases.get(k, k) not in weights]
+    if lacking:
+        raise MissingTensorError(f"the weights file lacks {len(lacking)} tensor(s) the model needs: {shown(lacking)}")
+
+
 def _assign_weights(model: nn.Module, plan: Dict[str, Any], weights: Dict[str, torch.Tensor], strict: bool, hint: str) -> Rollback:
     """Give every state_dict tensor its saved value; undoable, all checks first."""
     aliases: Dict[str, str] = plan.get("aliases", {}) or {}
     state = model.state_dict(keep_vars=True)
-    missing = [k for k in state if aliases.get(k, k) not in weights]
-    if missing:
-        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise MissingTensorError(f"the weights file lacks {len(missing)} tensor(s) the model needs: {shown}.{hint}")
-    if strict:
-        stored = set(aliases.get(k, k) for k in state)
-        extra = [k for k in weights if k not in stored]
-        if extra:
-            shown = ", ".join(extra[:5]) + (f" and {len(extra) - 5} more" if len(extra) > 5 else "")
-            raise PlanMismatchError(f"the weights file has tensor(s) the model does not: {shown}.{hint} (load(..., strict=False) ignores them)")
     for k, t in state.items():
         w = weights[aliases.get(k, k)]
         if tuple(w.shape) != tuple(t.shape):

@@ -227,8 +227,11 @@ def install_subselection(
     (default: whether ``indices`` is one ascending range) chooses ``narrow``
     over ``index_select``. Returns a function that undoes all of it.
 
-    Raises ValueError for an empty or negative index list, TypeError for a
-    module that already reads a subset.
+    A module that already reads a subset (a model pruned twice) reads the
+    subset ``indices`` of that subset afterwards: ``indices`` count the
+    channels its layer sees, the composed selection those of its input.
+
+    Raises ValueError for an empty or negative index list.
     """
     idx = [int(i) for i in indices]
     if not idx:
@@ -236,7 +239,7 @@ def install_subselection(
     if min(idx) < 0:
         raise ValueError(f"channel indices must be >= 0, got {min(idx)}")
     if isinstance(module, SubselectMixin):
-        raise TypeError(f"{type(module).__name__} already reads a subset of its input; undo that first")
+        return _compose(module, int(dim), idx, contiguous)
     is_range = idx == list(range(idx[0], idx[0] + len(idx)))
     if contiguous is None:
         contiguous = is_range
@@ -264,5 +267,31 @@ def install_subselection(
         module.__class__ = old_cls
         for name in values:
             module.__dict__.pop(name, None)
+
+    return undo
+
+
+def _compose(module: nn.Module, dim: int, indices: List[int], contiguous: Optional[bool]) -> Callable[[], None]:
+    """Narrow an existing selection further (see :func:`install_subselection`)."""
+    old_indices: List[int] = list(module.subselect_indices)  # type: ignore[attr-defined]
+    if dim != module.subselect_dim:  # type: ignore[attr-defined]
+        raise ValueError(f"{type(module).__name__} selects along dim {module.subselect_dim}, cannot also select along dim {dim}")  # type: ignore[attr-defined]
+    if max(indices) >= len(old_indices):
+        raise ValueError(f"channel {max(indices)} is out of range: the layer sees {len(old_indices)} channels")
+    idx = [old_indices[i] for i in indices]
+    is_range = idx == list(range(idx[0], idx[0] + len(idx)))
+    keep_view = is_range if contiguous is None else (bool(contiguous) and is_range)
+    names = ("subselect_start", "subselect_length", "subselect_contiguous", "subselect_indices", "subselect_index")
+    saved = {name: module.__dict__[name] for name in names}
+    module.__dict__.update(
+        subselect_start=idx[0],
+        subselect_length=len(idx),
+        subselect_contiguous=keep_view,
+        subselect_indices=idx,
+        subselect_index=torch.tensor(idx, dtype=torch.long, device=saved["subselect_index"].device),
+    )
+
+    def undo() -> None:
+        module.__dict__.update(saved)
 
     return undo
