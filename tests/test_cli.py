@@ -136,6 +136,22 @@ def test_bench_saved_model(pruned_dir):
     assert rep["copied_channels_per_inference"] >= 0
 
 
+def test_export_saved_model_to_onnx(pruned_dir, tmp_path):
+    pytest.importorskip("onnxruntime")
+    out = tmp_path / "tiny.onnx"
+    r = run_cli("export", str(pruned_dir), "--format", "onnx", "--out", str(out), "--json", "-q")
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout)  # stdout holds only the JSON: exporter chatter goes to stderr
+    assert rep["written"] == {"format": "onnx", "path": str(out), "verified": True}
+    assert out.is_file() and out.stat().st_size > 0
+
+
+def test_export_needs_something_to_do(pruned_dir, capsys):
+    assert cli.main(["export", str(pruned_dir)]) == 2
+    assert "--format" in capsys.readouterr().err
+    assert cli.main(["export", str(pruned_dir), "--format", "pt2"]) == 2
+
+
 def test_bench_model_name_table():
     r = run_cli("bench", "test_cli:build_tiny", *SHAPE, "--repeats", "2", "--warmup", "0")
     assert r.returncode == 0, r.stderr
@@ -188,7 +204,7 @@ def test_failures_exit_1_with_a_hint(tmp_path, capsys):
 def test_help_lists_every_command_and_demo_is_registered():
     r = run_cli("--help")
     assert r.returncode == 0
-    for command in ("prune", "inspect", "bench", "demo"):
+    for command in ("prune", "inspect", "bench", "export", "demo"):
         assert command in r.stdout
     assert run_cli("demo", "--help").returncode == 0
 

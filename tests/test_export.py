@@ -304,6 +304,49 @@ def test_gradients_flow_through_subselections(subset_net):
     assert all(p.grad is not None for p in trained.parameters())
 
 
+# -- channelcut.export helpers ------------------------------------------------------
+def test_check_backends_reports_every_backend(subset_net):
+    from channelcut.export import check_backends
+
+    net, x, _ = subset_net
+    results = check_backends(net, [x], backends=["jit.trace", "jit.script", "torch.export", "onnx", "compile.aot_eager"])
+    assert [r.backend for r in results] == ["jit.trace", "jit.script", "torch.export", "onnx", "compile.aot_eager"]
+    bad = [(r.backend, r.error) for r in results if not r.ok]
+    assert not bad
+    assert all(r.max_rel_diff is not None and r.max_rel_diff <= RTOL for r in results)
+
+
+def test_export_helpers_write_checked_files(subset_net, tmp_path):
+    from channelcut.export import to_exported_program, to_onnx, to_torchscript
+
+    pytest.importorskip("onnxruntime")
+    net, x, ref = subset_net
+    assert to_onnx(net, [x], tmp_path / "m.onnx").is_file()
+    to_torchscript(net, [x], tmp_path / "m.ts")
+    assert torch.equal(torch.jit.load(str(tmp_path / "m.ts"))(x), net(x))
+    to_exported_program(net, [x], tmp_path / "m.pt2")
+    assert_close(torch.export.load(str(tmp_path / "m.pt2")).module()(x), ref, "pt2")
+
+
+class DiffersWhenScripted(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return x + 1.0
+        return x
+
+
+def test_export_check_catches_a_mismatch():
+    from channelcut.export import ExportCheckError, check_backends, to_torchscript
+
+    x = torch.rand(2, 3)
+    with pytest.raises(ExportCheckError, match="TorchScript"):
+        to_torchscript(DiffersWhenScripted(), [x])
+    (res,) = check_backends(DiffersWhenScripted(), [x], backends=["jit.script"])
+    assert not res.ok and "relative difference" in res.error
+    with pytest.raises(ValueError, match="unknown backend"):
+        check_backends(DiffersWhenScripted(), [x], backends=["tflite"])
+
+
 # -- the torchvision zoo ----------------------------------------------------------
 torchvision = pytest.importorskip("torchvision")
 

@@ -5,6 +5,7 @@ Commands (``channelcut <command> --help`` for options)::
     channelcut prune MODEL --amount 0.3 --heuristic l1 [--constrained] --out DIR
     channelcut inspect MODEL
     channelcut bench MODEL_OR_SAVED
+    channelcut export SAVED --format onnx --out model.onnx  (or --check)
     channelcut demo
 
 ``MODEL`` is a torchvision model name (``resnet50``), a timm model name
@@ -690,6 +691,80 @@ class BenchCommand:
 
 
 # ----------------------------------------------------------------------------
+# export
+# ----------------------------------------------------------------------------
+class ExportCommand:
+    """``channelcut export``: a saved pruned model to ONNX / TorchScript / .pt2, checked."""
+
+    help = "export a saved pruned model to ONNX, TorchScript or torch.export (.pt2), or check every exporter"
+
+    @staticmethod
+    def add_arguments(p: argparse.ArgumentParser) -> None:
+        p.add_argument("saved", metavar="SAVED", help="a directory written by 'channelcut prune' (or channelcut.save with metadata 'model')")
+        p.add_argument("--format", choices=("onnx", "torchscript", "pt2"), default=None, help="what to write to --out")
+        p.add_argument("--out", default=None, help="file to write")
+        p.add_argument("--check", action="store_true", help="run every exporter (and torch.compile) and compare with the eager model")
+        p.add_argument("--no-verify", action="store_true", help="write --out without comparing it with the eager model")
+        p.add_argument("--model", default=None, help="MODEL to build (default: the one recorded in the plan)")
+        p.add_argument("--model-kwargs", default=None, help="JSON keyword arguments for the model builder")
+        p.add_argument("--input-shape", action="append", default=None, help="example input shape (default: the one recorded in the plan)")
+        p.add_argument("--seed", type=int, default=0, help="seed for the example inputs (default 0)")
+        _output_arguments(p)
+
+    @staticmethod
+    def run(args: argparse.Namespace) -> int:
+        from . import export as ex
+        from .io import load, read_plan
+
+        if args.format is None and not args.check:
+            raise CLIError("nothing to do", EXIT_USAGE, "pass --format onnx|torchscript|pt2 with --out FILE, and/or --check")
+        if args.format is not None and not args.out:
+            raise CLIError(f"--format {args.format} needs --out FILE", EXIT_USAGE)
+        saved = Path(args.saved)
+        plan = read_plan(saved)
+        meta = plan.get("metadata") or {}
+        args.model = args.model or meta.get("model")
+        if not args.model:
+            raise CLIError(f"{saved} does not say which model it was pruned from", EXIT_USAGE, "pass --model MODEL")
+        if args.model_kwargs is None and meta.get("model_kwargs"):
+            args.model_kwargs = json.dumps(meta["model_kwargs"])
+        if args.input_shape is None and meta.get("input_shape"):
+            args.input_shape = [",".join(str(d) for d in s) for s in meta["input_shape"]]
+        args.weights = None
+        progress = Progress(1 + bool(args.format) + bool(args.check), enabled=not args.quiet)
+        with progress.step(f"building {args.model} and loading {saved}"):
+            model, info, inputs = _model_from_args(args)
+            model = load(saved, model).eval()
+        report: Dict[str, Any] = {"command": "export", "saved": str(saved), "input_shape": info["input_shape"]}
+        lines: List[str] = []
+        failed = False
+        if args.format:
+            with progress.step(f"writing {args.format} to {args.out}"):
+                verify = not args.no_verify
+                if args.format == "onnx":
+                    ex.to_onnx(model, inputs, args.out, verify=verify)
+                elif args.format == "torchscript":
+                    ex.to_torchscript(model, inputs, args.out, verify=verify)
+                else:
+                    ex.to_exported_program(model, inputs, args.out, verify=verify)
+            report["written"] = {"format": args.format, "path": args.out, "verified": verify}
+            lines.append(f"wrote {args.out} ({args.format})" + (", verified against the eager model" if verify else ""))
+        if args.check:
+            with progress.step("checking every exporter"):
+                results = ex.check_backends(model, inputs, backends=list(ex.BACKENDS))
+            report["backends"] = [vars(r) for r in results]
+            failed = not all(r.ok for r in results)
+            rows = [
+                [r.backend, "ok" if r.ok else "FAILED", "-" if r.max_rel_diff is None else f"{r.max_rel_diff:.1e}", f"{r.seconds:.1f}", r.error or ""]
+                for r in results
+            ]
+            lines += ["", format_table(["backend", "result", "max rel diff", "s", "error"], rows)]
+        progress.close()
+        _emit(args, report, "\n".join(lines).strip())
+        return EXIT_FAILURE if failed else EXIT_OK
+
+
+# ----------------------------------------------------------------------------
 # shared options, registry, main
 # ----------------------------------------------------------------------------
 def _model_arguments(p: argparse.ArgumentParser) -> None:
@@ -711,6 +786,7 @@ SUBCOMMANDS: Tuple[Tuple[str, str, Optional[str]], ...] = (
     ("prune", "channelcut.cli:PruneCommand", None),
     ("inspect", "channelcut.cli:InspectCommand", None),
     ("bench", "channelcut.cli:BenchCommand", None),
+    ("export", "channelcut.cli:ExportCommand", None),
     ("demo", "channelcut.demo", "prune a torchvision resnet three ways and report size, MACs, copies and latency"),
 )
 
@@ -758,6 +834,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return exc.code
     except ChannelcutError as exc:
         _report_error(f"{type(exc).__name__}: {exc}", _hint_for(exc))
+        return EXIT_FAILURE
+    except ImportError as exc:
+        _report_error(str(exc), "install the missing package (pip install 'channelcut[export]' for ONNX)")
         return EXIT_FAILURE
     except KeyboardInterrupt:
         _report_error("interrupted", None)
