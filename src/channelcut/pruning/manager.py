@@ -66,6 +66,7 @@ class PruningManager:
     def trace(self, inputs: Inputs) -> TracedGraph:
         """Trace the model on ``inputs`` (done by :meth:`compute` when needed)."""
         inputs = _check_inputs(inputs)
+        _check_torch_prune(self.net)
         self.graph, _ = trace(self.net, inputs)
         self._inputs = inputs
         return self.graph
@@ -208,6 +209,26 @@ class PruningManager:
         self._rollback.undo()
         self._rollback = None
         self._pruned = False
+
+
+def _check_torch_prune(net: nn.Module) -> None:
+    """``torch.nn.utils.prune`` leaves ``weight_orig``/``weight_mask`` and a
+    hook that recomputes ``weight`` each call; export needs plain weights."""
+    from torch.nn.utils import prune as tprune
+
+    found = [
+        f"{name}.{hook._tensor_name}" if name else hook._tensor_name
+        for name, m in net.named_modules()
+        for hook in m._forward_pre_hooks.values()
+        if isinstance(hook, tprune.BasePruningMethod)
+    ]
+    if found:
+        raise TracingError(
+            f"the model still carries torch.nn.utils.prune masks ({', '.join(found[:5])}"
+            f"{', ...' if len(found) > 5 else ''}); convert them first with "
+            "channelcut.masking.from_torch_prune(model) (or torch.nn.utils.prune.remove), "
+            "then export: zeroed channels are found automatically"
+        )
 
 
 def _check_inputs(inputs: Inputs) -> Inputs:
