@@ -1,0 +1,314 @@
+"""Shared helpers for the end-to-end export tests in this folder.
+
+- :func:`prepare` makes a test network deterministic and non-trivial: every
+  parameter or buffer that its initialiser left constant (BatchNorm weight 1 /
+  bias 0, running statistics, zero biases, layer-scale 1e-6, ...) gets random
+  values, so a mis-sliced or mis-ordered per-channel tensor changes the output.
+- :func:`export` runs compute -> mock -> prune(verify=True) and checks that the
+  pruned model equals the mock on the example inputs and on a second input.
+- :func:`snapshot` / :func:`assert_unchanged` hold "the model is exactly as
+  before" (values, parameter objects, attributes, hooks, structure).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten
+
+from channelcut import PruningManager
+
+Inputs = Union[List[Any], Dict[str, Any]]
+
+MODES = {
+    "unconstrained": dict(constrained=False, reorder=True, baseline=False),
+    "noreorder": dict(constrained=False, reorder=False, baseline=False),
+    "constrained": dict(constrained=True),
+    "baseline": dict(baseline=True),
+}
+
+
+# ---------------------------------------------------------------------------
+# building test networks
+# ---------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def randomize_constants_(net: nn.Module, seed: int) -> nn.Module:
+    """Give random values to every floating parameter/buffer that is constant."""
+    g = torch.Generator().manual_seed(seed)
+    for name, t in list(net.named_parameters()) + list(net.named_buffers()):
+        if not t.is_floating_point() or t.numel() <= 1:
+            continue
+        first = t.reshape(-1)[0].item()
+        if not bool((t == first).all()):
+            continue  # already random (conv / linear weights)
+        u = torch.rand(t.shape, generator=g, dtype=torch.float64)
+        if "running_var" in name:
+            new = 0.5 + u  # must stay positive
+        elif first == 0.0:
+            new = (u - 0.5) * 0.4  # biases, running means
+        elif abs(first) < 1e-3:
+            new = 0.1 + 0.4 * u  # layer scale 1e-6: make the branch matter
+        else:
+            new = first * (0.5 + u)  # norm weights 1, ...
+        t.copy_(new.to(t.dtype))
+    return net
+
+
+def prepare(net: nn.Module, seed: int = 0, dtype: torch.dtype = torch.float64) -> nn.Module:
+    """Randomize constants, cast to ``dtype``, eval mode."""
+    randomize_constants_(net, seed)
+    return net.to(dtype).eval()
+
+
+def rand_inputs(shapes: Sequence[Sequence[int]], seed: int, dtype=torch.float64) -> List[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(tuple(s), generator=g, dtype=dtype) for s in shapes]
+
+
+# ---------------------------------------------------------------------------
+# running and comparing
+# ---------------------------------------------------------------------------
+
+
+def call(model: nn.Module, inputs: Inputs) -> Any:
+    with torch.no_grad():
+        if isinstance(inputs, dict):
+            return model(**inputs)
+        return model(*inputs)
+
+
+def leaves(out: Any) -> List[torch.Tensor]:
+    flat, _ = tree_flatten(out)
+    return [t for t in flat if isinstance(t, torch.Tensor)]
+
+
+def structure(out: Any) -> Any:
+    """The container structure of an output (types, keys), tensors as shapes."""
+    if isinstance(out, torch.Tensor):
+        return ("tensor", tuple(out.shape))
+    if isinstance(out, dict):
+        return ("dict", tuple((k, structure(v)) for k, v in out.items()))
+    if isinstance(out, (list, tuple)):
+        return (type(out).__name__, tuple(structure(v) for v in out))
+    return (type(out).__name__, out)
+
+
+def rel_error(y: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |y - ref| / max |ref| (inf if ref is 0 and y is not)."""
+    err = float((y - ref).abs().max()) if y.numel() else 0.0
+    scale = float(ref.abs().max()) if ref.numel() else 0.0
+    if err == 0.0:
+        return 0.0
+    return err / scale if scale > 0 else float("inf")
+
+
+def assert_close(out: Any, ref: Any, rtol: float, what: str = "") -> None:
+    """Same structure, shapes and dtypes; each tensor within ``rtol`` relative."""
+    assert structure(out) == structure(ref), f"{what}: output structure {structure(out)} != {structure(ref)}"
+    for i, (y, r) in enumerate(zip(leaves(out), leaves(ref))):
+        assert y.dtype == r.dtype, f"{what}: output {i} dtype {y.dtype} != {r.dtype}"
+        assert torch.isfinite(r).all(), f"{what}: reference output {i} is not finite"
+        e = rel_error(y, r)
+        assert e <= rtol, f"{what}: output {i} differs by {e:.3g} relative (allowed {rtol:g})"
+
+
+def max_rel_difference(out: Any, ref: Any) -> float:
+    return max(rel_error(y, r) for y, r in zip(leaves(out), leaves(ref)))
+
+
+def n_params(net: nn.Module) -> int:
+    return sum(p.numel() for p in net.parameters())
+
+
+def attr(obj: Any, path: str) -> Any:
+    """``attr(net, "layer1.0.conv1.in_channels")``, ``attr(net, "gamma.shape")``."""
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+# ---------------------------------------------------------------------------
+# structural consistency of a (pruned) model
+# ---------------------------------------------------------------------------
+
+
+def assert_module_attributes_consistent(net: nn.Module) -> None:
+    """Every shape-describing attribute agrees with the tensors it describes."""
+    for name, m in net.named_modules():
+        where = name or "<model>"
+        if isinstance(m, nn.modules.conv._ConvNd):
+            w = m.weight
+            assert m.in_channels % m.groups == 0 and m.out_channels % m.groups == 0, f"{where}: {m}"
+            if m.transposed:
+                assert (m.in_channels, m.out_channels) == (w.shape[0], w.shape[1] * m.groups), f"{where}: {m} vs weight {tuple(w.shape)}"
+            else:
+                assert (m.out_channels, m.in_channels) == (w.shape[0], w.shape[1] * m.groups), f"{where}: {m} vs weight {tuple(w.shape)}"
+            if m.bias is not None:
+                assert m.bias.shape == (m.out_channels,), f"{where}: bias {tuple(m.bias.shape)} vs out_channels {m.out_channels}"
+        elif isinstance(m, nn.Linear):
+            assert (m.out_features, m.in_features) == tuple(m.weight.shape), f"{where}: {m} vs weight {tuple(m.weight.shape)}"
+            if m.bias is not None:
+                assert m.bias.shape == (m.out_features,), f"{where}: bias {tuple(m.bias.shape)}"
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+            for t in (m.weight, m.bias, m.running_mean, m.running_var):
+                if t is not None:
+                    assert t.shape == (m.num_features,), f"{where}: {m} has a tensor of shape {tuple(t.shape)}"
+        elif isinstance(m, nn.GroupNorm):
+            assert m.num_channels % m.num_groups == 0, f"{where}: {m}"
+            for t in (m.weight, m.bias):
+                if t is not None:
+                    assert t.shape == (m.num_channels,), f"{where}: {m} has a tensor of shape {tuple(t.shape)}"
+        elif isinstance(m, nn.Embedding):
+            assert (m.num_embeddings, m.embedding_dim) == tuple(m.weight.shape), f"{where}: {m} vs weight {tuple(m.weight.shape)}"
+        elif isinstance(m, nn.LayerNorm):
+            for t in (m.weight, m.bias):
+                if t is not None:
+                    assert tuple(t.shape) == tuple(m.normalized_shape), f"{where}: {m} has a tensor of shape {tuple(t.shape)}"
+
+
+def producer_out_channels(net: nn.Module, param: str) -> int:
+    """Output channels of the producer that owns weight ``param``."""
+    mod_name = param.rpartition(".")[0]
+    m = net.get_submodule(mod_name) if mod_name else net
+    w = attr(net, param)
+    if isinstance(m, nn.modules.conv._ConvNd) and m.transposed:
+        return w.shape[1] * m.groups
+    if isinstance(m, nn.Embedding):
+        return w.shape[1]
+    return w.shape[0]
+
+
+# ---------------------------------------------------------------------------
+# "exactly as before"
+# ---------------------------------------------------------------------------
+
+_HOOK_DICTS = (
+    "_forward_pre_hooks", "_forward_hooks", "_backward_hooks", "_backward_pre_hooks",
+    "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs", "_state_dict_hooks",
+    "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks",
+)
+
+
+def global_hook_counts() -> Dict[str, int]:
+    mm = torch.nn.modules.module
+    names = ("_global_forward_pre_hooks", "_global_forward_hooks", "_global_backward_hooks",
+             "_global_backward_pre_hooks", "_global_forward_hooks_always_called")
+    return {n: len(getattr(mm, n)) for n in names if hasattr(mm, n)}
+
+
+def snapshot(net: nn.Module) -> Dict[str, Any]:
+    """Values, identities and attributes that a failed or read-only call must not change."""
+    tensors = {}
+    for k, v in list(net.named_parameters(remove_duplicate=False)) + list(net.named_buffers(remove_duplicate=False)):
+        tensors[k] = (id(v), v.detach().clone(), type(v), v.requires_grad, v.grad is None, sorted(vars(v)))
+    modules = {}
+    for name, m in net.named_modules(remove_duplicate=False):
+        hooks = {h: len(getattr(m, h, {}) or {}) for h in _HOOK_DICTS}
+        plain = {k: repr(v) for k, v in vars(m).items() if not k.startswith("_")}
+        modules[name] = (type(m), id(m), m.training, sorted(vars(m)), plain, hooks,
+                         sorted(m._parameters), sorted(m._buffers), sorted(m._modules))
+    return {"tensors": tensors, "modules": modules, "repr": repr(net), "global_hooks": global_hook_counts(),
+            "state_keys": list(net.state_dict().keys())}
+
+
+def assert_unchanged(net: nn.Module, before: Dict[str, Any], what: str = "") -> None:
+    after = snapshot(net)
+    assert after["repr"] == before["repr"], f"{what}: module structure changed"
+    assert after["state_keys"] == before["state_keys"], f"{what}: state_dict keys changed"
+    assert after["global_hooks"] == before["global_hooks"], f"{what}: global module hooks left behind"
+    assert after["tensors"].keys() == before["tensors"].keys(), f"{what}: parameters/buffers added or removed"
+    for k, (oid, val, typ, rg, nograd, attrs) in before["tensors"].items():
+        oid2, val2, typ2, rg2, nograd2, attrs2 = after["tensors"][k]
+        assert oid2 == oid, f"{what}: {k} was replaced by another tensor object"
+        assert typ2 is typ and rg2 == rg and nograd2 == nograd, f"{what}: {k} changed type/requires_grad/grad"
+        assert attrs2 == attrs, f"{what}: attributes {sorted(set(attrs2) - set(attrs))} left on tensor {k}"
+        assert val2.dtype == val.dtype and val2.shape == val.shape, f"{what}: {k} changed shape/dtype"
+        assert torch.equal(val2, val), f"{what}: {k} changed value"
+    assert after["modules"].keys() == before["modules"].keys(), f"{what}: submodules changed"
+    for k, b in before["modules"].items():
+        a = after["modules"][k]
+        assert a[0] is b[0] and a[1] == b[1], f"{what}: module {k!r} replaced"
+        assert a[2] == b[2], f"{what}: module {k!r} train/eval mode changed"
+        assert a[3] == b[3], f"{what}: attributes {sorted(set(a[3]) ^ set(b[3]))} added/removed on module {k!r}"
+        assert a[4] == b[4], f"{what}: attributes of module {k!r} changed"
+        assert a[5] == b[5], f"{what}: hooks left on module {k!r}: {a[5]}"
+        assert a[6:] == b[6:], f"{what}: parameters/buffers/children of {k!r} changed"
+
+
+# ---------------------------------------------------------------------------
+# the export itself
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class Export:
+    manager: PruningManager
+    net: nn.Module
+    y_orig: Any
+    y_mock: Any
+    y_pruned: Any
+    params_before: int
+    params_after: int
+
+    @property
+    def spec(self):
+        return self.manager.spec
+
+
+def export(
+    net: nn.Module,
+    inputs: Inputs,
+    *,
+    other_inputs: Optional[Inputs] = None,
+    rtol: float = 1e-10,
+    what: str = "",
+    train_check: bool = True,
+    **compute_kwargs: Any,
+) -> Export:
+    """compute -> mock -> prune(verify=True); assert pruned == mock.
+
+    Also checks that compute() and get_mock_model() leave the model untouched,
+    that the pruned model matches the mock on ``other_inputs`` (a different
+    batch size / resolution than the traced one), and that every module's
+    shape attributes agree with its tensors. With ``train_check``, the pruned
+    model and the mock also agree in train mode (batch statistics) and the
+    pruned model back-propagates into every parameter.
+    """
+    y_orig = call(net, inputs)
+    before = snapshot(net)
+    m = PruningManager(net).compute(inputs, **compute_kwargs)
+    mock = m.get_mock_model()
+    assert_unchanged(net, before, f"{what}: compute()/get_mock_model()")
+    y_mock = call(mock, inputs)
+    y_mock2 = call(mock, other_inputs) if other_inputs is not None else None
+    p0 = n_params(net)
+    m.prune(verify=True)
+    y = call(net, inputs)
+    assert_close(y, y_mock, rtol, f"{what}: pruned vs mock")
+    if other_inputs is not None:
+        assert_close(call(net, other_inputs), y_mock2, rtol, f"{what}: pruned vs mock on a second input")
+    assert_module_attributes_consistent(net)
+    if train_check:
+        net.train(), mock.train()
+        assert_close(call(net, inputs), call(mock, inputs), rtol, f"{what}: pruned vs mock in train mode")
+        net.eval()
+        out = net(**inputs) if isinstance(inputs, dict) else net(*inputs)
+        sum(t.double().sum() for t in leaves(out) if t.is_floating_point()).backward()
+        for name, p in net.named_parameters():
+            if p.requires_grad:
+                assert p.grad is not None and p.grad.shape == p.shape, f"{what}: no gradient for {name}"
+                p.grad = None
+    del mock
+    for name, (n_before, n_after) in m.spec.kept().items():
+        if "/" not in name and "." in name:  # a weight name (not an op id)
+            assert producer_out_channels(net, name) == n_after, (
+                f"{what}: spec.kept() says {name} keeps {n_after} of {n_before} outputs, "
+                f"the pruned weight has {producer_out_channels(net, name)}")
+    return Export(m, net, y_orig, y_mock, y, p0, n_params(net))
+
+
