@@ -9,6 +9,8 @@ Properties (each violation is one line in ``Outcome.problems``):
 1. The request is either exported, or rejected with a ChannelcutError of the
    expected kind (EmptyLayerError / NotPrunableError), and a rejected model is
    exactly as before (state_dict, parameter objects, structure, hooks).
+   NotPrunableError is expected only for ``pruned_outputs`` (a pinned group,
+   or one that kept channels depend on) and must name the channel.
    Requests we can classify are held to it: nothing pruned must succeed; all
    input channels of one layer must raise EmptyLayerError; an output channel
    the engine reports as pinned must raise NotPrunableError.
@@ -181,6 +183,8 @@ def make_request(seed: int, net: nn.Module, inputs: List[torch.Tensor]) -> Reque
         kind = "single_in"
     if kind == "pinned_out" and not pinned:
         kind = "few"
+    if not all_in and kind in ("single_in", "few", "mixed", "nearly_all_in", "all_in"):
+        kind = "single_out" if free_out else "empty"  # no consumer at all (e.g. only grouped convs)
     pi: List[Tuple[str, int]] = []
     po: List[Tuple[str, int]] = []
     expect = "ok_or_empty"
@@ -371,8 +375,14 @@ def _check_rejection(req: Request, exc: ChannelcutError, problems: List[str]) ->
     if req.expect == "ok":
         problems.append(f"a valid request was rejected with {name}: {exc}")
     elif req.expect == "ok_or_empty":
-        if not isinstance(exc, EmptyLayerError):
+        # an emptied layer is always a valid rejection; NotPrunableError only
+        # for pruned_outputs (a group that kept channels depend on, e.g. a gate
+        # or attention scores computed from it); pruned_inputs never pin
+        ok = isinstance(exc, EmptyLayerError) or (isinstance(exc, NotPrunableError) and req.pruned_outputs)
+        if not ok:
             problems.append(f"unexpected {name}: {exc}")
+        elif isinstance(exc, NotPrunableError) and not any(p in str(exc) for p, _ in req.pruned_outputs):
+            problems.append(f"NotPrunableError does not name the requested channel: {exc}")
     elif req.expect == "EmptyLayerError":
         if not isinstance(exc, EmptyLayerError):
             problems.append(f"expected EmptyLayerError, got {name}: {exc}")

@@ -129,7 +129,7 @@ UNARY: Dict[str, tuple] = {
     "silu": (F.silu, "real"), "mish": (F.mish, "real"), "hardswish": (lambda x: F.hardswish(x * 3), "real"),
     "hardsigmoid": (lambda x: F.hardsigmoid(x * 3), "real"), "hardtanh": (F.hardtanh, "real"),
     "softplus": (F.softplus, "real"), "softsign": (F.softsign, "real"), "tanhshrink": (F.tanhshrink, "real"),
-    "threshold": (lambda x: torch.threshold(x, 0.1, 2.0), "real"), "logsigmoid": (F.logsigmoid, "real"),
+    "threshold": (lambda x: torch.threshold(x, 0.1, 2.0), "real"), "log_sigmoid": (F.logsigmoid, "real"),
     "hardshrink": (F.hardshrink, "real"), "softshrink": (F.softshrink, "real"),
     "rrelu": (lambda x: F.rrelu(x, training=False), "real"), "sigmoid_": (lambda x: x.sigmoid_(), "real"),
     "erf_": (lambda x: x.erf_(), "real"), "__neg__": (lambda x: -x, "real"), "__pos__": (lambda x: +x, "real"),

@@ -139,3 +139,32 @@ def test_harness_detects_differences():
     assert any("attributes left on parameters" in d for d in props.diff_snapshot(net, snap))
     del p.foo
     assert props.diff_snapshot(net, snap) == []
+
+
+def test_harness_catches_a_wrong_pruned_model(monkeypatch):
+    """Mutation check: a pruner that is off by 1e-7 on one weight, with the
+    engine's own verification switched off, fails the random-network property
+    (the suite does not just trust ``prune(verify=True)``)."""
+    from channelcut.pruning import manager
+
+    real_prune_model = manager.prune_model
+
+    def off_by_a_little(model, spec):
+        rb = real_prune_model(model, spec)
+        with torch.no_grad():
+            for name in spec.slices:
+                p = dict(model.named_parameters()).get(name)
+                if p is not None and p.is_floating_point():
+                    p.add_(1e-7)
+                    break
+        return rb
+
+    monkeypatch.setattr(manager, "prune_model", off_by_a_little)
+    monkeypatch.setattr(manager, "compare_outputs", lambda *a, **k: None)
+    caught = 0
+    for seed in SEEDS[:30]:
+        o = props.run_example(seed)
+        if o.status == "pruned" and o.removed_groups:
+            caught += any("pruned model != mock" in p for p in o.problems)
+            assert not o.ok
+    assert caught >= 5
