@@ -172,6 +172,12 @@ def free_segments(
             for a in u.ids:
                 if a >= 0:
                     free.discard(seg_of.get(find(a), -1))
+    for ops in graph.consumers_by_param.values():  # a weight read by several calls
+        if len(ops) > 1:
+            for op in ops:
+                for a in graph.consumers[op].in_ids:
+                    if a >= 0:
+                        free.discard(seg_of.get(find(a), -1))
     seen: Set[Tuple[int, ...]] = set()
     for ids in traces:
         if not free:
@@ -196,8 +202,15 @@ def free_segments(
     return free
 
 
+LEFT, RIGHT = -2, -3  # sentinels: "this consumer also keeps channels before / after the block"
+
+
 def order_segment(present: List[int], keeps: List[FrozenSet[int]]) -> List[int]:
     """Order ``present`` groups so each set in ``keeps`` is contiguous if possible.
+
+    A keep set may contain ``LEFT`` / ``RIGHT``: the consumer also reads kept
+    channels just before / after this block (a concat), so its groups must sit
+    at that edge of the block to form one contiguous read.
 
     >>> order_segment([1, 2, 3, 4], [frozenset({2, 3}), frozenset({3, 4})])
     [1, 2, 3, 4]
@@ -205,24 +218,35 @@ def order_segment(present: List[int], keeps: List[FrozenSet[int]]) -> List[int]:
     [2, 4, 1, 3]
     >>> order_segment([1, 2, 3, 4, 5], [frozenset({1, 3}), frozenset({3, 5})])
     [2, 4, 1, 3, 5]
+    >>> order_segment([0, 1, 2, 3], [frozenset({0, 2, 3, RIGHT}), frozenset({1, 2, 3})])
+    [1, 2, 3, 0]
     """
     pset = frozenset(present)
-    keeps = [k & pset for k in keeps]
-    keeps = [k for k in keeps if 0 < len(k) < len(present)]
+    keeps = [k & (pset | {LEFT, RIGHT}) for k in keeps]
+    keeps = [k for k in keeps if 0 < len(k - {LEFT, RIGHT}) < len(present)]
     if not keeps:
         return list(present)
+    use_l = any(LEFT in k for k in keeps)
+    use_r = any(RIGHT in k for k in keeps)
+    items = ([LEFT] if use_l else []) + list(present) + ([RIGHT] if use_r else [])
+    n = len(keeps)
     # classes of groups with the same membership signature (a bitmask over
-    # consumers), in canonical order
-    sig_of: Dict[int, int] = {g: 0 for g in present}
+    # consumers), in canonical order; sentinels get a private bit each
+    sig_of: Dict[int, int] = {g: 0 for g in items}
     for i, k in enumerate(keeps):
-        bit = 1 << i
         for g in k:
-            sig_of[g] |= bit
+            sig_of[g] |= 1 << i
+    if use_l:
+        sig_of[LEFT] |= 1 << n
+    if use_r:
+        sig_of[RIGHT] |= 1 << (n + 1)
     classes: Dict[int, List[int]] = {}
-    for g in present:
+    for g in items:
         classes.setdefault(sig_of[g], []).append(g)
     sigs = list(classes)
-    sizes = [len(k) for k in keeps]
+    sizes = [len(k - {LEFT, RIGHT}) for k in keeps] + [0, 0]
+    first_sig = sig_of[LEFT] if use_l else None
+    last_sig = sig_of[RIGHT] if use_r else None
 
     def cost(seq: Sequence[int]) -> int:
         first: Dict[int, int] = {}
@@ -239,27 +263,36 @@ def order_segment(present: List[int], keeps: List[FrozenSet[int]]) -> List[int]:
                 i += 1
         return sum(sizes[i] for i in count if last[i] - first[i] + 1 != count[i])
 
-    if cost(_runs([sig_of[g] for g in present])) == 0:
+    def strip(seq: List[int]) -> List[int]:
+        return [g for sg in seq for g in classes[sg] if g >= 0]
+
+    if cost(_runs([sig_of[g] for g in items])) == 0:
         return list(present)
     if len(sigs) > 400:  # too many classes for the greedy search: sort by signature
-        sigs.sort(key=lambda s: bin(s)[::-1])
-        return [g for s in sigs for g in classes[s]]
+        sigs.sort(key=lambda sg: (sg != first_sig, sg == last_sig, bin(sg)[::-1]))
+        return strip(sigs)
 
     def greedy(start: int) -> List[int]:
         seq = [start]
         left = set(sigs)
         left.discard(start)
+        if last_sig is not None:
+            left.discard(last_sig)
         while left:
-            last = seq[-1]
+            prev = seq[-1]
             # most consumers shared with the last class, then fewest differences
-            best = max(left, key=lambda s: ((s & last).bit_count(), -(s ^ last).bit_count(), -s.bit_count(), -s))
+            best = max(left, key=lambda sg: ((sg & prev).bit_count(), -(sg ^ prev).bit_count(), -sg.bit_count(), -sg))
             seq.append(best)
             left.discard(best)
+        if last_sig is not None and last_sig != start:
+            seq.append(last_sig)
         return seq
 
     best_seq: Optional[List[int]] = None
     best_cost: Optional[int] = None
-    for st in sorted(sigs, key=lambda s: (s.bit_count(), s))[:2]:
+    starts = [first_sig] if first_sig is not None else sorted(
+        (sg for sg in sigs if sg != last_sig), key=lambda sg: (sg.bit_count(), sg))[:2]
+    for st in starts:
         seq = greedy(st)
         c = cost(seq)
         if best_cost is None or c < best_cost:
@@ -268,13 +301,16 @@ def order_segment(present: List[int], keeps: List[FrozenSet[int]]) -> List[int]:
                 break
     assert best_seq is not None and best_cost is not None
     if best_cost > 0 and len(sigs) <= 12:  # small instances: search exactly
-        exact = _branch_and_bound(sigs, sizes, best_cost, budget=4000)
+        exact = _branch_and_bound(sigs, sizes, best_cost, budget=4000, first=first_sig, last=last_sig)
         if exact is not None:
             best_seq = exact
-    return [g for s in best_seq for g in classes[s]]
+    return strip(best_seq)
 
 
-def _branch_and_bound(sigs: List[int], sizes: List[int], upper: int, budget: int = 20000) -> Optional[List[int]]:
+def _branch_and_bound(
+    sigs: List[int], sizes: List[int], upper: int, budget: int = 20000,
+    first: Optional[int] = None, last: Optional[int] = None,
+) -> Optional[List[int]]:
     """Class order with the fewest copied channels, searched exhaustively with
     pruning (exact whenever the search finishes within ``budget`` nodes).
 
@@ -303,7 +339,12 @@ def _branch_and_bound(sigs: List[int], sizes: List[int], upper: int, budget: int
                 best[0] = list(seq)
             return
         # try classes that keep every open consumer contiguous first
-        order = sorted(left, key=lambda s: (-(s & open_).bit_count(), (s & ~open_).bit_count()))
+        if not seq and first is not None:
+            order = [first]
+        else:
+            order = sorted(left, key=lambda s: (-(s & open_).bit_count(), (s & ~open_).bit_count()))
+            if last is not None and len(left) > 1:
+                order = [s for s in order if s != last]
         for sgn in order:
             newly_broken = sgn & closed & ~broken
             add = 0

@@ -19,7 +19,7 @@ from collections import defaultdict
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
 
 from ..errors import ChannelRangeError, EmptyLayerError, ExportError, NotPrunableError, UnknownParameterError
-from .reorder import Layout, find_segments, free_segments, order_segment
+from .reorder import LEFT, RIGHT, Layout, find_segments, free_segments, order_segment
 from .spec import LayerStat, MaskEntry, PruningSpec, Subselection
 from .trace import Consumer, TracedGraph
 
@@ -49,7 +49,9 @@ def _not_found(graph: TracedGraph, name: str, role: str) -> Exception:
 
 
 def _check_channel(name: str, ch: object, n: int, what: str) -> int:
-    if isinstance(ch, bool) or not isinstance(ch, int):
+    if isinstance(ch, bool):
+        raise ChannelRangeError(f"channel {ch!r} for {name!r} is a bool, not a channel index; give an index in 0..{n - 1}")
+    if not isinstance(ch, int):
         try:
             import numbers
 
@@ -220,15 +222,19 @@ def resolve(
             if not physical[op] or graph.consumers[op].groups != 1:
                 continue
             d = dropped.get(op, ())
-            kept_groups = {g for p, g in enumerate(gs) if p not in d and g >= 0}
-            by_seg: Dict[int, Set[int]] = defaultdict(set)
-            for g in kept_groups:
-                s = seg_of.get(g)
-                if s in free:
-                    by_seg[s].add(g)
+            kept_pos = [p for p, g in enumerate(gs) if p not in d and (g < 0 or g not in absent)]
             touched = {seg_of.get(g) for g in gs if g >= 0} & free
             for s in touched:
-                keeps_by_seg[s].append(frozenset(by_seg.get(s, ())))
+                runs = [p for p, g in enumerate(gs) if g >= 0 and seg_of.get(g) == s]
+                keep = {gs[p] for p in kept_pos if gs[p] >= 0 and seg_of.get(gs[p]) == s}
+                if runs and runs[-1] - runs[0] + 1 == len(runs) and keep:
+                    # one block of the consumer's input: does it also read kept
+                    # channels just before / after it (a concat)?
+                    if any(p < runs[0] for p in kept_pos):
+                        keep.add(LEFT)
+                    if any(p > runs[-1] for p in kept_pos):
+                        keep.add(RIGHT)
+                keeps_by_seg[s].append(frozenset(keep))
         for s in free:
             present = [g for g in canon[s] if g not in absent]
             order = order_segment(present, keeps_by_seg.get(s, []))

@@ -204,6 +204,17 @@ class TracedGraph:
     module_sizes: List[Tuple[str, str, List[int], int]] = field(default_factory=list)
 
     def add_consumer(self, c: Consumer) -> None:
+        """Register a consumer. A weight read by several calls reads the same
+        columns each time: their input channels are coupled position-wise."""
+        earlier = self.consumers_by_param.get(c.param)
+        if earlier:
+            first = self.consumers[earlier[0]].in_ids
+            if len(first) == len(c.in_ids):
+                for a, b in zip(first, c.in_ids):
+                    if a >= 0 and b >= 0:
+                        self.sources.union(a, b)
+                    elif a >= 0 or b >= 0:
+                        self.sources.pin(max(a, b), f"read by {c.param} together with a constant input")
         self.consumers[c.op] = c
         self.consumers_by_param.setdefault(c.param, []).append(c.op)
 
