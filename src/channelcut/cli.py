@@ -322,10 +322,10 @@ def choose_channels(
     when they are available, else a local L1 magnitude choice (only ``l1``).
     """
     try:
-        from . import importance as imp
-        from .masking import MaskingManager
-    except ImportError:
-        imp = None  # type: ignore[assignment]
+        imp: Any = importlib.import_module("channelcut.importance")
+        MaskingManager = importlib.import_module("channelcut.masking").MaskingManager
+    except (ImportError, AttributeError):
+        imp = None
     if imp is not None:
         classes = {"l1": "L1", "l2": "L2", "lamp": "LAMP", "fpgm": "FPGM", "bnscale": "BNScale", "hrank": "HRank"}
         cls = getattr(imp, classes[heuristic], None)
