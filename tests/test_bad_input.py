@@ -217,14 +217,15 @@ def test_train_mode_with_dropout_does_not_verify_by_luck():
     """Dropout in train mode draws new masks on every call, so the mock and
     the pruned model can not be compared. Expected: a clear error that says
     so (or a deterministic comparison, e.g. in eval mode / with a fixed seed);
-    never a silent success and never a wrong model. Observed today: ExportError
-    "verification failed ... depends on a channel count" (misleading), model
-    restored."""
+    never a silent success and never a wrong model. (Found: ExportError
+    "verification failed ... depends on a channel count", misleading; the
+    engine now verifies deterministically.)"""
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.5), nn.Linear(8, 3)).to(D).train()
     x = _x(16, 4)
     before = snapshot(net)
     m = PruningManager(net).compute([x], pruned_inputs=[("2.weight", 3)])
+    mock = m.get_mock_model().eval()  # the mock is built from the unpruned model
     try:
         m.prune(verify=True)
     except ChannelcutError as exc:
@@ -235,7 +236,6 @@ def test_train_mode_with_dropout_does_not_verify_by_luck():
         return
     # accepted: then it must really be equal to the mock in eval mode
     net.eval()
-    mock = m.get_mock_model().eval()
     with torch.no_grad():
         assert compare(net(x), mock(x)) is None
 
@@ -347,9 +347,9 @@ def test_module_called_twice_in_series(req):
     """``shared(shared(a(x)))``: the shared weight's input columns see two
     different channel spaces. Expected: exported (same columns dropped in
     both calls, or zero columns), or a NotPrunable/EmptyLayer error that names
-    the shared layer. Observed for the first two: ExportError "internal
+    the shared layer. (Found for the first two: ExportError "internal
     inconsistency: 'shared.weight' dim 1 is sliced two different ways
-    (consumer input); please report this model"."""
+    (consumer input); please report this model"; fixed in the engine since.)"""
     torch.manual_seed(0)
     net = CalledTwiceInSeries().to(D).eval()
     before = snapshot(net)
