@@ -305,3 +305,31 @@ def test_sdpa_query_key_channels_are_not_silently_kept():
         return
     kept = m.spec.slices.get("q.weight", {}).get(0, [0, 1])
     assert 0 not in kept, f"request silently ignored: spec slices {m.spec.slices}"
+
+
+class WideAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(3, 6), nn.Linear(3, 6), nn.Linear(3, 6)
+        self.o = nn.Linear(6, 3)
+
+    def forward(self, x):
+        a = torch.softmax(self.q(x) @ self.k(x).transpose(-2, -1), -1)
+        return x + self.o(a @ self.v(x))
+
+
+def test_rejection_names_the_requested_channel():
+    """Seed 22015 (soak). ``pruned_outputs=[("k.weight", 0)]`` is rejected
+    (q and k form one channel group: EmptyLayerError here, NotPrunableError
+    in the soak network), but the message lists only the first six channels
+    of the group -- all of ``q.weight`` -- never the channel asked for. Expected: the
+    error names ``k.weight`` (invariant 5: name the parameter and channel)."""
+    net = _seeded(WideAttention).to(D).eval()
+    x = torch.randn(2, 3, 3, dtype=D)
+    m = PruningManager(net)
+    try:
+        m.compute([x], pruned_outputs=[("k.weight", 0)])
+    except ChannelcutError as exc:
+        assert "k.weight" in str(exc), str(exc)
+        return
+    assert 0 not in m.spec.slices.get("k.weight", {}).get(0, [0])
