@@ -180,14 +180,12 @@ class PruningManager:
         reference = None
         if verify:
             mock = make_mock(self.net, spec)
-            with torch.no_grad():
-                reference = run_model(mock, self._inputs)
+            reference = _run_deterministic(mock, self._inputs)
             del mock
         rb = prune_model(self.net, spec)
         if verify:
             try:
-                with torch.no_grad():
-                    out = run_model(self.net, self._inputs)
+                out = _run_deterministic(self.net, self._inputs)
                 problem = compare_outputs(out, reference, rtol=rtol)
             except Exception as exc:  # the pruned model does not run
                 problem = f"the pruned model raised {type(exc).__name__}: {exc}"
@@ -195,8 +193,8 @@ class PruningManager:
                 rb.undo()
                 raise ExportError(
                     f"verification failed, the model was restored: {problem}. Some op in the model "
-                    "probably depends on a channel count in a way the tracer can not see (e.g. a "
-                    "reshape with a literal size); please report the model."
+                    "probably depends on a channel count in a way the tracer can not see; please "
+                    "report the model (prune(verify=False) skips this check at your own risk)."
                 )
         self._rollback = rb
         self._pruned = True
@@ -209,6 +207,21 @@ class PruningManager:
         self._rollback.undo()
         self._rollback = None
         self._pruned = False
+
+
+def _run_deterministic(model: nn.Module, inputs: Inputs) -> Any:
+    """Run ``model`` for verification. A model in train mode is run in eval
+    mode (then put back): dropout and friends draw new random masks on every
+    call, so train-mode outputs can not be compared; per-channel layers such as
+    BatchNorm are exported the same way in both modes."""
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        with torch.no_grad():
+            return run_model(model, inputs)
+    finally:
+        for m, mode in modes:
+            m.training = mode
 
 
 def _check_torch_prune(net: nn.Module) -> None:

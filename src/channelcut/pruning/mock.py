@@ -61,8 +61,14 @@ def _owner(model: nn.Module, param: str):
 def make_mock(model: nn.Module, spec: PruningSpec) -> nn.Module:
     """A deep copy of ``model`` that masks the spec's pruned input channels."""
     mock = copy.deepcopy(model)
+    holders: Dict[int, List[str]] = {}  # a tied weight is held by several modules
+    for name, p in mock.named_parameters(remove_duplicate=False):
+        holders.setdefault(id(p), []).append(name)
     for entry in spec.masks:
         module, attr = _owner(mock, entry.param)
         w = getattr(module, attr)
-        parametrize.register_parametrization(module, attr, ChannelMask(build_mask(w.detach(), entry)), unsafe=True)
+        mask = build_mask(w.detach(), entry)
+        for name in holders.get(id(w), [entry.param]):
+            module, attr = _owner(mock, name)
+            parametrize.register_parametrization(module, attr, ChannelMask(mask), unsafe=True)
     return mock

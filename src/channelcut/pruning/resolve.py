@@ -93,8 +93,10 @@ def resolve(
         for op in ops:
             dropped[op].add(ch)
     removed_req: Set[int] = set()
+    requested_outputs: List[str] = []
     for item in pruned_outputs:
         name, ch = _pair(item, "pruned_outputs")
+        requested_outputs.append(f"{name}[{ch}]")
         ops = _lookup(name, graph.producers_by_param, graph.producers)
         if ops is None:
             raise _not_found(graph, name, "producer")
@@ -156,7 +158,8 @@ def resolve(
                         names = [f"{pr.param or pop}[{j}]" for pop, pr in graph.producers.items()
                                  for j, a in enumerate(pr.out_ids) if find(a) == h]
                         raise NotPrunableError(
-                            f"pruned_outputs can not remove {', '.join(names[:6])}: channels the model keeps "
+                            f"pruned_outputs {', '.join(requested_outputs[:6])} can not be removed (with its group: "
+                            f"{', '.join(names[:6])}{', ...' if len(names) > 6 else ''}): channels the model keeps "
                             "depend on all of them (e.g. attention scores or a gate computed from them); "
                             "prune the consumers that read them instead"
                         )
@@ -194,9 +197,9 @@ def resolve(
         if len(dropped.get(op, ())) >= len(c.in_ids):
             why = ""
             if removed_req:
-                culprits = [f"{pr.param or pop}[{j}]" for pop, pr in graph.producers.items()
-                            for j, a in enumerate(pr.out_ids) if find(a) in removed_req]
-                why = f" (pruned_outputs remove the channels {', '.join(culprits[:6])}, which {c.param!r} reads)"
+                why = (f" (pruned_outputs {', '.join(requested_outputs[:6])} remove the channel groups "
+                       f"{c.param!r} reads; a group is every channel coupled with the one you named, e.g. by a "
+                       "residual add, a norm over channels or attention)")
             raise EmptyLayerError(
                 f"this would remove every input channel of {c.param!r} ({len(c.in_ids)} channels){why}; "
                 "keep at least one channel of each layer"
