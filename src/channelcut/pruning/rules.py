@@ -905,8 +905,9 @@ def _apply_to_ids(func, args, kwargs, subst: Dict[int, torch.Tensor], tr: Tracer
 
 
 def _is_data(a: torch.Tensor, tr: Tracer) -> bool:
-    """Integer tensors that are data (tracked or parameters), not indices."""
-    return tr.get(a) is not None or tr.param_ref(a) is not None
+    """Integer tensors that carry traced channels (data); other integer tensors,
+    buffers included, are indices and are passed through unchanged."""
+    return tr.get(a) is not None
 
 
 def _fast_movement(tr: Tracer, name: str, func, args, kwargs, outs) -> bool:
