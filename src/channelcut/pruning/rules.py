@@ -718,7 +718,7 @@ def _linear_like(tr: Tracer, name: str, x, w, bias, out, weight_in_dim: int) -> 
             tr.pin_all([w], f"used as the weight of {name}")
         tr.set(out, tr.fresh_pinned(op, out.dim(), f"output of {name} with a computed weight"))
         return
-    physical = tr.module == module and name == "linear"
+    physical = tr.module == module and name == "linear"  # matmul/addmm: read outside a Linear: zero columns
     atoms = torch.tensor(list(tr.src.new_atoms(op, cout)), dtype=torch.long)
     tr.graph.add_consumer(Consumer(op, wname, module, in_ids.tolist(), weight_in_dim, 1, -1, physical, name))
     tr.graph.add_producer(Producer(op, wname, atoms.tolist(), name))
@@ -1056,6 +1056,15 @@ def _reshape_fast(tr: Tracer, t: Tr, x: torch.Tensor, y: torch.Tensor, requested
             adaptive = [d for d in gj if s_out[d] != 1]
             if not adaptive:
                 adaptive = gj[:1]
+        attr_update = None
+        if not adaptive and requested is not None and len(requested) == len(s_out):
+            # a literal size may be a module attribute (Conv1D.nf, ...): if exactly
+            # one dim matches exactly one int attribute, that dim follows the
+            # channels and the attribute is rewritten when pruning
+            cands = [(d, names) for d in gj for names in [_int_attrs_equal(tr, requested[d])] if len(names) == 1]
+            if len(cands) == 1:
+                adaptive = [cands[0][0]]
+                attr_update = (tr.module, cands[0][1][0])
         if len(adaptive) != 1:
             where = tr.module or "<model>"
             why = "a hard-coded size" if not adaptive else "several sizes computed from the channel count"
@@ -1082,12 +1091,25 @@ def _reshape_fast(tr: Tracer, t: Tr, x: torch.Tensor, y: torch.Tensor, requested
             tr.pin_ids(t.ids, f"'{name}' with a size computed from another tensor's channel count ({where})")
             if size.base:
                 tr.pin_ids(torch.tensor(size.base, dtype=torch.long), f"its channel count sizes a '{name}' elsewhere ({where})")
+        if attr_update is not None:
+            tr.graph.module_sizes.append((attr_update[0], attr_update[1], ids.tolist(), 1))
         if ids.numel() == 1:
             tr.set(y, Tr.scalar(int(ids[0]), y.dim()))
         else:
             tr.set(y, Tr.along(ids, a, y.dim()))
         return True
     return False
+
+
+def _int_attrs_equal(tr: Tracer, value: Any) -> List[str]:
+    """Plain int attributes of the running module equal to ``value``."""
+    if not isinstance(value, int) or isinstance(value, (bool, SizeInt)) or value <= 1 or tr.module is None:
+        return []
+    try:
+        m = tr.model.get_submodule(tr.module)
+    except AttributeError:
+        return []
+    return [k for k, v in vars(m).items() if type(v) is int and v == value and not k.startswith("_")]
 
 
 def _follows(tr: Tracer, size: SizeInt, ids: torch.Tensor) -> bool:
@@ -1252,3 +1274,14 @@ def unfold(tr: Tracer, func, args, kwargs, out) -> None:
     ids = tr.ids_along(x, 1)
     k = out.shape[1] // max(ids.numel(), 1)
     tr.set(out, Tr.along(ids.repeat_interleave(k), 1, out.dim()))
+
+
+@rule("addmm")
+def addmm(tr: Tracer, func, args, kwargs, out) -> None:
+    """``addmm(bias, x, W)`` = ``bias + x @ W``: with a parameter ``W`` of shape
+    (in, out) this is a linear layer (e.g. GPT-2's Conv1D)."""
+    bias, x, w = args[0], args[1], args[2]
+    beta, alpha = kwargs.get("beta", 1), kwargs.get("alpha", 1)
+    if tr.get(w) is None and tr.param_name(w) is not None and tr.get(bias) is None and beta == 1 and alpha == 1:
+        return _linear_like(tr, "addmm", x, w, bias, out, weight_in_dim=0)
+    raise _Unsupported("addmm with an activation weight or scaled terms")
