@@ -409,6 +409,10 @@ case("linear", lambda m, x: F.linear(x, m.w), In((2, 3, 4), 2), params={"w": P(5
 case("linear", lambda m, x: F.linear(x, m.w), In((2, 3, 4), 1), params={"w": P(5, 4)}, note="token mixing")
 case("linear", lambda m, x: F.linear(x, m.w * 1.0), In((3, 4), 1), params={"w": P(5, 4)}, note="computed weight")
 case("linear", lambda m, x, w: F.linear(x, w), In((3, 4), 1), In((5, 4), 1), note="weight is an activation")
+case("addmm", lambda m, x: torch.addmm(m.b, x, m.w), In((3, 4), 1), params={"w": P(4, 5), "b": P(5)},
+     note="GPT-2 Conv1D: weight (in, out)")
+case("addmm", lambda m, x: torch.addmm(m.b, x, m.w, beta=0.5), In((3, 4), 1), params={"w": P(4, 5), "b": P(5)},
+     note="scaled bias: barrier")
 case("embedding", lambda m, i: F.embedding(i, m.w), In((2, 3), "pin", "long_idx:5"), params={"w": P(5, 4)})
 case("embedding", lambda m, i: torch.embedding(m.w, i), In((2, 3), "pin", "long_idx:5"), params={"w": P(5, 4)})
 case("matmul", lambda m, x: torch.matmul(x, m.w), In((2, 3, 4), 2), params={"w": P(4, 5)}, note="x @ W")

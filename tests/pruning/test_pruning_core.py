@@ -811,10 +811,10 @@ CASES = [
     # subsets; whatever is removed, chunk(2) must still split evenly
     Case(
         "chunk", ChunkNet, _ins("ca.weight", 1) + _ins("cb.weight", 1),
-        expect={"all": dict(attrs={"ca.out_channels": 4}),
-                "U": dict(attrs={"ca.in_channels": 3, "cb.in_channels": 3}, subselections=2),
-                # the engine keeps chunked channels (it could remove 1 and 5 together)
-                "constrained": dict(shrinks=False, subselections=0)},
+        # position j of both halves is one group: 1 and 5 go together, the
+        # halves stay equal and chunk(2) still splits where it should
+        expect={"all": dict(kept={"c1.weight": (8, 6)},
+                            attrs={"ca.out_channels": 4, "ca.in_channels": 3, "cb.in_channels": 3}, subselections=0)},
     ),
     Case(
         "broadcast_time_embedding", TimeEmbedding, _ins("out.weight", 1, 6),

@@ -666,6 +666,13 @@ def conv(tr: Tracer, func, args, kwargs, out) -> None:
         m = cout // cin
         atoms = in_ids.repeat_interleave(m)
         tr.record_param_use(wname, 0, list(range(cout)), atoms)
+        if module is None or _current_module(tr, torch.nn.modules.conv._ConvNd) != module:
+            # a functional depthwise conv: its group count must follow the channels
+            names = _int_attrs_equal(tr, groups)
+            if len(names) == 1 and not isinstance(groups, SizeInt):
+                tr.graph.module_sizes.append((tr.module, names[0], in_ids.tolist(), 1))
+            elif not isinstance(groups, SizeInt):
+                tr.pin_ids(in_ids, f"depthwise {name} with a fixed group count ({tr.module or '<model>'})")
     elif not transposed:  # grouped conv: keep groups uniform
         k = cin // groups
         ko = cout // groups
@@ -830,6 +837,8 @@ def movement(tr: Tracer, func, args, kwargs, out) -> None:
         return same_shape(tr, func, args, kwargs, out)
     if name in ("gather", "take_along_dim", "index_select", "masked_select") and tr.get(args[0]) is None:
         raise _Unsupported("indexing with a tracked index")
+    if name in ("chunk", "split", "unsafe_chunk", "unsafe_split") and _chunk_fast(tr, name, args, kwargs, outs):
+        return
     if name in ("cat", "concat", "concatenate") and len(outs) == 1 and _cat_fast(tr, name, args, kwargs, outs[0]):
         return
     fast = _fast_movement(tr, name, func, args, kwargs, outs)
@@ -1285,3 +1294,42 @@ def addmm(tr: Tracer, func, args, kwargs, out) -> None:
     if tr.get(w) is None and tr.param_name(w) is not None and tr.get(bias) is None and beta == 1 and alpha == 1:
         return _linear_like(tr, "addmm", x, w, bias, out, weight_in_dim=0)
     raise _Unsupported("addmm with an activation weight or scaled terms")
+
+
+
+def _chunk_fast(tr: Tracer, name: str, args, kwargs, outs) -> bool:
+    """``chunk(n)`` (or ``split(C // n)``) along the channel dim into equal
+    parts: position j of every part is coupled, so after pruning all parts
+    keep the same count and the op still splits at the right places."""
+    x = args[0]
+    t = tr.get(x)
+    dim = _arg(args, kwargs, 2, "dim", 0)
+    if t is None or t.vdim is None or not isinstance(dim, int) or dim % x.dim() != t.vdim:
+        return False
+    c = x.shape[t.vdim]
+    if name in ("chunk", "unsafe_chunk"):
+        n = _arg(args, kwargs, 1, "chunks")
+        if not isinstance(n, int) or c % n:
+            return False
+    else:
+        size = _arg(args, kwargs, 1, "split_size_or_sections", _arg(args, kwargs, 1, "split_size"))
+        if not isinstance(size, SizeInt) or size <= 0 or c % size or not _follows_part(tr, size, t.ids, c // size):
+            return False
+        n = c // size
+    if len(outs) != n:
+        return False
+    parts = t.ids.reshape(n, c // n)
+    merged = parts[0]
+    for q in range(1, n):
+        merged = tr.union_pairs(merged, parts[q])
+    for y in outs:
+        tr.set(y, Tr.along(merged, t.vdim, y.dim()) if merged.numel() > 1 else Tr.scalar(int(merged[0]), y.dim()))
+    return True
+
+
+def _follows_part(tr: Tracer, size: SizeInt, ids: torch.Tensor, n: int) -> bool:
+    """``size`` was computed from these very channels (e.g. ``C // 2``)."""
+    if size.base is None or len(size.base) != ids.numel():
+        return False
+    find = tr.src.find
+    return [find(a) for a in size.base if a >= 0] == [find(a) for a in ids.tolist() if a >= 0]
