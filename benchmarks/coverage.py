@@ -505,6 +505,14 @@ def _err(r: Dict[str, Any]) -> str:
     return f"{e:.1e}"
 
 
+def _commits(results: Dict[str, Dict[str, Any]]) -> Dict[str, int]:
+    out: Dict[str, int] = {}
+    for r in results.values():
+        c = r.get("channelcut") or "unrecorded"
+        out[c] = out.get(c, 0) + 1
+    return out
+
+
 def write_report(data: Dict[str, Any], md_path: str) -> str:
     results: Dict[str, Dict[str, Any]] = data["results"]
     order = {"torchvision": 0, "torchvision-seg": 1, "torchvision-det": 2, "timm": 3, "transformers": 4}
@@ -524,21 +532,28 @@ def write_report(data: Dict[str, Any], md_path: str) -> str:
         f"float64. Input: batch {BATCH}, the smallest of {', '.join(map(str, SIZES))} pixels the model accepts "
         "(ViT-like models are built for that size).",
         "",
+        "Engine versions (channelcut commit at the start of each chunk of the sweep): "
+        + ", ".join(f"`{c}` ({n} models)" for c, n in sorted(_commits(results).items(), key=lambda kv: -kv[1])) + ".",
+        "",
         "## Totals",
         "",
-        "| zoo | models | unconstrained ok | constrained ok | both ok |",
-        "| --- | ---: | ---: | ---: | ---: |",
+        "| zoo | models | unconstrained ok | constrained ok | both ok | median prunable | < 90% prunable | with a barrier op |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for z in zoos:
-        ks = [k for k in keys if results[k]["zoo"] == z]
+
+    def totals(label: str, ks: List[str]) -> str:
         u = sum(results[k]["unconstrained"]["status"] == "ok" for k in ks)
         c = sum(results[k]["constrained"]["status"] == "ok" for k in ks)
         b = sum(results[k]["unconstrained"]["status"] == "ok" and results[k]["constrained"]["status"] == "ok" for k in ks)
-        lines.append(f"| {z} | {len(ks)} | {u} | {c} | {b} |")
-    u = sum(results[k]["unconstrained"]["status"] == "ok" for k in keys)
-    c = sum(results[k]["constrained"]["status"] == "ok" for k in keys)
-    b = sum(results[k]["unconstrained"]["status"] == "ok" and results[k]["constrained"]["status"] == "ok" for k in keys)
-    lines.append(f"| **all** | {len(keys)} | {u} | {c} | {b} |")
+        fr = sorted(results[k]["prunable_fraction"] for k in ks if results[k].get("prunable_fraction") is not None)
+        med = f"{100 * fr[len(fr) // 2]:.0f}%" if fr else "-"
+        low = sum(f < 0.9 for f in fr)
+        bar = sum(bool(results[k].get("barriers")) for k in ks)
+        return f"| {label} | {len(ks)} | {u} | {c} | {b} | {med} | {low} | {bar} |"
+
+    for z in zoos:
+        lines.append(totals(z, [k for k in keys if results[k]["zoo"] == z]))
+    lines.append(totals("**all**", keys))
     lines += [
         "",
         "Columns: *prunable* = fraction of consumer input channels whose channel group is not pinned "

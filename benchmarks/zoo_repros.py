@@ -38,6 +38,13 @@ x4 = [torch.rand(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))]
 
 
 @case
+def frozen_bn():  # torchvision FrozenBatchNorm2d (detection backbones): scale = w * (rv + eps).rsqrt() from two buffers
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    return lambda: nn.Sequential(nn.Conv2d(4, 8, 1), FrozenBatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 2, 1)), x4
+
+
+@case
 def stdconv():  # timm StdConv2d / ScaledStdConv2d (nf_resnet, BiT ResNetV2, NFNets)
     class StdConv(nn.Conv2d):
         def forward(self, x):
@@ -112,8 +119,8 @@ def const_conv():  # XCiT PositionalEncodingFourier: a conv applied to a constan
 @case
 def addmm_conv1d():  # HF GPT-2 Conv1D: torch.addmm(bias, x2d, weight) with weight (in, out)
     class Conv1D(nn.Module):
-        def __init__(s, nin, nout): super().__init__(); s.weight = nn.Parameter(torch.randn(nin, nout) * 0.1); s.bias = nn.Parameter(torch.zeros(nout))
-        def forward(s, x): return torch.addmm(s.bias, x.view(-1, x.size(-1)), s.weight).view(x.size()[:-1] + (s.weight.size(-1),))
+        def __init__(s, nin, nout): super().__init__(); s.nf = nout; s.weight = nn.Parameter(torch.randn(nin, nout) * 0.1); s.bias = nn.Parameter(torch.zeros(nout))
+        def forward(s, x): return torch.addmm(s.bias, x.view(-1, x.size(-1)), s.weight).view(x.size()[:-1] + (s.nf,))
     return lambda: nn.Sequential(nn.Linear(4, 8), Conv1D(8, 16), nn.GELU(), Conv1D(16, 8), nn.Linear(8, 2)), [torch.rand(2, 5, 4)]
 
 @case
