@@ -86,6 +86,36 @@ def split_half():  # CSPNet / cs3darknet: x.split(C // 2) computed from the shap
     return Net, x4
 
 @case
+def split_attr_width():  # timm Res2Net Bottle2neck: torch.split(out, self.width, 1) into equal parts
+    class Net(nn.Module):
+        def __init__(s): super().__init__(); s.width = 4; s.a = nn.Conv2d(4, 12, 1); s.b = nn.Conv2d(4, 4, 3, padding=1); s.c = nn.Conv2d(12, 2, 1)
+        def forward(s, x):
+            p, q, r = torch.split(s.a(x), s.width, 1)
+            return s.c(torch.cat([p, s.b(q), r], 1))
+    return Net, x4
+
+
+@case
+def split_attr_half():  # timm CSPNet CrossStage: x.split(self.expand_chs // 2, dim=1)
+    class Net(nn.Module):
+        def __init__(s): super().__init__(); s.expand_chs = 8; s.a = nn.Conv2d(4, 8, 1); s.b = nn.Conv2d(4, 4, 3, padding=1); s.c = nn.Conv2d(8, 2, 1)
+        def forward(s, x):
+            xs, xb = s.a(x).split(s.expand_chs // 2, dim=1)
+            return s.c(torch.cat([xs, s.b(xb)], 1))
+    return Net, x4
+
+
+@case
+def aliased_depthwise():  # timm CoaT: the ConvPosEnc module is registered under two names (cpe1 and serial_blocks1.0.cpe)
+    class Net(nn.Module):
+        def __init__(s):
+            super().__init__(); s.a = nn.Conv2d(4, 8, 1); s.cpe = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+            s.block = nn.Sequential(s.cpe); s.c = nn.Conv2d(8, 2, 1)  # the same depthwise conv, a second name
+        def forward(s, x): h = s.a(x); return s.c(h + s.block(h))
+    return Net, x4
+
+
+@case
 def stack_newdim():  # SKNet SelectiveKernel: stack branches on a new dim 1, weighted sum over it
     class Net(nn.Module):
         def __init__(s): super().__init__(); s.a = nn.Conv2d(4, 8, 1); s.p1 = nn.Conv2d(8, 8, 3, padding=1); s.p2 = nn.Conv2d(8, 8, 3, padding=2, dilation=2); s.c = nn.Conv2d(8, 2, 1)
