@@ -6,7 +6,9 @@ reproduce the mock model to 1e-10 relative, unconstrained and constrained.
 The full sweep (every torchvision model, ~80 timm architectures) is the
 benchmark script; these cover one model per family of ops: residual streams,
 concatenation, grouped / depthwise convs, channel shuffle, squeeze-excite,
-channels-last layer norms, attention, dict outputs, feature-pyramid outputs.
+channels-last layer norms, attention, dict outputs, feature-pyramid outputs,
+and two small random Hugging Face configs (BERT, GPT-2; skipped without
+transformers). About 35 s on one core.
 """
 
 from __future__ import annotations
@@ -62,15 +64,27 @@ MODELS: List[Tuple[str, Callable[[], nn.Module], int]] = [
     ("tv-shufflenet_v2_x0_5", _tv("shufflenet_v2_x0_5"), 64),  # chunk + channel shuffle
     ("tv-regnet_x_400mf", _tv("regnet_x_400mf"), 64),  # grouped convs
     ("tv-squeezenet1_1", _tv("squeezenet1_1"), 64),  # concat
+    ("tv-densenet121", _tv("densenet121"), 64),  # dense concatenation
+    ("tv-googlenet", _tv("googlenet"), 64),  # inception branches
     ("tv-convnext_small_config", _small_convnext, 64),  # channels-last LayerNorm, layer scale
     ("tv-vit_small_config", _small_vit, 32),  # class token, MHA
     ("tv-lraspp_mobilenet_v3_large", _tv("lraspp_mobilenet_v3_large", weights_backbone=None), 64),  # dict out
+    ("tv-deeplabv3_mobilenet_v3_large", _tv("deeplabv3_mobilenet_v3_large", weights_backbone=None, aux_loss=False), 64),
     ("tv-resnet18_fpn_backbone", _fpn, 64),  # OrderedDict of pyramid levels
     ("timm-resnet26t", _timm("resnet26t"), 64),
     ("timm-efficientnet_b0", _timm("efficientnet_b0"), 64),
     ("timm-convnext_atto", _timm("convnext_atto"), 64),
     ("timm-vit_tiny_patch16_224", _timm("vit_tiny_patch16_224", img_size=32), 32),
     ("timm-poolformer_s12", _timm("poolformer_s12"), 64),
+    ("timm-mixnet_s", _timm("mixnet_s"), 64),  # split with literal sizes (pinned, must stay exact)
+    ("timm-dpn68", _timm("dpn68"), 64),  # dual path: slicing with literal bounds
+    ("timm-skresnet18", _timm("skresnet18"), 64),  # stack on a new dim, selective kernel
+    ("timm-swin_tiny", _timm("swin_tiny_patch4_window7_224", img_size=64), 64),  # windows, relative bias
+    ("timm-levit_128s", _timm("levit_128s", img_size=64), 64),  # attention with split q/k/v
+    ("timm-coat_lite_tiny", _timm("coat_lite_tiny", img_size=64), 64),  # shared (aliased) modules
+    ("timm-eva02_tiny", _timm("eva02_tiny_patch14_224", img_size=64), 64),  # rope, computed qkv bias, SwiGLU
+    ("timm-maxvit_pico", _timm("maxvit_pico_rw_256", img_size=64), 64),  # block + grid attention
+    ("timm-mobilevitv2_050", _timm("mobilevitv2_050"), 64),  # unfold-based transformer
 ]
 
 
@@ -132,3 +146,31 @@ def test_zoo_model_exports_exactly(build, size, constrained):
     assert sum(p.numel() for p in net.parameters()) < params_before, "nothing was pruned"
     if constrained:
         assert manager.spec.copied_channels == 0
+
+
+def _hf(kind: str) -> nn.Module:
+    transformers = pytest.importorskip("transformers")
+    if kind == "bert":
+        return transformers.BertModel(transformers.BertConfig(
+            vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+            max_position_embeddings=64))
+    return transformers.GPT2Model(transformers.GPT2Config(vocab_size=512, n_embd=64, n_layer=2, n_head=4, n_positions=64,
+                                                          use_cache=False))
+
+
+@pytest.mark.parametrize("constrained", [False, True], ids=["unconstrained", "constrained"])
+@pytest.mark.parametrize("kind", ["bert", "gpt2"])
+def test_zoo_transformers_export_exactly(kind, constrained):
+    torch.manual_seed(SEED)
+    net = _hf(kind).double().eval()
+    inputs = {"input_ids": torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(SEED))}
+    manager = PruningManager(net)
+    manager.trace(inputs)
+    manager.compute(inputs, pruned_inputs=_request(manager.consumers()), constrained=constrained)
+    with torch.no_grad():
+        ref = manager.get_mock_model()(**inputs).last_hidden_state
+    manager.prune(verify=False)
+    with torch.no_grad():
+        out = net(**inputs).last_hidden_state
+    err = _max_rel_error(out, ref)
+    assert err <= 1e-10, f"pruned model differs from the mock by {err:.3g} (relative)"
