@@ -158,11 +158,15 @@ def free_segments(
     seg_of: Dict[int, int],
     canon: Dict[int, List[int]],
     traces: Iterable[Sequence[int]],
+    pinned: Optional[Set[int]] = None,
 ) -> Set[int]:
     """Segments whose channel order may be changed (see module docstring)."""
     free = {s for s, c in canon.items() if len(c) > 1}
-    for g, s in seg_of.items():
-        if s in free and graph.sources.is_pinned(g):
+    if pinned is None:
+        pinned = graph.sources.pinned_roots()
+    for g in pinned:
+        s = seg_of.get(g)
+        if s is not None:
             free.discard(s)
     uses: Dict[Tuple[str, int], int] = {}
     for u in graph.param_uses:
@@ -304,7 +308,51 @@ def order_segment(present: List[int], keeps: List[FrozenSet[int]]) -> List[int]:
         exact = _branch_and_bound(sigs, sizes, best_cost, budget=4000, first=first_sig, last=last_sig)
         if exact is not None:
             best_seq = exact
+            best_cost = cost(exact)
+    if best_cost > 0:
+        # no order serves everyone: make the largest consumers contiguous (their
+        # reads become views) and let the others gather
+        sub = _largest_contiguous_subset(sigs, sizes[:n], n, first_sig, last_sig)
+        if sub is not None:
+            c = cost(sub)
+            if c < best_cost:
+                best_seq, best_cost = sub, c
     return strip(best_seq)
+
+
+def _largest_contiguous_subset(
+    sigs: List[int], sizes: List[int], n: int, first: Optional[int], last: Optional[int], budget: int = 600,
+) -> Optional[List[int]]:
+    """Add consumers largest first while one order still keeps every chosen
+    consumer contiguous; return that order over ``sigs`` (or None)."""
+    sentinels = 3 << n
+    chosen = 0
+    order: Optional[List[int]] = None
+    misses = 0
+    for i in sorted(range(n), key=lambda i: -sizes[i]):
+        mask = chosen | (1 << i) | sentinels
+        reduced: Dict[int, int] = {}
+        for sg in sigs:
+            reduced.setdefault(sg & mask, 0)
+        red = list(reduced)
+        red_sizes = [sizes[j] if mask >> j & 1 else 0 for j in range(n)] + [0, 0]
+        seq = _branch_and_bound(
+            red, red_sizes, 1, budget=budget,
+            first=None if first is None else first & mask, last=None if last is None else last & mask,
+        )
+        if seq is not None:
+            chosen, order, misses = mask & ~sentinels, seq, 0
+        else:
+            misses += 1
+            if misses >= 3:
+                break
+    if order is None:
+        return None
+    mask = chosen | sentinels
+    by_class: Dict[int, List[int]] = {}
+    for sg in sigs:
+        by_class.setdefault(sg & mask, []).append(sg)
+    return [sg for red in order for sg in by_class[red]]
 
 
 def _branch_and_bound(

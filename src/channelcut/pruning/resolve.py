@@ -79,7 +79,9 @@ def resolve(
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     src = graph.sources
-    find = src.find
+    roots = src.roots()  # resolve never unions: one lookup table for every find
+    find = roots.__getitem__
+    pinned = src.pinned_roots()
 
     # 1. per consumer op: dropped input positions --------------------------------
     dropped: Dict[str, Set[int]] = defaultdict(set)
@@ -142,7 +144,7 @@ def resolve(
         absent = (dropped_by_any | removed_req)
     else:
         absent = (dropped_by_any - kept_by_any) | removed_req
-    absent = {g for g in absent if not src.is_pinned(g)}
+    absent = {g for g in absent if g not in pinned}
     if graph.needs and absent:
         adj: Dict[int, List[int]] = defaultdict(list)
         for a, b in graph.needs:
@@ -219,13 +221,15 @@ def resolve(
         traces = [p.out_ids for p in graph.producers.values()]
         traces += [c.in_ids for c in graph.consumers.values()]
         traces += [u.ids for u in graph.param_uses]
-        free = free_segments(graph, find, seg_of, canon, traces)
+        free = free_segments(graph, find, seg_of, canon, traces, pinned)
         keeps_by_seg: Dict[int, List[frozenset]] = defaultdict(list)
         for op, gs in groups_of.items():
             if not physical[op] or graph.consumers[op].groups != 1:
                 continue
             d = dropped.get(op, ())
             kept_pos = [p for p, g in enumerate(gs) if p not in d and (g < 0 or g not in absent)]
+            if _hopeless(gs, d, absent, seg_of, free):
+                continue  # it gathers whatever the order: leave the freedom to others
             touched = {seg_of.get(g) for g in gs if g >= 0} & free
             for s in touched:
                 runs = [p for p, g in enumerate(gs) if g >= 0 and seg_of.get(g) == s]
@@ -304,14 +308,49 @@ def resolve(
         for dim, kept in dims.items():
             if kept != list(range(full_sizes[(param, dim)])):
                 spec.slices.setdefault(param, {})[dim] = kept
-    all_groups = {find(a) for a in range(len(src))}
+    all_groups = set(roots)
     spec.total_groups = len(all_groups)
     spec.removed_groups = len(absent)
-    spec.pinned_groups = sum(1 for g in all_groups if src.is_pinned(g))
+    spec.pinned_groups = len(pinned)
     spec.barriers = list(graph.barriers)
     spec.segments = len(canon)
     spec.reordered_segments = len(new_order)
     return spec
+
+
+def _hopeless(gs: List[int], dropped: Set[int], absent: Set[int], seg_of: Dict[int, int], free: Set[int]) -> bool:
+    """True when no reordering can make this consumer's read contiguous: its
+    input is a sequence of blocks (one free segment each, or runs of channels
+    whose order is fixed); between the first and last block it keeps from,
+    every block must be read whole, and a fixed-order block must already be
+    read as one range at the right end."""
+    blocks: List[Tuple[Optional[int], List[int], List[int]]] = []  # (segment, present, kept)
+    for p, g in enumerate(gs):
+        key = seg_of.get(g) if g >= 0 and seg_of.get(g) in free else None
+        if g >= 0 and g in absent:
+            continue
+        if not blocks or blocks[-1][0] != key:
+            blocks.append((key, [], []))
+        blocks[-1][1].append(p)
+        if p not in dropped:
+            blocks[-1][2].append(p)
+    used = [i for i, b in enumerate(blocks) if b[2]]
+    if not used:
+        return True
+    first, last = used[0], used[-1]
+    for i in range(first, last + 1):
+        seg, present, kept = blocks[i]
+        whole = len(kept) == len(present)
+        if first < i < last and not whole:
+            return True
+        if seg is None and not whole:
+            # fixed order: the kept positions must be one range at the right end
+            where = {p: j for j, p in enumerate(present)}
+            k0, k1 = where[kept[0]], where[kept[-1]]
+            contiguous = k1 - k0 + 1 == len(kept)
+            if not contiguous or (i < last and k1 != len(present) - 1) or (i > first and k0 != 0):
+                return True
+    return False
 
 
 def _pair(item: object, what: str) -> Tuple[str, int]:

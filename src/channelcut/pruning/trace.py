@@ -22,7 +22,7 @@ slicing with literal bounds, ...); the reason is kept for the report.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 NO_SOURCE = -1
 
@@ -124,6 +124,20 @@ class SourceTable:
 
     def is_pinned(self, atom: int) -> bool:
         return atom >= 0 and self.find(atom) in self._pins
+
+    def roots(self) -> List[int]:
+        """The group (root atom) of every atom, as one list: a fast ``find``
+        for code that no longer unions.
+
+        >>> t = SourceTable(); a = t.new_atoms("x", 3); t.union(a[2], a[0])
+        >>> t.roots()
+        [0, 1, 0]
+        """
+        return [self.find(a) for a in range(len(self._parent))]
+
+    def pinned_roots(self) -> Set[int]:
+        """Roots of all pinned groups."""
+        return {self.find(r) for r in self._pins}
 
 
 @dataclass
