@@ -82,6 +82,12 @@ def resolve(
     roots = src.roots()  # resolve never unions: one lookup table for every find
     find = roots.__getitem__
     pinned = src.pinned_roots()
+    for atoms, reason in graph.fixed_counts:
+        gs = {find(a) for a in atoms}
+        if len(gs) > 1:
+            pinned |= gs
+            for g in gs:
+                src.pin(g, reason)  # recorded for reports (resolve never unions)
 
     # 1. per consumer op: dropped input positions --------------------------------
     dropped: Dict[str, Set[int]] = defaultdict(set)

@@ -1098,8 +1098,12 @@ def _reshape_fast(tr: Tracer, t: Tr, x: torch.Tensor, y: torch.Tensor, requested
         if isinstance(size, SizeInt) and not _follows(tr, size, ids):
             where = tr.module or "<model>"
             tr.pin_ids(t.ids, f"'{name}' with a size computed from another tensor's channel count ({where})")
-            if size.base:
-                tr.pin_ids(torch.tensor(size.base, dtype=torch.long), f"its channel count sizes a '{name}' elsewhere ({where})")
+            base = [a for a in (size.base or ()) if a >= 0]
+            if base:
+                # its count must not change: decided in resolve, since a stream
+                # coupled into one group later (e.g. by LayerNorm) is kept or
+                # dropped whole anyway
+                tr.graph.fixed_counts.append((base, f"its channel count sizes a '{name}' elsewhere ({where})"))
         if attr_update is not None:
             tr.graph.module_sizes.append((attr_update[0], attr_update[1], ids.tolist(), 1))
         if ids.numel() == 1:
