@@ -134,3 +134,44 @@ class _no_barrier_warning:
         self._cm.__exit__(*exc)
         bad = [str(r.message) for r in self.records if "barrier" in str(r.message)]
         assert not bad, bad
+
+
+def _exact(net: nn.Module, x, **kw) -> PruningManager:
+    m = PruningManager(net).compute(x, **kw)
+    y_mock = m.get_mock_model()(*x)
+    m.prune()
+    assert torch.allclose(net(*x), y_mock, rtol=1e-10, atol=1e-12)
+    return m
+
+
+def test_frozen_batchnorm_arithmetic_on_buffers_stays_sliceable() -> None:
+    """torchvision's FrozenBatchNorm2d: scale and shift are computed from four
+    buffers; they must be sliced with the channels, not pin them."""
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    torch.manual_seed(2)
+    fbn = FrozenBatchNorm2d(8)
+    for name in ("weight", "bias", "running_mean"):
+        getattr(fbn, name).copy_(torch.randn(8))
+    fbn.running_var.copy_(torch.rand(8) + 0.5)
+    net = nn.Sequential(nn.Conv2d(3, 8, 1), fbn, nn.ReLU(), nn.Conv2d(8, 2, 1)).to(D).eval()
+    m = _exact(net, [torch.randn(1, 3, 4, 4, dtype=D)], pruned_inputs=[("3.weight", 1), ("3.weight", 6)])
+    assert m.spec.kept()["0.weight"] == (8, 6) and net[1].running_var.shape == (6,)
+
+
+def test_embedding_of_an_id_buffer_is_sliced_with_the_stream() -> None:
+    """BERT-style: token-type ids are a buffer; their embedding is added to the
+    word embedding and must shrink with it."""
+
+    class Emb(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.tok, self.typ, self.fc = nn.Embedding(10, 8), nn.Embedding(2, 8), nn.Linear(8, 2)
+            self.register_buffer("ids", torch.zeros(1, 5, dtype=torch.long))
+
+        def forward(self, x):
+            return self.fc(self.tok(x) + self.typ(self.ids))
+
+    net = Emb().to(D).eval()
+    m = _exact(net, [torch.randint(0, 10, (2, 5))], pruned_inputs=[("fc.weight", 3)])
+    assert net.tok.weight.shape == (10, 7) and net.typ.weight.shape == (2, 7) and net.tok.embedding_dim == 7

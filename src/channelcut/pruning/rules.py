@@ -165,27 +165,48 @@ def _untracked(tr: Tracer, name: str, func, args, kwargs, out, tensors) -> None:
     if name in UNIFORM_CREATION and _sized_like_channels(tr, args, kwargs, out):
         return
     base = _base_name(name)
-    refs = [tr.param_ref(x) for x in tensors]
-    live = [r for r in refs if r is not None]
-    if not isinstance(out, torch.Tensor) or len(live) != 1 or tensors[0] is not _first_param(tensors, tr):
+    if not isinstance(out, torch.Tensor) or not tensors:
         return
-    pname, idx = live[0]
+    refs = [tr.param_ref(x) for x in tensors]
+    if not any(refs):
+        return
+    if base == "embedding" and func is not torch.embedding and len(tensors) >= 2 and refs[1] and not tensors[0].is_floating_point():
+        # F.embedding(constant ids, weight): rows of the table, all columns
+        merged = []
+        for pname, idx in refs[1]:
+            try:
+                merged.append((pname, F.embedding(tensors[0], idx)))
+            except Exception:
+                return
+        tr.prov[out] = merged
+        return
     if base in MOVEMENT or name in ("get:T", "get:mT", "get:data"):
-        try:
-            res = _apply_to_ids(func, args, kwargs, {id(tensors[0]): idx}, tr, allow_untracked=True)
-        except Exception:
+        if len([r for r in refs if r]) != 1 or not refs[0]:
             return
-        if isinstance(res, torch.Tensor) and tuple(res.shape) == tuple(out.shape):
-            tr.prov[out] = (pname, res)
-    elif (base in ELEMENTWISE or base in SAME_SHAPE) and tuple(out.shape) == tuple(tensors[0].shape):
-        tr.prov[out] = (pname, idx)
-
-
-def _first_param(tensors, tr):
-    for x in tensors:
-        if tr.param_ref(x) is not None:
-            return x
-    return None
+        merged = []
+        for pname, idx in refs[0]:
+            try:
+                res = _apply_to_ids(func, args, kwargs, {id(tensors[0]): idx}, tr, allow_untracked=True)
+            except Exception:
+                return
+            if not isinstance(res, torch.Tensor) or tuple(res.shape) != tuple(out.shape):
+                return
+            merged.append((pname, res))
+        tr.prov[out] = merged
+    elif base in SAME_SHAPE and refs[0] and tuple(out.shape) == tuple(tensors[0].shape):
+        tr.prov[out] = list(refs[0])
+    elif base in ELEMENTWISE:
+        # position-wise arithmetic of parameters (e.g. FrozenBatchNorm's
+        # w * (rv + eps).rsqrt()): every operand of the output's shape, or a
+        # single number; the result is sliced like each of them
+        merged = []
+        for x, r in zip(tensors, refs):
+            if r and tuple(x.shape) == tuple(out.shape):
+                merged.extend(r)
+            elif x.numel() != 1:
+                return
+        if merged:
+            tr.prov[out] = merged
 
 
 # ---------------------------------------------------------------------------

@@ -120,14 +120,15 @@ class Tracer(TorchFunctionMode):
             raise AssertionError(f"internal: trace ndim {tr.t.dim()} != tensor ndim {x.dim()}")
         self.table[x] = tr
 
-    def param_ref(self, x: Any) -> Optional[Tuple[str, torch.Tensor]]:
-        """(param name, flat index tensor) for parameters and tensors derived
-        from one by data movement, else None."""
+    def param_ref(self, x: Any) -> Optional[List[Tuple[str, torch.Tensor]]]:
+        """For parameters and tensors computed from parameters alone (by data
+        movement or position-wise arithmetic): the list of (parameter name,
+        index tensor shaped like ``x`` holding flat indices into it); else None."""
         if not isinstance(x, torch.Tensor):
             return None
         name = self.param_names.get(id(x))
         if name is not None:
-            return name, torch.arange(x.numel()).reshape(x.shape)
+            return [(name, torch.arange(x.numel()).reshape(x.shape))]
         return self.prov.get(x)
 
     def param_name(self, x: Any) -> Optional[str]:
@@ -256,31 +257,34 @@ class Tracer(TorchFunctionMode):
         d = vdim - (out_ndim - x.dim())
         if d < 0 or x.shape[d] == 1:
             return
-        ref = self.param_ref(x)
-        if ref is None:
+        refs = self.param_ref(x)
+        if refs is None:
             self.pin_ids(out_ids, f"combined with a constant tensor of fixed size in {what}")
             return
-        name, idx = ref
-        pshape = self.graph.param_shapes.get(name)
-        if pshape is None:
-            self.pin_ids(out_ids, f"combined with tensor {name} in {what}")
-            return
-        sel = [0] * x.dim()
-        sel[d] = slice(None)
-        flat = idx[tuple(sel)]
-        coords = _unravel(flat, pshape)
-        varying = [k for k, c in enumerate(coords) if c.numel() > 1 and bool((c != c[0]).any())]
-        ok = len(varying) == 1
-        if ok:
-            p = varying[0]
-            full_p = _unravel(idx.reshape(-1), pshape)[p].reshape(idx.shape)
-            shape = [1] * x.dim()
-            shape[d] = x.shape[d]
-            ok = torch.equal(full_p, coords[p].reshape(shape).expand_as(full_p))
-        if not ok:
-            self.pin_ids(out_ids, f"combined with a reshaped view of {name} in {what}")
-            return
-        self.record_param_use(name, p, coords[p].tolist(), out_ids)
+        uses = []
+        for name, idx in refs:
+            pshape = self.graph.param_shapes.get(name)
+            if pshape is None:
+                self.pin_ids(out_ids, f"combined with tensor {name} in {what}")
+                return
+            sel = [0] * x.dim()
+            sel[d] = slice(None)
+            flat = idx[tuple(sel)]
+            coords = _unravel(flat, pshape)
+            varying = [k for k, c in enumerate(coords) if c.numel() > 1 and bool((c != c[0]).any())]
+            ok = len(varying) == 1
+            if ok:
+                p = varying[0]
+                full_p = _unravel(idx.reshape(-1), pshape)[p].reshape(idx.shape)
+                shape = [1] * x.dim()
+                shape[d] = x.shape[d]
+                ok = torch.equal(full_p, coords[p].reshape(shape).expand_as(full_p))
+            if not ok:
+                self.pin_ids(out_ids, f"combined with a reshaped view of {name} in {what}")
+                return
+            uses.append((name, p, coords[p].tolist()))
+        for name, p, positions in uses:
+            self.record_param_use(name, p, positions, out_ids)
 
     def warn_once(self, key: str, msg: str) -> None:
         if key not in self.warned:
