@@ -16,7 +16,6 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .spec import MaskEntry, PruningSpec
-from .trace import TracedGraph
 
 
 class ChannelMask(nn.Module):

@@ -16,12 +16,12 @@ Start at :func:`resolve`. The steps:
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
+from typing import Dict, Iterable, List, Mapping, Optional, Set, Tuple
 
 from ..errors import ChannelRangeError, EmptyLayerError, ExportError, NotPrunableError, UnknownParameterError
 from .reorder import LEFT, RIGHT, Layout, find_segments, free_segments, order_segment
 from .spec import LayerStat, MaskEntry, PruningSpec, Subselection
-from .trace import Consumer, TracedGraph
+from .trace import TracedGraph
 
 MODES = ("unconstrained", "constrained", "baseline")
 

@@ -186,7 +186,7 @@ def _untracked(tr: Tracer, name: str, func, args, kwargs, out, tensors) -> None:
         merged = []
         for pname, idx in refs[0]:
             try:
-                res = _apply_to_ids(func, args, kwargs, {id(tensors[0]): idx}, tr, allow_untracked=True)
+                res = _apply_to_ids(func, args, kwargs, {id(tensors[0]): idx}, tr)
             except Exception:
                 return
             if not isinstance(res, torch.Tensor) or tuple(res.shape) != tuple(out.shape):
@@ -760,10 +760,7 @@ def _linear_like(tr: Tracer, name: str, x, w, bias, out, weight_in_dim: int) -> 
 
 @rule("embedding")
 def embedding(tr: Tracer, func, args, kwargs, out) -> None:
-    if func is torch.embedding:
-        w, idx = args[0], args[1]
-    else:
-        idx, w = args[0], _arg(args, kwargs, 1, "weight")
+    w = args[0] if func is torch.embedding else _arg(args, kwargs, 1, "weight")
     wname = tr.param_name(w)
     d = out.shape[-1]
     module = tr.graph.param_modules.get(wname) if wname else None
@@ -919,7 +916,7 @@ def _preserves_channels(tr: Tracer, in_groups: List[List[int]], out: Tr) -> bool
     return all(_is_tiling(og, g) for g in nonempty)
 
 
-def _apply_to_ids(func, args, kwargs, subst: Dict[int, torch.Tensor], tr: Tracer, allow_untracked=False):
+def _apply_to_ids(func, args, kwargs, subst: Dict[int, torch.Tensor], tr: Tracer):
     def conv(a):
         if isinstance(a, torch.Tensor) and not (a.dtype in (torch.long, torch.int, torch.bool) and tr.get(a) is None and id(a) not in subst and not _is_data(a, tr)):
             if id(a) in subst:

@@ -92,7 +92,6 @@ class Tracer(TorchFunctionMode):
         # (param name, dim) -> {position: first atom aligned with it}
         self.param_alignment: Dict[Tuple[str, int], Dict[int, int]] = {}
         self.param_use_keys: set = set()
-        self._keep_alive: List[torch.Tensor] = []
 
     # -- op ids and module context ------------------------------------------
     @property
