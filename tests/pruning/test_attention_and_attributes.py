@@ -173,5 +173,5 @@ def test_embedding_of_an_id_buffer_is_sliced_with_the_stream() -> None:
             return self.fc(self.tok(x) + self.typ(self.ids))
 
     net = Emb().to(D).eval()
-    m = _exact(net, [torch.randint(0, 10, (2, 5))], pruned_inputs=[("fc.weight", 3)])
+    _exact(net, [torch.randint(0, 10, (2, 5))], pruned_inputs=[("fc.weight", 3)])
     assert net.tok.weight.shape == (10, 7) and net.typ.weight.shape == (2, 7) and net.tok.embedding_dim == 7
