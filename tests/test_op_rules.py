@@ -639,14 +639,6 @@ ALLOW_NO_CASE = {
 # ---------------------------------------------------------------------------
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_rule_against_oracle(case):
     """A rule may claim more than the truth (info), never less (bug)."""

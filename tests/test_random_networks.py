@@ -28,14 +28,6 @@ BASE_SEED = int(os.environ.get("CHANNELCUT_RANDNET_SEED", "1000000"))
 SEEDS = list(range(BASE_SEED, BASE_SEED + N_EXAMPLES))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.parametrize("seed", SEEDS)
 def test_random_network_export(seed):
     outcome = props.run_example(seed, show_net=True)

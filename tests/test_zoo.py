@@ -117,14 +117,6 @@ def _request(consumers: Dict[str, int]) -> List[Tuple[str, int]]:
     return pruned
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.mark.parametrize("constrained", [False, True], ids=["unconstrained", "constrained"])
 @pytest.mark.parametrize("build,size", [pytest.param(b, s, id=i) for i, b, s in MODELS])
 def test_zoo_model_exports_exactly(build, size, constrained):

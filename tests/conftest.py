@@ -1,4 +1,4 @@
-"""Fixtures for the export tests in this folder (helpers live in ``_helpers.py``)."""
+"""Fixtures shared by the whole test suite (export helpers live in ``tests/pruning/_helpers.py``)."""
 
 import pytest
 import torch
