@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .trace import NO_SOURCE, Consumer, Producer
+from .reorder import is_tiling
 from .sizes import SizeInt
 from .tracing import Tr, Tracer, _TooBig, flatten_tensors
 
@@ -399,21 +400,8 @@ def reduction(tr: Tracer, func, args, kwargs, out) -> None:
         if len(rest) > 1 and isinstance(rest[-1], bool) and "keepdim" not in kwargs:
             keepdim = rest[-1] if not (name in ("std", "var", "std_mean", "var_mean") and len(rest) == 2) else False
     dims = _dims(dim, x.dim())
-    t = tr.get(x)
-    outs = flatten_tensors(out) if not isinstance(out, torch.Tensor) else [out]
-    if dims is None or (t.vdim is not None and t.vdim in dims):
-        rep = tr.couple(t.ids)
-        for y in outs:
-            tr.set(y, Tr.scalar(rep, y.dim()))
-        return
-    vd = t.vdim
-    if vd is not None and not keepdim:
-        vd -= sum(1 for d in dims if d < vd)
-    for y in outs:
-        if vd is None:
-            tr.set(y, Tr.scalar(int(t.ids[0]), y.dim()))
-        else:
-            tr.set(y, Tr.along(t.ids, vd, y.dim()))
+    for y in flatten_tensors(out) if not isinstance(out, torch.Tensor) else [out]:
+        _reduce_dims(tr, x, dims, keepdim, y)
 
 
 @rule("norm")
@@ -889,21 +877,6 @@ def _groups(tr: Tracer, t: Tr) -> List[int]:
     return [find(a) if a >= 0 else -1 for a in t.ids.tolist()]
 
 
-def _is_tiling(out: List[int], base: List[int]) -> bool:
-    """``out`` is ``base`` with each entry repeated m times, all tiled k times."""
-    n = len(base)
-    if n == 0 or len(out) % n:
-        return False
-    for m in range(1, len(out) // n + 1):
-        if (len(out) // n) % m:
-            continue
-        unit = [g for g in base for _ in range(m)]
-        k = len(out) // len(unit)
-        if unit * k == out:
-            return True
-    return False
-
-
 def _preserves_channels(tr: Tracer, in_groups: List[List[int]], out: Tr) -> bool:
     if out.vdim is None:
         return all(len(set(g)) <= 1 for g in in_groups)
@@ -911,9 +884,9 @@ def _preserves_channels(tr: Tracer, in_groups: List[List[int]], out: Tr) -> bool
     nonempty = [g for g in in_groups if g]
     if not nonempty:
         return True
-    if _is_tiling(og, [g for grp in nonempty for g in grp]):
+    if is_tiling(og, [g for grp in nonempty for g in grp]):
         return True
-    return all(_is_tiling(og, g) for g in nonempty)
+    return all(is_tiling(og, g) for g in nonempty)
 
 
 def _apply_to_ids(func, args, kwargs, subst: Dict[int, torch.Tensor], tr: Tracer):

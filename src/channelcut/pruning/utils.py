@@ -1,4 +1,4 @@
-"""Small helpers: zero-channel detection, output comparison, model statistics."""
+"""Small helpers: zero-channel detection and output comparison."""
 
 from __future__ import annotations
 
@@ -69,7 +69,3 @@ def compare_outputs(out: Any, ref: Any, rtol: Optional[float] = None) -> Optiona
         if not err <= tol * max(scale, 1e-12):  # also catches NaN
             return f"output {i} differs from the mock by {err:.3g} (relative to max |y| = {scale:.3g})"
     return None
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
