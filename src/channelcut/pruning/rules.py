@@ -26,7 +26,6 @@ from .tracing import Tr, Tracer, _TooBig, flatten_tensors
 
 Rule = Callable[[Tracer, Any, tuple, dict, Any], None]
 RULES: Dict[str, Rule] = {}
-_CURRENT: List[Tracer] = []  # the tracer running dispatch (for small helpers)
 
 
 def rule(*names: str) -> Callable[[Rule], Rule]:
@@ -72,7 +71,6 @@ WRITES = {"__setitem__", "index_put", "index_put_", "masked_scatter", "masked_sc
 
 
 def dispatch(tr: Tracer, func: Any, args: tuple, kwargs: dict, out: Any) -> None:
-    _CURRENT[:] = [tr]
     name = func_name(func)
     if name in WRITES:  # in-place writes return None or their target
         tensors = _tensor_args(args, kwargs)
@@ -930,12 +928,12 @@ def _fast_movement(tr: Tracer, name: str, func, args, kwargs, outs) -> bool:
             return True
         return False
     if name in ("reshape", "view", "flatten", "unflatten", "view_as", "reshape_as", "squeeze", "unsqueeze", "ravel"):
-        return _reshape_fast(tr, t, x, y, _requested_shape(name, x, args, kwargs), name)
+        return _reshape_fast(tr, t, x, y, _requested_shape(tr, name, x, args, kwargs), name)
     if name in ("expand", "expand_as", "broadcast_to"):
         vd = t.vdim + y.dim() - x.dim()
         if x.shape[t.vdim] != y.shape[vd]:
             return False
-        req = _requested_shape(name, x, args, kwargs)
+        req = _requested_shape(tr, name, x, args, kwargs)
         size = req[vd] if req is not None and len(req) == y.dim() else -1
         if not (size == -1 or isinstance(size, SizeInt) and _follows(tr, size, t.ids)):
             tr.pin_ids(t.ids, f"'{name}' to a hard-coded channel count ({tr.module or '<model>'})")
@@ -989,14 +987,14 @@ def _cat_fast(tr: Tracer, name: str, args, kwargs, y: torch.Tensor) -> bool:
     return True
 
 
-def _requested_shape(name: str, x: torch.Tensor, args, kwargs) -> Optional[List[Any]]:
+def _requested_shape(tr: Tracer, name: str, x: torch.Tensor, args, kwargs) -> Optional[List[Any]]:
     """The shape arguments of reshape/view/unflatten as the model wrote them
     (ints, -1, or channel-carrying :class:`SizeInt`), aligned to output dims."""
     if name in ("view_as", "reshape_as", "expand_as"):
         other = _arg(args, kwargs, 1, "other")
         if not isinstance(other, torch.Tensor):
             return None
-        t = _CURRENT[0].get(other) if _CURRENT else None
+        t = tr.get(other)
         base = tuple(t.ids.tolist()) if t is not None and t.vdim is not None else None
         return [SizeInt(v, base) if t is not None and d == t.vdim else int(v) for d, v in enumerate(other.shape)]
     if name in ("reshape", "view", "expand", "broadcast_to"):
