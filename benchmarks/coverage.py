@@ -292,12 +292,16 @@ def max_rel_error(out: Any, ref: Any) -> Tuple[float, Optional[str]]:
 def count_macs(net: nn.Module, inputs: Any) -> Optional[int]:
     from torch.utils.flop_counter import FlopCounterMode
 
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)  # its fused kernel has no FLOP formula
     try:
         with FlopCounterMode(display=False) as counter:
             call(net, inputs)
         return int(counter.get_total_flops() // 2)
     except Exception:
         return None
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
 
 
 def count_params(net: nn.Module) -> int:

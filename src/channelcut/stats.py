@@ -21,10 +21,11 @@ tensor is accepted too and means ``[tensor]``).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
 import time
-from typing import Any, Dict, List, Mapping, Optional, Sequence, TypedDict, Union
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, TypedDict, Union
 
 import torch
 from torch import nn
@@ -80,14 +81,26 @@ def count_macs(model: nn.Module, inputs: Inputs) -> int:
     not; for conv nets they are a small fraction of the total.
 
     The call runs under ``torch.no_grad()``; the model's train/eval mode is
-    left as it is.
+    left as it is. The fused fast path of ``nn.MultiheadAttention`` and
+    ``nn.TransformerEncoderLayer`` is switched off while counting (its native
+    kernel has no FLOP formula, so a dense model would be under-counted).
     """
     _check_module(model, "count_macs")
     args, kwargs = _split_inputs(inputs)
     counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
+    with torch.no_grad(), _no_mha_fastpath(), counter:
         model(*args, **kwargs)
     return int(counter.get_total_flops()) // 2
+
+
+@contextlib.contextmanager
+def _no_mha_fastpath() -> Iterator[None]:
+    before = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(before)
 
 
 # ----------------------------------------------------------------------------

@@ -37,7 +37,7 @@ torch.Size([1, 2, 3, 3])
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Optional, Sequence, Type
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Type
 
 import torch
 import torch.nn.functional as F
@@ -295,3 +295,40 @@ def _compose(module: nn.Module, dim: int, indices: List[int], contiguous: Option
         module.__dict__.update(saved)
 
     return undo
+
+
+# -- attention ------------------------------------------------------------------
+# (imported late: attention.py has no dependency on this module)
+from .attention import PrunedMultiheadAttention  # noqa: E402
+
+
+class SubselectMultiheadAttention(SubselectMixin, PrunedMultiheadAttention):
+    """A pruned ``nn.MultiheadAttention`` that reads a subset of the channels
+    of its query, key and value (the same subset: they share the projection's
+    input columns)."""
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_padding_mask: Optional[torch.Tensor] = None,
+        need_weights: bool = True,
+        attn_mask: Optional[torch.Tensor] = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        same_kv = key is value
+        same_qk = query is key
+        query = self.subselect(query)
+        if same_qk and same_kv:
+            key = query
+            value = query
+        else:
+            key = self.subselect(key)
+            value = key if same_kv else self.subselect(value)
+        return self.run_attention(query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal)
+
+
+_BUILTIN[nn.MultiheadAttention] = SubselectMultiheadAttention
+_BUILTIN[PrunedMultiheadAttention] = SubselectMultiheadAttention

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..errors import ExportError
+from .attention import fix_multihead_attention
 from .mock import zero_input_channels
 from .modules import install_subselection
 from .spec import PruningSpec, Subselection
@@ -148,6 +149,12 @@ def prune_model(model: nn.Module, spec: PruningSpec) -> Rollback:
             touched[mod_name] = model.get_submodule(mod_name) if mod_name else model
         for m in touched.values():
             _fix_attributes(m, rb)
+        for mod_name, m in model.named_modules():
+            # an attention layer whose projections changed (out_proj is a child)
+            if isinstance(m, nn.MultiheadAttention) and any(
+                n == mod_name or n == f"{mod_name}.out_proj" for n in touched
+            ):
+                fix_multihead_attention(m, rb.set_attr)
         for mod_name, attrs in spec.attributes.items():
             m = model.get_submodule(mod_name) if mod_name else model
             for attr, value in attrs.items():

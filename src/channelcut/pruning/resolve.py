@@ -133,6 +133,24 @@ def resolve(
                 physical[op] = False
                 if shared:
                     dropped[op] = set(shared)
+    # a Subselect layer narrows the input of the module that owns the weight:
+    # a weight used from another module's forward (the output projection of
+    # nn.MultiheadAttention) keeps zero columns instead
+    for op, c in graph.consumers.items():
+        if physical[op] and (c.module or "") != c.param.rpartition(".")[0]:
+            physical[op] = False
+    # a module holds one input selection: several consumers in one module
+    # that read different tensors or channels (q/k/v projections of a
+    # cross-attention, with their own masks)
+    # keep zero columns instead
+    by_module: Dict[str, List[str]] = defaultdict(list)
+    for op, c in graph.consumers.items():
+        if physical[op]:
+            by_module[c.module or ""].append(op)
+    for ops in by_module.values():
+        if len({(tuple(graph.consumers[op].in_ids), frozenset(dropped.get(op, ()))) for op in ops}) > 1:
+            for op in ops:
+                physical[op] = False
 
     # 2. which groups stay present --------------------------------------------
     kept_by_any: Set[int] = set()

@@ -20,6 +20,7 @@ import warnings
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
@@ -293,6 +294,12 @@ class Tracer(TorchFunctionMode):
     # -- dispatch -----------------------------------------------------------
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func is F.multi_head_attention_forward:
+            from .attention import traced_multi_head_attention
+
+            result = traced_multi_head_attention(self, args, kwargs)
+            if result is not None:
+                return result
         out = func(*args, **kwargs)
         from . import rules
 
