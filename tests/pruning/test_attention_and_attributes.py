@@ -62,6 +62,157 @@ def test_literal_head_count_keeps_attention_whole() -> None:
         PruningManager(net).compute([x], pruned_outputs=[("q.weight", 5)])
 
 
+class HeadCountAttn(nn.Module):
+    """timm's ViT attention: heads split with the literal ``self.num_heads`` and
+    merged with ``self.attn_dim`` (both plain int attributes)."""
+
+    def __init__(self, dim: int = 12, num_heads: int = 3, head_dim: int = 4) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim, self.attn_dim = num_heads, head_dim, num_heads * head_dim
+        self.qkv = nn.Linear(dim, 3 * self.attn_dim)
+        self.proj = nn.Linear(self.attn_dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        o = F.scaled_dot_product_attention(q, k, v)
+        return x + self.proj(o.transpose(1, 2).reshape(b, n, self.attn_dim))
+
+
+@pytest.mark.parametrize("mode", ["unconstrained", "constrained"])
+@pytest.mark.parametrize("heads", [3, 4], ids=["heads_equal_qkv_factor", "four_heads"])
+def test_literal_num_heads_attribute_is_rewritten(mode: str, heads: int) -> None:
+    """With 3 heads the reshape is (3, 3, 4): only the attribute's identity
+    tells which 3 counts heads."""
+    torch.manual_seed(heads)
+    net = nn.Sequential(HeadCountAttn(num_heads=heads), nn.Linear(12, 2)).to(D).eval()
+    x = torch.randn(2, 5, 12, dtype=D)
+    m = PruningManager(net)
+    m.trace([x])
+    # drop head 1 from the output projection's input: it goes from q, k and v
+    request = [("0.proj.weight", c) for c in range(4, 8)] + [("1.weight", 0)]
+    m.compute([x], pruned_inputs=request, constrained=(mode == "constrained"))
+    y_mock = m.get_mock_model()(x)
+    m.prune()
+    att = net[0]
+    assert (att.num_heads, att.attn_dim, att.head_dim) == (heads - 1, 4 * (heads - 1), 4)
+    assert att.qkv.weight.shape[0] == 3 * 4 * (heads - 1)
+    assert type(att.num_heads) is int  # the tracing marker is gone
+    assert torch.allclose(net(x), y_mock, rtol=1e-10, atol=1e-12)
+    m.undo()
+    assert (att.num_heads, att.attn_dim) == (heads, 4 * heads) and type(att.num_heads) is int
+
+
+class StreamSizedAttn(nn.Module):
+    """CaiT/Twins/NesT style: the head size is computed from the input's
+    width (``C // self.num_heads``) and the heads are merged back to ``C``;
+    BEiT style bias: ``cat((q_bias, k_bias, v_bias))`` with a zero buffer."""
+
+    def __init__(self, dim: int = 12, num_heads: int = 3) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.q_bias = nn.Parameter(torch.randn(dim))
+        self.v_bias = nn.Parameter(torch.randn(dim))
+        self.register_buffer("k_bias", torch.zeros(dim), persistent=False)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        bias = torch.cat((self.q_bias, self.k_bias, self.v_bias))
+        qkv = F.linear(x, self.qkv.weight, bias).reshape(b, n, 3, self.num_heads, c // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        o = F.scaled_dot_product_attention(q, k, v)
+        return x + self.proj(o.transpose(1, 2).reshape(b, n, c))
+
+
+@pytest.mark.parametrize("mode", ["unconstrained", "constrained"])
+def test_head_size_computed_from_the_stream_width(mode: str) -> None:
+    torch.manual_seed(7)
+    net = nn.Sequential(nn.Linear(5, 12), StreamSizedAttn(), nn.Linear(12, 2)).to(D).eval()
+    x = torch.randn(2, 4, 5, dtype=D)
+    m = PruningManager(net)
+    m.trace([x])
+    assert not m.graph.barriers
+    # the stream is as wide as q, k and v: dropping head 2's channels from
+    # everything that reads the stream removes the head and shrinks C
+    request = [(p, c) for p in ("1.qkv.weight", "1.proj.weight", "2.weight") for c in range(8, 12)]
+    m.compute([x], pruned_inputs=request, constrained=(mode == "constrained"))
+    y_mock = m.get_mock_model()(x)
+    m.prune()
+    att = net[1]
+    assert att.num_heads == 2 and att.qkv.weight.shape == (24, 8)
+    assert att.q_bias.shape == att.k_bias.shape == att.v_bias.shape == (8,)
+    assert torch.allclose(net(x), y_mock, rtol=1e-10, atol=1e-12)
+
+
+class MixedConv(nn.Module):
+    """MixNet: ``torch.split(x, self.splits, 1)``, a conv per section, cat."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.splits = [3, 5]
+        self.convs = nn.ModuleList([nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.Conv2d(5, 6, 5, padding=2, bias=False)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([c(p) for c, p in zip(self.convs, torch.split(x, self.splits, 1))], 1)
+
+
+class KeyValueSplit(nn.Module):
+    """LeViT: ``view(B, N, heads, -1).split([self.key_dim, self.key_dim, self.val_dim], dim=3)``."""
+
+    def __init__(self, dim: int = 8, num_heads: int = 2, key_dim: int = 3, val_dim: int = 5) -> None:
+        super().__init__()
+        self.num_heads, self.key_dim, self.val_dim = num_heads, key_dim, val_dim
+        self.val_attn_dim = num_heads * val_dim
+        self.qkv = nn.Linear(dim, num_heads * (2 * key_dim + val_dim))
+        self.proj = nn.Linear(self.val_attn_dim, dim)
+        self.scale = key_dim ** -0.5
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).view(b, n, self.num_heads, -1).split([self.key_dim, self.key_dim, self.val_dim], dim=3)
+        q, k, v = q.permute(0, 2, 1, 3), k.permute(0, 2, 1, 3), v.permute(0, 2, 1, 3)
+        attn = (q @ k.transpose(-2, -1) * self.scale).softmax(-1)
+        return x + self.proj((attn @ v).transpose(1, 2).reshape(b, n, self.val_attn_dim))
+
+
+@pytest.mark.parametrize("mode", ["unconstrained", "constrained"])
+def test_split_sections_held_by_the_module_are_rewritten(mode: str) -> None:
+    torch.manual_seed(8)
+    net = nn.Sequential(nn.Conv2d(2, 8, 1), MixedConv(), nn.Conv2d(10, 2, 1)).to(D).eval()
+    x = torch.randn(2, 2, 6, 6, dtype=D)
+    request = [("1.convs.0.weight", 1), ("1.convs.1.weight", 0), ("1.convs.1.weight", 4), ("2.weight", 9)]
+    m = PruningManager(net).compute([x], pruned_inputs=request, constrained=(mode == "constrained"))
+    y_mock = m.get_mock_model()(x)
+    m.prune()
+    assert net[1].splits == [2, 3]
+    assert net[0].out_channels == 5
+    assert torch.allclose(net(x), y_mock, rtol=1e-10, atol=1e-12)
+    m.undo()
+    assert net[1].splits == [3, 5]
+
+
+@pytest.mark.parametrize("mode", ["unconstrained", "constrained"])
+def test_key_and_value_sections_shrink_with_their_attributes(mode: str) -> None:
+    torch.manual_seed(9)
+    net = nn.Sequential(KeyValueSplit(), nn.Linear(8, 2)).to(D).eval()
+    x = torch.randn(2, 4, 8, dtype=D)
+    m = PruningManager(net)
+    m.trace([x])
+    assert not m.graph.barriers
+    # value channel 4 of every head (a -1 dim: channels are coupled across heads)
+    request = [("0.proj.weight", 4), ("0.proj.weight", 9)]
+    m.compute([x], pruned_inputs=request, constrained=(mode == "constrained"))
+    y_mock = m.get_mock_model()(x)
+    m.prune()
+    att = net[0]
+    assert (att.key_dim, att.val_dim, att.val_attn_dim) == (3, 4, 8)
+    assert att.qkv.weight.shape[0] == 2 * (3 + 3 + 4)
+    assert torch.allclose(net(x), y_mock, rtol=1e-10, atol=1e-12)
+
+
 class Conv1D(nn.Module):
     """GPT-2 style: weight (in, out), addmm, output reshaped with ``self.nf``."""
 

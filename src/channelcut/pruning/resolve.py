@@ -295,6 +295,10 @@ def resolve(
         new = len(layout.order(ids)) // divisor
         if new != len(ids) // divisor:
             spec.attributes.setdefault(module, {})[attr] = new
+    for module, attr, sections, is_tuple in graph.module_lists:
+        sizes = [len(layout.order(ids)) for ids in sections]
+        if sizes != [len(ids) for ids in sections]:
+            spec.attributes.setdefault(module, {})[attr] = tuple(sizes) if is_tuple else sizes
 
     masks: Dict[str, MaskEntry] = {}
     for op, c in graph.consumers.items():

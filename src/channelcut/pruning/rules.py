@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from .trace import NO_SOURCE, Consumer, Producer
 from .reorder import is_tiling
-from .sizes import SizeInt
+from .sizes import AttrInt, SizeInt
 from .tracing import Tr, Tracer, _TooBig, flatten_tensors
 
 Rule = Callable[[Tracer, Any, tuple, dict, Any], None]
@@ -178,6 +178,26 @@ def _untracked(tr: Tracer, name: str, func, args, kwargs, out, tensors) -> None:
             except Exception:
                 return
         tr.prov[out] = merged
+        return
+    if base in ("cat", "concat", "concatenate") and len(tensors) > 1 and all(refs):
+        # torch.cat((q_bias, k_bias, v_bias)): each part follows its parameter
+        # (index -1 where an entry comes from another one)
+        dim = kwargs.get("dim", args[1] if len(args) > 1 else 0)
+        if not isinstance(dim, int) or out.dim() == 0:
+            return
+        dim %= out.dim()
+        merged = []
+        offset = 0
+        for x, r in zip(tensors, refs):
+            if x.dim() != out.dim():
+                return
+            for pname, idx in r:
+                full = torch.full(tuple(out.shape), -1, dtype=torch.long)
+                full.narrow(dim, offset, x.shape[dim]).copy_(idx)
+                merged.append((pname, full))
+            offset += x.shape[dim]
+        if offset == out.shape[dim]:
+            tr.prov[out] = merged
         return
     if base in MOVEMENT or name in ("get:T", "get:mT", "get:data"):
         if len([r for r in refs if r]) != 1 or not refs[0]:
@@ -699,7 +719,7 @@ def conv(tr: Tracer, func, args, kwargs, out) -> None:
     if bname is not None:
         tr.record_param_use(bname, 0, list(range(cout)), atoms)
     elif isinstance(bias, torch.Tensor):
-        tr.pin_ids(atoms, f"{name} with a computed bias")
+        _computed_bias(tr, bias, atoms, name)
     tr.set(out, Tr.along(atoms, 1, out.dim()) if cout > 1 else Tr.scalar(int(atoms[0]), out.dim()))
 
 
@@ -708,6 +728,15 @@ def linear(tr: Tracer, func, args, kwargs, out) -> None:
     x, w = args[0], _arg(args, kwargs, 1, "weight")
     bias = _arg(args, kwargs, 2, "bias")
     _linear_like(tr, "linear", x, w, bias, out, weight_in_dim=1)
+
+
+def _computed_bias(tr: Tracer, bias: torch.Tensor, atoms: torch.Tensor, name: str) -> None:
+    """A bias computed from parameters (BEiT's ``cat((q_bias, k_bias, v_bias))``)
+    is sliced through its provenance; anything else keeps the outputs."""
+    if tr.get(bias) is None and bias.dim() == 1 and bias.shape[0] == atoms.numel() and tr.param_ref(bias):
+        tr.align_operand(bias, 1, 0, atoms, f"the bias of {name}")
+    else:
+        tr.pin_ids(atoms, f"{name} with a computed bias")
 
 
 def _linear_like(tr: Tracer, name: str, x, w, bias, out, weight_in_dim: int) -> None:
@@ -740,7 +769,7 @@ def _linear_like(tr: Tracer, name: str, x, w, bias, out, weight_in_dim: int) -> 
     if bname is not None:
         tr.record_param_use(bname, 0, list(range(cout)), atoms)
     elif isinstance(bias, torch.Tensor):
-        tr.pin_ids(atoms, f"{name} with a computed bias")
+        _computed_bias(tr, bias, atoms, name)
     tr.set(out, Tr.along(atoms, out.dim() - 1, out.dim()) if cout > 1 else Tr.scalar(int(atoms[0]), out.dim()))
 
 
@@ -771,6 +800,17 @@ def matmul(tr: Tracer, func, args, kwargs, out) -> None:
         raise _Unsupported("matmul with a 1-d operand")
     ta = tr.get(a) or Tr.scalar(NO_SOURCE, a.dim())
     tb = tr.get(b) or Tr.scalar(NO_SOURCE, b.dim())
+    nd = out.dim()
+    # one operand carries no channel dim (attention weights @ v): the other's
+    # channels pass through and need it, like a broadcast gate
+    if ta.vdim is None and int(ta.ids[0]) >= 0 and tb.vdim == b.dim() - 1 and b.dim() >= 2:
+        tr.need(tb.ids, int(ta.ids[0]))
+        tr.set(out, Tr.along(tb.ids, nd - 1, nd))
+        return
+    if tb.vdim is None and int(tb.ids[0]) >= 0 and ta.vdim == a.dim() - 2 and a.dim() >= 2:
+        tr.need(ta.ids, int(tb.ids[0]))
+        tr.set(out, Tr.along(ta.ids, nd - 2, nd))
+        return
     # contracted dims couple; row dim of a and column dim of b pass through
     ca = ta.t
     if ta.vdim == a.dim() - 1:
@@ -778,7 +818,6 @@ def matmul(tr: Tracer, func, args, kwargs, out) -> None:
     cb = tb.t
     if tb.vdim == b.dim() - 2:
         cb = torch.full((1,) * b.dim(), tr.couple(tb.ids), dtype=torch.long)
-    nd = out.dim()
     ca = ca.reshape((1,) * (nd - ca.dim()) + tuple(ca.shape))
     cb = cb.reshape((1,) * (nd - cb.dim()) + tuple(cb.shape))
     merged = tr.union_pairs(ca, cb)
@@ -842,6 +881,8 @@ def movement(tr: Tracer, func, args, kwargs, out) -> None:
     if name in ("gather", "take_along_dim", "index_select", "masked_select") and tr.get(args[0]) is None:
         raise _Unsupported("indexing with a tracked index")
     if name in ("chunk", "split", "unsafe_chunk", "unsafe_split") and _chunk_fast(tr, name, args, kwargs, outs):
+        return
+    if name in ("split", "split_with_sizes", "unsafe_split") and _split_sections_fast(tr, name, args, kwargs, outs):
         return
     if name in ("cat", "concat", "concatenate") and len(outs) == 1 and _cat_fast(tr, name, args, kwargs, outs[0]):
         return
@@ -1056,19 +1097,36 @@ def _reshape_fast(tr: Tracer, t: Tr, x: torch.Tensor, y: torch.Tensor, requested
                 adaptive = gj[:1]
         attr_update = None
         if not adaptive and requested is not None and len(requested) == len(s_out):
-            # a literal size may be a module attribute (Conv1D.nf, ...): if exactly
-            # one dim matches exactly one int attribute, that dim follows the
-            # channels and the attribute is rewritten when pruning
-            cands = [(d, names) for d in gj for names in [_int_attrs_equal(tr, requested[d])] if len(names) == 1]
-            if len(cands) == 1:
-                adaptive = [cands[0][0]]
-                attr_update = (tr.module, cands[0][1][0])
+            heads = [d for d in gj if isinstance(requested[d], AttrInt)]
+            if len(heads) == 1:
+                # (..., self.num_heads, self.head_dim): whole heads go, and
+                # the head count is rewritten when pruning
+                adaptive = heads
+                attr_update = (requested[heads[0]].module, requested[heads[0]].attr)
+            else:
+                # a literal size may be a module attribute (Conv1D.nf, ...): if
+                # exactly one dim matches exactly one int attribute, that dim
+                # follows the channels and the attribute is rewritten when pruning
+                cands = [(d, names) for d in gj for names in [_int_attrs_equal(tr, requested[d])] if len(names) == 1]
+                if len(cands) == 1:
+                    adaptive = [cands[0][0]]
+                    attr_update = (tr.module, cands[0][1][0])
         if len(adaptive) != 1:
             where = tr.module or "<model>"
             why = "a hard-coded size" if not adaptive else "several sizes computed from the channel count"
             tr.pin_ids(t.ids, f"'{name}' with {why} for the channel dim ({where})")
             return False
         a = adaptive[0]
+        if attr_update is None and requested is not None and len(requested) == len(s_out):
+            sz = requested[a]
+            if isinstance(sz, SizeInt) and sz.base is not None and len(sz.base) != sz:
+                retry = _split_heads_of(tr, t, gj, requested)
+                if retry is not None:
+                    # reshape(B, N, 3, self.num_heads, C // self.num_heads):
+                    # the head size is computed from the stream's width C, so
+                    # whole heads go and the stream keeps as many channels as
+                    # each of q, k and v
+                    return _reshape_fast(tr, t, x, y, retry, name)
         shape_in = [s_in[d] for d in gi]
         ids_shape = [1] * len(gi)
         ids_shape[gi.index(t.vdim)] = t.ids.numel()
@@ -1101,6 +1159,29 @@ def _reshape_fast(tr: Tracer, t: Tr, x: torch.Tensor, y: torch.Tensor, requested
             tr.set(y, Tr.along(ids, a, y.dim()))
         return True
     return False
+
+
+def _split_heads_of(tr: Tracer, t: Tr, gj: List[int], requested: List[Any]) -> Optional[List[Any]]:
+    """For a channel split ``(..., heads, C // heads)`` whose head count is a
+    module attribute (:class:`AttrInt`) and whose head size is computed from
+    another tensor's ``C`` channels: couple every C-block of the split
+    channels with those C channels position by position (their counts stay
+    equal) and return the sizes with the head size as a plain int, so that
+    the heads dim is the one that shrinks. None when they do not fit."""
+    heads = [d for d in gj if isinstance(requested[d], AttrInt)]
+    sized = [d for d in gj if isinstance(requested[d], SizeInt)]
+    if len(heads) != 1 or len(sized) != 1:
+        return None
+    base = [a for a in (requested[sized[0]].base or ())]
+    n = t.ids.numel()
+    if not base or min(base) < 0 or n % len(base):
+        return None
+    b = torch.tensor(base, dtype=torch.long)
+    for k in range(n // len(base)):
+        tr.union_pairs(b, t.ids[k * len(base):(k + 1) * len(base)])
+    retry = list(requested)
+    retry[sized[0]] = int(retry[sized[0]])
+    return retry
 
 
 def _int_attrs_equal(tr: Tracer, value: Any) -> List[str]:
@@ -1318,6 +1399,68 @@ def _chunk_fast(tr: Tracer, name: str, args, kwargs, outs) -> bool:
     for y in outs:
         tr.set(y, Tr.along(merged, t.vdim, y.dim()) if merged.numel() > 1 else Tr.scalar(int(merged[0]), y.dim()))
     return True
+
+
+def _split_sections_fast(tr: Tracer, name: str, args, kwargs, outs) -> bool:
+    """``split([a, b, c])`` along the channel dim with sizes the module holds:
+    the whole list as one attribute (MixNet's ``self.splits``: rewritten to the
+    kept counts), or each size as an int attribute (``[self.key_dim,
+    self.key_dim, self.val_dim]``: sections of one attribute are coupled
+    position by position so they stay equal; the attribute is rewritten).
+    Sections of any other literal size keep their channels."""
+    x = args[0]
+    t = tr.get(x)
+    dim = _arg(args, kwargs, 2, "dim", 0)
+    if t is None or t.vdim is None or not isinstance(dim, int) or dim % x.dim() != t.vdim:
+        return False
+    sections = _arg(args, kwargs, 1, "split_size_or_sections", _arg(args, kwargs, 1, "split_sizes"))
+    if not isinstance(sections, (list, tuple)) or len(sections) < 2 or len(sections) != len(outs):
+        return False
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in sections):
+        return False
+    if sum(sections) != x.shape[t.vdim]:
+        return False
+    parts, start = [], 0
+    for v in sections:
+        parts.append(t.ids[start:start + v])
+        start += v
+    module = _current_module_object(tr)
+    whole = [] if module is None else [
+        k for k, v in vars(module).items()
+        if not k.startswith("_") and isinstance(v, (list, tuple)) and len(v) == len(sections)
+        and all(type(a) is int and a == b for a, b in zip(v, sections))
+    ]
+    where = tr.module or "<model>"
+    if len(whole) == 1:
+        is_tuple = isinstance(getattr(module, whole[0]), tuple)
+        tr.graph.module_lists.append((tr.module, whole[0], [p.tolist() for p in parts], is_tuple))
+    else:
+        by_attr: Dict[str, List[int]] = {}
+        for i, v in enumerate(sections):
+            names = [v.attr] if isinstance(v, AttrInt) else _int_attrs_equal(tr, v)
+            if len(names) == 1:
+                by_attr.setdefault(names[0], []).append(i)
+            else:
+                tr.pin_ids(parts[i], f"'{name}' with a hard-coded section size ({where})")
+        if not by_attr:
+            return False
+        for attr, idx in by_attr.items():
+            first = parts[idx[0]]
+            for i in idx[1:]:
+                first = tr.union_pairs(first, parts[i])
+            tr.graph.module_sizes.append((tr.module, attr, parts[idx[0]].tolist(), 1))
+    for y, p in zip(outs, parts):
+        tr.set(y, Tr.along(p, t.vdim, y.dim()) if p.numel() > 1 else Tr.scalar(int(p[0]), y.dim()))
+    return True
+
+
+def _current_module_object(tr: Tracer) -> Optional[torch.nn.Module]:
+    if tr.module is None:
+        return None
+    try:
+        return tr.model.get_submodule(tr.module)
+    except AttributeError:
+        return None
 
 
 def _follows_part(tr: Tracer, size: SizeInt, ids: torch.Tensor, n: int) -> bool:

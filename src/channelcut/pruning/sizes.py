@@ -61,5 +61,38 @@ class SizeInt(int):
     def __repr__(self): return int.__repr__(self)  # noqa: E704
 
 
+class AttrInt(int):
+    """A module's head-count attribute (``num_heads``, ...) while tracing.
+
+    Read by the model as an ordinary int; a reshape that splits channels into
+    ``(..., self.num_heads, self.head_dim)`` passes this very object, which
+    tells the tracer that the heads dim may shrink and which attribute to
+    rewrite. Arithmetic gives plain ints (``self.num_heads * self.head_dim`` is
+    not a head count).
+
+    >>> h = AttrInt(4, "blocks.0.attn", "num_heads")
+    >>> h == 4, (h.module, h.attr), type(h * 2) is int
+    (True, ('blocks.0.attn', 'num_heads'), True)
+    """
+
+    module: str
+    attr: str
+
+    def __new__(cls, value: int, module: str, attr: str) -> "AttrInt":
+        obj = super().__new__(cls, value)
+        obj.module = module
+        obj.attr = attr
+        return obj
+
+    def __reduce__(self):
+        return (int, (int(self),))
+
+    def __repr__(self): return int.__repr__(self)  # noqa: E704
+
+
+# attribute names that count attention heads in the model zoos
+HEAD_COUNT_ATTRS = ("num_heads", "n_heads", "nheads", "heads", "n_head", "num_head", "num_attention_heads")
+
+
 def is_channel_size(v: Any) -> bool:
     return isinstance(v, SizeInt)

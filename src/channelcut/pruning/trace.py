@@ -216,6 +216,9 @@ class TracedGraph:
     # (module, attribute, channel atoms, divisor): module.attribute must become
     # (number of kept channels) // divisor, e.g. GroupNorm.num_groups
     module_sizes: List[Tuple[str, str, List[int], int]] = field(default_factory=list)
+    # (module, attribute, channels of each section, is a tuple): a list of
+    # section sizes (``torch.split(x, self.splits)``) rewritten when pruning
+    module_lists: List[Tuple[str, str, List[List[int]], bool]] = field(default_factory=list)
     # (atoms, reason): the number of kept channels among these atoms must not
     # change; resolve pins them unless they form a single group
     fixed_counts: List[Tuple[List[int], str]] = field(default_factory=list)

@@ -26,7 +26,7 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ..errors import TracingError
-from .sizes import SizeInt
+from .sizes import HEAD_COUNT_ATTRS, AttrInt, SizeInt
 from .trace import NO_SOURCE, SourceTable, TracedGraph
 
 
@@ -262,7 +262,7 @@ class Tracer(TorchFunctionMode):
             self.pin_ids(out_ids, f"combined with a constant tensor of fixed size in {what}")
             return
         uses = []
-        for name, idx in refs:
+        for name, idx in refs:  # (entries -1 where the tensor is not from this parameter)
             pshape = self.graph.param_shapes.get(name)
             if pshape is None:
                 self.pin_ids(out_ids, f"combined with tensor {name} in {what}")
@@ -270,21 +270,27 @@ class Tracer(TorchFunctionMode):
             sel = [0] * x.dim()
             sel[d] = slice(None)
             flat = idx[tuple(sel)]
-            coords = _unravel(flat, pshape)
+            covered = flat >= 0
+            if not bool(covered.any()):
+                continue
+            coords = _unravel(flat[covered], pshape)
             varying = [k for k, c in enumerate(coords) if c.numel() > 1 and bool((c != c[0]).any())]
-            ok = len(varying) == 1
+            ok = len(varying) == 1 or (len(varying) == 0 and len(pshape) == 1)
             if ok:
-                p = varying[0]
-                full_p = _unravel(idx.reshape(-1), pshape)[p].reshape(idx.shape)
+                p = varying[0] if varying else 0
+                full = _unravel(idx.clamp(min=0).reshape(-1), pshape)[p].reshape(idx.shape)
                 shape = [1] * x.dim()
                 shape[d] = x.shape[d]
-                ok = torch.equal(full_p, coords[p].reshape(shape).expand_as(full_p))
+                along = torch.full((x.shape[d],), -1, dtype=torch.long)
+                along[covered] = coords[p]
+                expected = along.reshape(shape).expand_as(full)
+                ok = torch.equal(torch.where(idx >= 0, full, -1), torch.where(idx >= 0, expected, -1))
             if not ok:
                 self.pin_ids(out_ids, f"combined with a reshaped view of {name} in {what}")
                 return
-            uses.append((name, p, coords[p].tolist()))
-        for name, p, positions in uses:
-            self.record_param_use(name, p, positions, out_ids)
+            uses.append((name, p, coords[p].tolist(), out_ids[covered]))
+        for name, p, positions, ids in uses:
+            self.record_param_use(name, p, positions, ids)
 
     def warn_once(self, key: str, msg: str) -> None:
         if key not in self.warned:
@@ -383,6 +389,19 @@ def preserve_buffers(model: torch.nn.Module) -> Iterator[None]:
                     b.copy_(v)
 
 
+def _mark_head_counts(model: torch.nn.Module) -> List[Tuple[torch.nn.Module, str, int]]:
+    """Replace every module's head-count attribute by an :class:`AttrInt`
+    for the traced pass; return what to put back."""
+    marked: List[Tuple[torch.nn.Module, str, int]] = []
+    for name, m in model.named_modules():
+        for attr in HEAD_COUNT_ATTRS:
+            v = m.__dict__.get(attr)
+            if type(v) is int and v > 1:
+                marked.append((m, attr, v))
+                m.__dict__[attr] = AttrInt(v, name, attr)
+    return marked
+
+
 def run_model(model: torch.nn.Module, inputs: Sequence[Any] | Dict[str, Any]) -> Any:
     """Call the model on positional (list/tuple) or keyword (dict) inputs,
     leaving its buffers unchanged."""
@@ -411,6 +430,7 @@ def trace(model: torch.nn.Module, inputs: Sequence[Any] | Dict[str, Any]) -> Tup
         if tracer.get(x) is None:
             tracer.set(x, tracer.fresh_pinned(f"<input{i}>", x.dim(), "is a model input"))
     hooks = _module_hooks(tracer)
+    marked = _mark_head_counts(model)
     try:
         with torch.no_grad(), tracer:
             out = run_model(model, inputs)
@@ -424,6 +444,8 @@ def trace(model: torch.nn.Module, inputs: Sequence[Any] | Dict[str, Any]) -> Tup
     finally:
         for h in hooks:
             h.remove()
+        for m, attr, value in marked:
+            m.__dict__[attr] = value
     outs = flatten_tensors(out)
     if not outs:
         raise TracingError(
