@@ -326,3 +326,37 @@ def test_embedding_of_an_id_buffer_is_sliced_with_the_stream() -> None:
     net = Emb().to(D).eval()
     _exact(net, [torch.randint(0, 10, (2, 5))], pruned_inputs=[("fc.weight", 3)])
     assert net.tok.weight.shape == (10, 7) and net.typ.weight.shape == (2, 7) and net.tok.embedding_dim == 7
+
+
+class CascadedSplit(nn.Module):
+    """EfficientViT-MSRA: every head splits its own projection with the same
+    ``[self.key_dim, self.key_dim, self.val_dim]``: one attribute, one value."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.key_dim, self.val_dim = 2, 5
+        self.qkvs = nn.ModuleList([nn.Conv2d(4, 9, 1) for _ in range(2)])
+        self.proj = nn.Conv2d(10, 3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        outs = []
+        for qkv in self.qkvs:
+            q, k, v = qkv(x).split([self.key_dim, self.key_dim, self.val_dim], dim=1)
+            outs.append(v * (q * k).sum(1, keepdim=True).sigmoid())
+        return self.proj(torch.cat(outs, 1))
+
+
+@pytest.mark.parametrize("mode", ["unconstrained", "constrained"])
+def test_one_size_attribute_used_by_several_heads_keeps_one_value(mode: str) -> None:
+    torch.manual_seed(10)
+    net = CascadedSplit().to(D).eval()
+    x = torch.randn(2, 4, 3, 3, dtype=D)
+    # head 0 drops value channel 1, head 1 drops value channels 1 and 3
+    request = [("proj.weight", 1), ("proj.weight", 6), ("proj.weight", 8)]
+    m = PruningManager(net).compute([x], pruned_inputs=request, constrained=(mode == "constrained"))
+    y_mock = m.get_mock_model()(x)
+    m.prune()
+    assert net.qkvs[0].weight.shape[0] == net.qkvs[1].weight.shape[0] == 4 + net.val_dim
+    # channel 1 goes from both heads; channel 3 stays for head 0 unless constrained
+    assert net.val_dim == (4 if mode == "unconstrained" else 3)
+    assert torch.allclose(net(x), y_mock, rtol=1e-10, atol=1e-12)

@@ -578,7 +578,7 @@ def batch_norm(tr: Tracer, func, args, kwargs, out) -> None:
     if all(p is None for p in params):
         mod = _current_module(tr, torch.nn.modules.batchnorm._BatchNorm)
         if mod is not None:
-            tr.graph.module_sizes.append((mod, "num_features", ids.tolist(), 1))
+            tr.add_module_size((mod, "num_features", ids.tolist(), 1))
     t = tr.get(x)
     tr.set(out, Tr(t.t, t.vdim))
 
@@ -591,7 +591,7 @@ def instance_norm(tr: Tracer, func, args, kwargs, out) -> None:
     if all(p is None for p in params):
         mod = _current_module(tr, torch.nn.modules.instancenorm._InstanceNorm)
         if mod is not None:
-            tr.graph.module_sizes.append((mod, "num_features", ids.tolist(), 1))
+            tr.add_module_size((mod, "num_features", ids.tolist(), 1))
     t = tr.get(x)
     tr.set(out, Tr(t.t, t.vdim))
 
@@ -637,8 +637,8 @@ def group_norm(tr: Tracer, func, args, kwargs, out) -> None:
     new_ids = torch.tensor(reps, dtype=torch.long).repeat_interleave(per)
     mod = _current_module(tr, torch.nn.GroupNorm)
     if mod is not None:
-        tr.graph.module_sizes.append((mod, "num_channels", new_ids.tolist(), 1))
-        tr.graph.module_sizes.append((mod, "num_groups", new_ids.tolist(), per))
+        tr.add_module_size((mod, "num_channels", new_ids.tolist(), 1))
+        tr.add_module_size((mod, "num_groups", new_ids.tolist(), per))
     for p in (w, b):
         if isinstance(p, torch.Tensor):
             pname = tr.param_name(p)
@@ -697,7 +697,7 @@ def conv(tr: Tracer, func, args, kwargs, out) -> None:
             # a functional depthwise conv: its group count must follow the channels
             names = _int_attrs_equal(tr, groups)
             if len(names) == 1 and not isinstance(groups, SizeInt):
-                tr.graph.module_sizes.append((tr.module, names[0], in_ids.tolist(), 1))
+                tr.add_module_size((tr.module, names[0], in_ids.tolist(), 1))
             elif not isinstance(groups, SizeInt):
                 tr.pin_ids(in_ids, f"depthwise {name} with a fixed group count ({tr.module or '<model>'})")
     elif not transposed:  # grouped conv: keep groups uniform
@@ -830,7 +830,15 @@ def sdpa(tr: Tracer, func, args, kwargs, out) -> None:
     q, k, v = args[0], args[1], args[2]
     mask = _arg(args, kwargs, 3, "attn_mask")
     heads = [tr.get(x) for x in (q, k, v)]
-    if all(t is not None and t.vdim == x.dim() - 3 for t, x in zip(heads, (q, k, v))) and len({t.ids.numel() for t in heads}) == 1:
+    per_head = all(t is not None and t.vdim == x.dim() - 3 for t, x in zip(heads, (q, k, v)))
+    if per_head and heads[1].ids.numel() == heads[2].ids.numel() and heads[0].ids.numel() != heads[1].ids.numel():
+        # grouped-query attention (enable_gqa=True): query head h reads
+        # key/value head h // (query heads / key-value heads)
+        nq, nkv = heads[0].ids.numel(), heads[1].ids.numel()
+        if not _arg(args, kwargs, 7, "enable_gqa", False) or nq % nkv:
+            raise _Unsupported("query and key/value head counts differ")
+        heads = [heads[0]] + [Tr.along(t.ids.repeat_interleave(nq // nkv), t.vdim, t.t.dim()) for t in heads[1:]]
+    if per_head and len({t.ids.numel() for t in heads}) == 1:
         # channels vary per head (B, H, N, D): heads are independent; each head's
         # q, k and v are coupled (kept or removed together)
         merged = tr.union_pairs(tr.union_pairs(heads[0].ids, heads[1].ids), heads[2].ids)
@@ -1152,7 +1160,7 @@ def _reshape_fast(tr: Tracer, t: Tr, x: torch.Tensor, y: torch.Tensor, requested
                 # dropped whole anyway
                 tr.graph.fixed_counts.append((base, f"its channel count sizes a '{name}' elsewhere ({where})"))
         if attr_update is not None:
-            tr.graph.module_sizes.append((attr_update[0], attr_update[1], ids.tolist(), 1))
+            tr.add_module_size((attr_update[0], attr_update[1], ids.tolist(), 1))
         if ids.numel() == 1:
             tr.set(y, Tr.scalar(int(ids[0]), y.dim()))
         else:
@@ -1433,6 +1441,7 @@ def _split_sections_fast(tr: Tracer, name: str, args, kwargs, outs) -> bool:
     where = tr.module or "<model>"
     if len(whole) == 1:
         is_tuple = isinstance(getattr(module, whole[0]), tuple)
+        tr.couple_attribute_uses(tr.module, whole[0], t.ids.tolist())
         tr.graph.module_lists.append((tr.module, whole[0], [p.tolist() for p in parts], is_tuple))
     else:
         by_attr: Dict[str, List[int]] = {}
@@ -1448,7 +1457,7 @@ def _split_sections_fast(tr: Tracer, name: str, args, kwargs, outs) -> bool:
             first = parts[idx[0]]
             for i in idx[1:]:
                 first = tr.union_pairs(first, parts[i])
-            tr.graph.module_sizes.append((tr.module, attr, parts[idx[0]].tolist(), 1))
+            tr.add_module_size((tr.module, attr, parts[idx[0]].tolist(), 1))
     for y, p in zip(outs, parts):
         tr.set(y, Tr.along(p, t.vdim, y.dim()) if p.numel() > 1 else Tr.scalar(int(p[0]), y.dim()))
     return True

@@ -82,6 +82,7 @@ class Tracer(TorchFunctionMode):
         self.table: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self.prov: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self.param_names: Dict[int, str] = {}
+        self.module_size_ids: Dict[Tuple[Optional[str], str], List[int]] = {}
         for name, p in model.named_parameters(remove_duplicate=False):
             self.param_names.setdefault(id(p), name)
         for name, b in model.named_buffers(remove_duplicate=False):
@@ -167,6 +168,28 @@ class Tracer(TorchFunctionMode):
             for x, y in pairs:
                 union(x, y)
         return torch.where(a >= 0, a, b)
+
+    def add_module_size(self, entry: Tuple[Optional[str], str, List[int], int]) -> None:
+        """Module attribute ``entry[1]`` counts channels ``entry[2]`` (divided by
+        ``entry[3]``) and is rewritten when pruning. One attribute has one
+        value: every use of it (a module called twice, one size attribute used
+        by several heads) keeps the same count, by coupling position by position."""
+        module, attr, ids, divisor = entry
+        self.couple_attribute_uses(module, attr, ids)
+        self.graph.module_sizes.append((module, attr, ids, divisor))
+
+    def couple_attribute_uses(self, module: Optional[str], attr: str, ids: List[int]) -> None:
+        """Channels ``ids`` are counted by attribute ``attr`` of ``module``:
+        couple them position by position with its earlier uses."""
+        key = (module, attr)
+        first = self.module_size_ids.get(key)
+        if first is None:
+            self.module_size_ids[key] = ids
+        elif len(first) == len(ids):
+            self.union_pairs(torch.tensor(first, dtype=torch.long), torch.tensor(ids, dtype=torch.long))
+        else:
+            self.pin_ids(torch.tensor(first + ids, dtype=torch.long),
+                         f"attribute {attr!r} of {module or '<model>'} sizes tensors of different widths")
 
     def need(self, ids: torch.Tensor, target: int) -> None:
         """Whenever any atom of ``ids`` is kept, ``target`` must be kept."""
