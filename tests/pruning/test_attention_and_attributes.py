@@ -360,3 +360,40 @@ def test_one_size_attribute_used_by_several_heads_keeps_one_value(mode: str) -> 
     # channel 1 goes from both heads; channel 3 stays for head 0 unless constrained
     assert net.val_dim == (4 if mode == "unconstrained" else 3)
     assert torch.allclose(net(x), y_mock, rtol=1e-10, atol=1e-12)
+
+
+class CrossStage(nn.Module):
+    """CSPNet: ``split(self.expand_chs // 2)``; GPT-2: ``split(self.split_size)``."""
+
+    def __init__(self, by_total: bool) -> None:
+        super().__init__()
+        self.by_total = by_total
+        if by_total:
+            self.expand_chs = 8
+        else:
+            self.split_size = 4
+        self.conv_exp = nn.Conv2d(3, 8, 1)
+        self.a, self.b = nn.Conv2d(4, 5, 1), nn.Conv2d(4, 6, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size = self.expand_chs // 2 if self.by_total else self.split_size
+        xs, xb = self.conv_exp(x).split(size, dim=1)
+        return torch.cat([self.a(xs), self.b(xb)], 1)
+
+
+@pytest.mark.parametrize("mode", ["unconstrained", "constrained"])
+@pytest.mark.parametrize("by_total", [True, False], ids=["expand_chs_half", "split_size"])
+def test_equal_split_by_an_attribute(mode: str, by_total: bool) -> None:
+    torch.manual_seed(11)
+    net = CrossStage(by_total).to(D).eval()
+    x = torch.randn(2, 3, 4, 4, dtype=D)
+    m = PruningManager(net)
+    m.trace([x])
+    request = [("a.weight", 1), ("b.weight", 1), ("b.weight", 2)]
+    m.compute([x], pruned_inputs=request, constrained=(mode == "constrained"))
+    y_mock = m.get_mock_model()(x)
+    m.prune()
+    half = 3 if mode == "unconstrained" else 2  # channel 1 goes from both parts (they stay equal)
+    assert net.conv_exp.out_channels == 2 * half
+    assert (net.expand_chs if by_total else net.split_size) == (2 * half if by_total else half)
+    assert torch.allclose(net(x), y_mock, rtol=1e-10, atol=1e-12)

@@ -1393,9 +1393,28 @@ def _chunk_fast(tr: Tracer, name: str, args, kwargs, outs) -> bool:
         n = _arg(args, kwargs, 1, "chunks")
         if not isinstance(n, int) or c % n:
             return False
-    else:
+    attr, divisor = None, 1
+    if name not in ("chunk", "unsafe_chunk"):
         size = _arg(args, kwargs, 1, "split_size_or_sections", _arg(args, kwargs, 1, "split_size"))
-        if not isinstance(size, SizeInt) or size <= 0 or c % size or not _follows_part(tr, size, t.ids, c // size):
+        if not isinstance(size, int) or isinstance(size, bool) or size <= 0 or c % size:
+            return False
+        if not isinstance(size, SizeInt):
+            # split(self.split_size) (GPT-2): the attribute is rewritten to
+            # the kept count of each (equal) part
+            names = _int_attrs_equal(tr, size)
+            if len(names) > 1:
+                names = [k for k in names if "split" in k]
+            divisor = c // size
+            if not names and divisor > 1:
+                # split(self.expand_chs // 2) (CSPNet): the attribute holds the
+                # whole width; it is rewritten to the kept total
+                names = _int_attrs_equal(tr, c)
+            else:
+                divisor = 1
+            if len(names) != 1:
+                return False
+            attr = names[0]
+        elif not _follows_part(tr, size, t.ids, c // size):
             return False
         n = c // size
     if len(outs) != n:
@@ -1404,6 +1423,9 @@ def _chunk_fast(tr: Tracer, name: str, args, kwargs, outs) -> bool:
     merged = parts[0]
     for q in range(1, n):
         merged = tr.union_pairs(merged, parts[q])
+    if attr is not None:
+        # (the total: every part keeps the same count)
+        tr.add_module_size((tr.module, attr, merged.tolist() * divisor, 1))
     for y in outs:
         tr.set(y, Tr.along(merged, t.vdim, y.dim()) if merged.numel() > 1 else Tr.scalar(int(merged[0]), y.dim()))
     return True
