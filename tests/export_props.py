@@ -154,11 +154,13 @@ class Request:
     pruned_inputs: List[Tuple[str, int]]
     pruned_outputs: List[Tuple[str, int]]
     expect: str  # "ok" | "ok_or_empty" | "EmptyLayerError" | "NotPrunableError"
+    copy_cost: float = 4.0  # the cost model: 0 always gathers, 1e12 always reads wider views
 
     def kwargs(self) -> Dict[str, Any]:
         return dict(
             pruned_inputs=list(self.pruned_inputs), pruned_outputs=list(self.pruned_outputs),
             constrained=self.mode == "constrained", baseline=self.mode == "baseline", reorder=self.reorder,
+            copy_cost=self.copy_cost,
         )
 
 
@@ -228,7 +230,9 @@ def make_request(seed: int, net: nn.Module, inputs: List[torch.Tensor]) -> Reque
     if expect != "NotPrunableError" and any(o in pinned for o in po):
         expect = "NotPrunableError"
     rng.shuffle(pi)
-    return Request(kind, mode, reorder, pi, po, expect)
+    # (its own generator: the draws above stay those of earlier sessions' seeds)
+    copy_cost = random.Random(seed + 99).choice([0.0, 4.0, 1e12])
+    return Request(kind, mode, reorder, pi, po, expect, copy_cost)
 
 
 # ---------------------------------------------------------------------------
@@ -254,7 +258,7 @@ class Outcome:
         r = self.request
         lines = [f"seed {self.seed}: {self.status}"]
         if r is not None:
-            lines.append(f"  request: kind={r.kind} mode={r.mode} reorder={r.reorder} expect={r.expect}")
+            lines.append(f"  request: kind={r.kind} mode={r.mode} reorder={r.reorder} copy_cost={r.copy_cost} expect={r.expect}")
             lines.append(f"  pruned_inputs={r.pruned_inputs}")
             lines.append(f"  pruned_outputs={r.pruned_outputs}")
         lines += [f"  PROBLEM: {p}" for p in self.problems]

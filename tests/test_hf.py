@@ -125,3 +125,37 @@ def test_subselect_layers_are_not_expressible() -> None:
 def test_a_model_without_config() -> None:
     with pytest.raises(NotExpressibleError, match="no Hugging Face config"):
         pruned_config(torch.nn.Linear(2, 2))
+
+
+def test_minilm_real_weights_whole_heads_exact(tmp_path) -> None:
+    """Whole heads of the real MiniLM (float64): mock == pruned; BERT's config
+    cannot hold them, channelcut.save / load can."""
+    import channelcut
+
+    path = str(minilm.get_model_path())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        net = transformers.AutoModel.from_pretrained(path).double().eval()
+        fresh = transformers.AutoModel.from_pretrained(path).double().eval()
+    enc = {"input_ids": torch.tensor([[101, 2023, 2003, 1037, 3231, 6251, 102, 0], [101, 7000, 3231, 102, 0, 0, 0, 0]]),
+           "attention_mask": torch.tensor([[1] * 7 + [0], [1] * 4 + [0] * 4])}
+    hd = net.config.hidden_size // net.config.num_attention_heads
+    # heads 1 and 4 of every layer, chosen where the output projection reads them
+    heads = [(f"encoder.layer.{i}.attention.output.dense.weight", h * hd + j)
+             for i in range(net.config.num_hidden_layers) for h in (1, 4) for j in range(hd)]
+    m = PruningManager(net).compute(enc, pruned_inputs=heads)
+    with torch.no_grad():
+        y_mock = m.get_mock_model()(**enc).last_hidden_state
+    m.prune()
+    att = net.encoder.layer[0].attention.self
+    assert att.query.out_features == att.key.out_features == att.value.out_features == 10 * hd
+    assert att.num_attention_heads == 10  # the module's own head count follows
+    with torch.no_grad():
+        y = net(**enc).last_hidden_state
+    torch.testing.assert_close(y, y_mock, rtol=1e-10, atol=1e-10)
+    with pytest.raises(NotExpressibleError):
+        pruned_config(net)
+    channelcut.save(net, tmp_path / "plan")
+    back = channelcut.load(tmp_path / "plan", fresh)
+    with torch.no_grad():
+        torch.testing.assert_close(back(**enc).last_hidden_state, y, rtol=0, atol=0)

@@ -496,6 +496,11 @@ class Case:
         return dict(zip(self.keywords, xs)) if self.keywords else xs
 
     def facts(self, mode: str) -> Dict[str, Any]:
+        if mode == "superset":
+            # the cost model reads wider views with zero columns: the same
+            # channels survive as unconstrained, weights may keep columns
+            u = self.facts("unconstrained")
+            return {"shrinks": False, "mock_differs": u["mock_differs"], "attrs": {}, "kept": u["kept"]}
         out: Dict[str, Any] = {"shrinks": True, "mock_differs": True, "attrs": {}, "kept": {}}
         keys = ["all"] + (["U"] if mode != "constrained" else []) + [mode]
         for k in keys:
@@ -888,6 +893,8 @@ def test_small_network(case: Case, mode: str):
     if mode == "baseline":
         assert all(not s.contiguous for s in spec.subselections), spec.summary()
         assert spec.copy_ops == len(spec.subselections)
+    if mode == "superset":  # copies are free to avoid: every read is a view
+        assert spec.copied_channels == 0 and spec.copy_ops == 0, spec.summary()
     for s in spec.subselections:  # a subset read is a real subset of its input
         assert 0 < s.length < s.input_channels and len(set(s.indices)) == len(s.indices)
         assert all(0 <= i < s.input_channels for i in s.indices)
@@ -1062,3 +1069,45 @@ def _zoo_check(net, x, m, consumers, pruned_inputs, constrained, tag) -> None:
     after = {c.name: c.after for c in m.spec.consumers}
     for p, n in consumers.items():
         assert after[p] <= n - int(0.3 * n), f"{tag}: {p} keeps {after[p]} of {n} inputs"
+
+
+class _Cyclic(nn.Module):
+    """Three consumers keep {0, 1}, {1, 2}, {2, 0} of a 3-channel tensor
+    (plus a shared fourth channel): no channel order makes all three reads
+    contiguous, so one consumer must gather or read a wider view."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 1)
+        self.heads = nn.ModuleList([nn.Conv2d(4, 2, 1) for _ in range(3)])
+
+    def forward(self, x):
+        h = self.a(x)
+        return sum(head(h) for head in self.heads)
+
+
+@pytest.mark.parametrize("copy_cost, copies, supersets", [(0, 1, 0), (1e12, 0, 1)], ids=["gather", "wider_view"])
+def test_cost_model_chooses_gather_or_wider_view(copy_cost, copies, supersets):
+    torch.manual_seed(12)
+    net = prepare(_Cyclic())
+    x = rand_inputs([(2, 3, 4, 4)], 12)
+    request = _ins("heads.0.weight", 2) + _ins("heads.1.weight", 0) + _ins("heads.2.weight", 1)
+    res = export(net, x, pruned_inputs=request, copy_cost=copy_cost)
+    spec = res.spec
+    assert (spec.copy_ops, spec.superset_reads) == (copies, supersets), spec.summary()
+    if supersets:  # the wider view keeps one zero weight column for the channel it drops
+        assert len(spec.zeros) == 1 and len(spec.zeros[0].channels) == 1
+        assert "wider view with zero columns" in spec.summary()
+
+
+def test_default_cost_model_prefers_the_copy_for_wide_layers():
+    """One dropped channel inside the range costs out_channels x kernel MACs
+    per position; with 64 outputs and a 3x3 kernel that is more than copying."""
+    torch.manual_seed(13)
+    net = _Cyclic()
+    net.heads = nn.ModuleList([nn.Conv2d(4, 64, 3, padding=1) for _ in range(3)])
+    net = prepare(net)
+    x = rand_inputs([(2, 3, 4, 4)], 13)
+    request = _ins("heads.0.weight", 2) + _ins("heads.1.weight", 0) + _ins("heads.2.weight", 1)
+    m = PruningManager(net).compute(x, pruned_inputs=request)
+    assert m.spec.copy_ops == 1 and m.spec.superset_reads == 0

@@ -26,7 +26,7 @@ from torch import nn
 from ..errors import ExportError, StateError, TracingError
 from .mock import make_mock
 from .pruner import Rollback, prune_model
-from .resolve import resolve
+from .resolve import DEFAULT_COPY_COST, resolve
 from .spec import PruningSpec
 from .trace import TracedGraph
 from .tracing import flatten_tensors, run_model, trace
@@ -79,6 +79,7 @@ class PruningManager:
         constrained: bool = False,
         reorder: bool = True,
         baseline: bool = False,
+        copy_cost: Optional[float] = None,
     ) -> "PruningManager":
         """Trace the model and compute the pruning spec.
 
@@ -93,6 +94,13 @@ class PruningManager:
             reorder: reorder channels so subsets are contiguous views.
             baseline: unconstrained export with no reordering and one gather
                 per disagreeing consumer (for comparison).
+            copy_cost: what copying one value costs, in multiply-accumulates
+                (default ``resolve.DEFAULT_COPY_COST``; measure this machine's
+                with :func:`channelcut.pruning.costs.calibrate_copy_cost`). A
+                consumer whose kept channels stay scattered after reordering
+                reads the smallest contiguous range as a view, with zero
+                weight columns for the channels it drops, when the extra MACs
+                cost less than the copy. 0 always gathers.
 
         With neither ``pruned_inputs`` nor ``pruned_outputs``, channels whose
         weights are entirely zero are pruned.
@@ -109,6 +117,7 @@ class PruningManager:
             list(pruned_outputs or ()),
             mode=mode,
             reorder=reorder and not baseline,
+            copy_cost=DEFAULT_COPY_COST if copy_cost is None else float(copy_cost),
         )
         return self
 

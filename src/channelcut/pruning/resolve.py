@@ -24,6 +24,8 @@ from .spec import LayerStat, MaskEntry, PruningSpec, Subselection
 from .trace import TracedGraph
 
 MODES = ("unconstrained", "constrained", "baseline")
+# what copying one value costs, in multiply-accumulates (see _cheaper_superset)
+DEFAULT_COPY_COST = 4.0
 
 
 def _lookup(name: str, by_param: Dict[str, List[str]], ops: Mapping[str, object]) -> Optional[List[str]]:
@@ -74,8 +76,14 @@ def resolve(
     pruned_outputs: Iterable[Tuple[str, int]] = (),
     mode: str = "unconstrained",
     reorder: bool = True,
+    copy_cost: float = DEFAULT_COPY_COST,
 ) -> PruningSpec:
-    """Compute the :class:`PruningSpec` for the given pruned channels."""
+    """Compute the :class:`PruningSpec` for the given pruned channels.
+
+    ``copy_cost``: the cost of copying one value, in multiply-accumulates;
+    a consumer whose kept channels are not contiguous reads a contiguous
+    superset with zero weight columns instead of gathering when that costs
+    less (0 turns this off: always gather)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     src = graph.sources
@@ -313,7 +321,20 @@ def resolve(
         kept = [p for p in order if p not in d]
         zero_at = [i for i, p in enumerate(order) if p in d]
         if c.groups == 1:
-            if physical[op]:
+            superset = None
+            if physical[op] and len(kept) != len(order) and mode == "unconstrained" and copy_cost > 0:
+                superset = _cheaper_superset(order, d, kept, graph.param_shapes[c.param], c.weight_dim, copy_cost)
+            if superset is not None:
+                # read the smallest contiguous range as a view; the extra
+                # channels meet zero weight columns (more MACs, no copy)
+                lo, hi = superset
+                put(c.param, c.weight_dim, order[lo:hi], graph.param_shapes[c.param][c.weight_dim], "consumer input")
+                if hi - lo != len(order):
+                    spec.subselections.append(
+                        Subselection(op, c.module or "", c.param, c.activation_dim, list(range(lo, hi)), len(order)))
+                zero_at = [i for i, p in enumerate(order[lo:hi]) if p in d]
+                spec.superset_reads += 1
+            elif physical[op]:
                 put(c.param, c.weight_dim, kept, graph.param_shapes[c.param][c.weight_dim], "consumer input")
                 if len(kept) != len(order):
                     pos = {p: i for i, p in enumerate(order)}
@@ -344,6 +365,34 @@ def resolve(
     spec.segments = len(canon)
     spec.reordered_segments = len(new_order)
     return spec
+
+
+def _cheaper_superset(
+    order: List[int], dropped: Set[int], kept: List[int], wshape: Tuple[int, ...], weight_dim: int, copy_cost: float
+) -> Optional[Tuple[int, int]]:
+    """For a consumer whose kept channels are not one range: the range
+    ``(lo, hi)`` of its input to read as a view instead of gathering, when
+    that is estimated cheaper, else None.
+
+    Cost per input position: a gather copies ``len(kept)`` values, each
+    costing ``copy_cost`` multiply-accumulates (bytes moved vs FLOPs; see
+    :func:`channelcut.pruning.costs.calibrate_copy_cost`); reading the range
+    instead adds ``extra * macs_per_channel`` MACs for its ``extra`` dropped
+    channels (``macs_per_channel``: the weight's other dims, e.g. out
+    channels x kernel area).
+    """
+    idx = [i for i, p in enumerate(order) if p not in dropped]
+    lo, hi = idx[0], idx[-1] + 1
+    if hi - lo == len(idx):
+        return None  # already one range: a view anyway
+    macs_per_channel = 1
+    for k, n in enumerate(wshape):
+        if k != weight_dim:
+            macs_per_channel *= n
+    extra = (hi - lo) - len(idx)
+    if extra * macs_per_channel <= copy_cost * len(kept):
+        return lo, hi
+    return None
 
 
 def _hopeless(gs: List[int], dropped: Set[int], absent: Set[int], seg_of: Dict[int, int], free: Set[int]) -> bool:

@@ -1127,6 +1127,12 @@ def _reshape_fast(tr: Tracer, t: Tr, x: torch.Tensor, y: torch.Tensor, requested
         a = adaptive[0]
         if attr_update is None and requested is not None and len(requested) == len(s_out):
             sz = requested[a]
+            if isinstance(sz, int) and not isinstance(sz, SizeInt) and sz == -1 and len(gj) > 1:
+                # view(..., -1, self.head_size) in a module that counts its
+                # heads (BERT's num_attention_heads): keep the count true
+                heads = _head_count_attrs(tr, s_out[a])
+                if len(heads) == 1:
+                    attr_update = (tr.module, heads[0])
             if isinstance(sz, SizeInt) and sz.base is not None and len(sz.base) != sz:
                 retry = _split_heads_of(tr, t, gj, requested)
                 if retry is not None:
@@ -1190,6 +1196,14 @@ def _split_heads_of(tr: Tracer, t: Tr, gj: List[int], requested: List[Any]) -> O
     retry = list(requested)
     retry[sized[0]] = int(retry[sized[0]])
     return retry
+
+
+def _head_count_attrs(tr: Tracer, value: int) -> List[str]:
+    """Head-count attributes (:class:`AttrInt`) of the running module equal to ``value``."""
+    m = _current_module_object(tr)
+    if m is None:
+        return []
+    return [k for k, v in vars(m).items() if isinstance(v, AttrInt) and v == value]
 
 
 def _int_attrs_equal(tr: Tracer, value: Any) -> List[str]:

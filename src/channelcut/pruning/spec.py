@@ -90,6 +90,9 @@ class PruningSpec:
     pinned_groups: int = 0
     reordered_segments: int = 0
     segments: int = 0
+    # consumers that read a contiguous superset of their channels with zero
+    # weight columns instead of gathering them (the cost model chose it)
+    superset_reads: int = 0
 
     # -- summaries -----------------------------------------------------------
     @property
@@ -147,7 +150,8 @@ class PruningSpec:
             f"PruningSpec ({self.mode}): {self.removed_groups} of {self.total_groups} channel groups removed, "
             f"{self.pinned_groups} pinned; {len(self.subselections)} consumers read a subset "
             f"({self.view_ops} views, {self.copy_ops} copies, {self.copied_channels} channels copied per inference); "
-            f"{self.reordered_segments} of {self.segments} segments reordered.",
+            f"{self.reordered_segments} of {self.segments} segments reordered"
+            + (f"; {self.superset_reads} consumers read a wider view with zero columns instead of a copy." if self.superset_reads else "."),
         ]
         changed = [p for p in self.producers if p.after != p.before]
         lines.append(f"producers with removed outputs: {len(changed)} of {len(self.producers)}")
