@@ -50,10 +50,11 @@ from channelcut.stats import count_macs
 
 Pair = Tuple[str, int]
 
-VARIANTS = ["dense", "unconstrained", "baseline", "upscale", "constrained", "torch_pruning", "ideal"]
+VARIANTS = ["dense", "unconstrained", "gather", "baseline", "upscale", "constrained", "torch_pruning", "ideal"]
 LABELS = {
     "dense": "dense",
     "unconstrained": "channelcut unconstrained",
+    "gather": "channelcut unconstrained, no cost model (always gather)",
     "baseline": "channelcut baseline (no reorder)",
     "upscale": "apple-upscale (same masks)",
     "constrained": "channelcut constrained",
@@ -118,13 +119,17 @@ class Export:
         return self.compute_s + self.prune_s
 
 
-def export_channelcut(model: nn.Module, x: torch.Tensor, pairs: List[Pair], mode: str) -> Export:
+def export_channelcut(
+    model: nn.Module, x: torch.Tensor, pairs: List[Pair], mode: str, copy_cost: Optional[float] = None
+) -> Export:
     """channelcut's export of ``pairs`` on a copy of ``model``; ``mode`` is
-    ``unconstrained``, ``baseline`` or ``constrained``."""
+    ``unconstrained``, ``baseline`` or ``constrained``; ``copy_cost`` as in
+    ``compute`` (None: its default cost model, 0: always gather)."""
     net = copy.deepcopy(model)
     t0 = time.perf_counter()
     m = PruningManager(net).compute(
-        [x], pruned_inputs=pairs, constrained=mode == "constrained", baseline=mode == "baseline"
+        [x], pruned_inputs=pairs, constrained=mode == "constrained", baseline=mode == "baseline",
+        copy_cost=copy_cost,
     )
     t1 = time.perf_counter()
     m.prune(verify=False)
@@ -133,7 +138,7 @@ def export_channelcut(model: nn.Module, x: torch.Tensor, pairs: List[Pair], mode
     return Export(
         net, t1 - t0, t2 - t1,
         copied_channels=spec.copied_channels, copy_ops=spec.copy_ops, view_ops=spec.view_ops,
-        zero_columns=sum(len(z.channels) for z in spec.zeros),
+        zero_columns=sum(len(z.channels) for z in spec.zeros), superset_reads=spec.superset_reads,
     )
 
 
@@ -348,7 +353,7 @@ def build_variants(
                 y = e.model(x)
             if key == "unconstrained":
                 ref.append(y)
-            elif key in ("baseline", "upscale") and ref:
+            elif key in ("gather", "baseline", "upscale") and ref:
                 # the same masks must give the same function (up to float32 rounding)
                 diff = float((y - ref[0]).abs().max())
                 if not diff <= 1e-3 * max(1.0, float(ref[0].abs().max())):
@@ -369,6 +374,12 @@ def build_variants(
         return e
 
     unc = record("unconstrained", lambda: export_channelcut(model, x, pairs, "unconstrained"))
+    gather = None
+    if unc is not None and unc.info.get("superset_reads"):
+        # the cost model read some inputs as wider views: the same export
+        # with every such read a gather, to show what it bought (and the
+        # ideal is built from it: the pruned widths, not the wider ones)
+        gather = record("gather", lambda: export_channelcut(model, x, pairs, "unconstrained", copy_cost=0))
     record("baseline", lambda: export_channelcut(model, x, pairs, "baseline"))
     if peers and have_upscale():
         record("upscale", lambda: export_upscale(model, x, pairs))
@@ -384,7 +395,7 @@ def build_variants(
         if record("torch_pruning", tp_export) is not None:
             info["torch_pruning"]["runs_s"] = tp_times
     if unc is not None:
-        models["ideal"] = make_ideal(unc.model)
+        models["ideal"] = make_ideal((gather or unc).model)
         info["ideal"] = {}
     return {k: models[k] for k in VARIANTS if k in models}, info
 
