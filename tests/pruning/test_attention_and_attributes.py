@@ -397,3 +397,46 @@ def test_equal_split_by_an_attribute(mode: str, by_total: bool) -> None:
     assert net.conv_exp.out_channels == 2 * half
     assert (net.expand_chs if by_total else net.split_size) == (2 * half if by_total else half)
     assert torch.allclose(net(x), y_mock, rtol=1e-10, atol=1e-12)
+
+
+class WindowAttn(nn.Module):
+    """Swin: a per-head relative position bias read from a table through an
+    integer index buffer (V1), or computed by an MLP from a constant
+    coordinate table (V2); heads split with ``self.num_heads``."""
+
+    def __init__(self, v2: bool, dim: int = 12, num_heads: int = 3, n: int = 4) -> None:
+        super().__init__()
+        self.num_heads, self.v2 = num_heads, v2
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        if v2:
+            self.cpb_mlp = nn.Sequential(nn.Linear(2, 8), nn.ReLU(), nn.Linear(8, num_heads, bias=False))
+            self.register_buffer("coords", torch.randn(n * n, 2))
+        else:
+            self.table = nn.Parameter(torch.randn(2 * n - 1, num_heads))
+            self.register_buffer("index", torch.randint(0, 2 * n - 1, (n * n,)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
+        table = torch.sigmoid(self.cpb_mlp(self.coords)) if self.v2 else self.table[self.index]
+        bias = table.view(n, n, -1).permute(2, 0, 1).unsqueeze(0)
+        attn = (q @ k.transpose(-2, -1) + bias).softmax(-1)
+        return x + self.proj((attn @ v).transpose(1, 2).reshape(b, n, c))
+
+
+@pytest.mark.parametrize("v2", [False, True], ids=["table_index", "cpb_mlp"])
+def test_relative_position_bias_follows_the_heads(v2: bool) -> None:
+    torch.manual_seed(14)
+    net = nn.Sequential(nn.Linear(5, 12), WindowAttn(v2), nn.Linear(12, 2)).to(D).eval()
+    x = torch.randn(2, 4, 5, dtype=D)
+    m = PruningManager(net)
+    m.trace([x])
+    assert not any(g.pinned for g in m.channel_groups() if any(p.startswith("1.qkv") for p, _ in g.producers))
+    request = [(p, c) for p in ("1.qkv.weight", "1.proj.weight", "2.weight") for c in range(4, 8)]
+    m.compute([x], pruned_inputs=request)
+    y_mock = m.get_mock_model()(x)
+    m.prune()
+    att = net[1]
+    assert att.num_heads == 2
+    assert (att.cpb_mlp[2].out_features if v2 else att.table.shape[1]) == 2
+    assert torch.allclose(net(x), y_mock, rtol=1e-10, atol=1e-12)

@@ -199,8 +199,25 @@ def _untracked(tr: Tracer, name: str, func, args, kwargs, out, tensors) -> None:
         if offset == out.shape[dim]:
             tr.prov[out] = merged
         return
+    if base == "linear" and len(tensors) >= 2 and not refs[0] and refs[1] and len(refs[1]) == 1 and out.dim() >= 1:
+        # a linear layer applied to a constant (Swin V2's continuous position
+        # bias MLP on its coordinate table): output column o is computed from
+        # weight row o (and bias o) alone, so it follows that row
+        (pname, widx), = refs[1]
+        if widx.dim() != 2:
+            return
+        rows = widx[:, 0].reshape((1,) * (out.dim() - 1) + (-1,)).expand(out.shape)
+        merged = [(pname, rows.clone())]
+        if len(tensors) >= 3 and refs[2] and len(refs[2]) == 1 and refs[2][0][1].dim() == 1:
+            bname, bidx = refs[2][0]
+            merged.append((bname, bidx.reshape((1,) * (out.dim() - 1) + (-1,)).expand(out.shape).clone()))
+        tr.prov[out] = merged
+        return
     if base in MOVEMENT or name in ("get:T", "get:mT", "get:data"):
-        if len([r for r in refs if r]) != 1 or not refs[0]:
+        # (an integer index buffer, e.g. Swin's relative_position_index, is an
+        # index into the moved parameter, not data of its own)
+        data = [r for r, x in zip(refs, tensors) if r and (x is tensors[0] or x.is_floating_point())]
+        if len(data) != 1 or not refs[0]:
             return
         merged = []
         for pname, idx in refs[0]:
