@@ -289,7 +289,10 @@ class FreeRead:
             if buf is None:
                 buf = self.cache[key] = y.contiguous()
             y = buf
-        return (y,) + tuple(args[1:])
+        # attention reads its input as query, key and value: the same tensor
+        # three times (self-attention) gets the same free read each time
+        rest = tuple(y if a is x else a for a in args[1:])
+        return (y,) + rest
 
 
 def _plain_class(cls: type) -> type:

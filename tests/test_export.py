@@ -252,7 +252,8 @@ BACKENDS: Dict[str, Callable] = {
 def subset_net():
     net = SubsetNet().eval()
     x = torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
-    m = PruningManager(net).compute([x], pruned_inputs=SubsetNet.REQUEST, reorder=False).prune()
+    # copy_cost=0: this test wants gathers (the cost model would read some as wider views)
+    m = PruningManager(net).compute([x], pruned_inputs=SubsetNet.REQUEST, reorder=False, copy_cost=0).prune()
     assert m.spec.copy_ops >= 2 and m.spec.view_ops + m.spec.copy_ops >= 4, m.spec.summary()
     with torch.no_grad():
         ref = net(x)

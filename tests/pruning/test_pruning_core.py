@@ -1098,6 +1098,17 @@ def test_cost_model_chooses_gather_or_wider_view(copy_cost, copies, supersets):
     if supersets:  # the wider view keeps one zero weight column for the channel it drops
         assert len(spec.zeros) == 1 and len(spec.zeros[0].channels) == 1
         assert "wider view with zero columns" in spec.summary()
+    # the plan re-applies to a fresh copy (zero columns and views included)
+    import tempfile
+
+    import channelcut
+
+    fresh = prepare(_Cyclic())
+    with tempfile.TemporaryDirectory() as tmp:
+        channelcut.save(net, tmp)
+        back = channelcut.load(tmp, fresh)
+    with torch.no_grad():
+        assert torch.equal(back(*x), net(*x))
 
 
 def test_default_cost_model_prefers_the_copy_for_wide_layers():
