@@ -440,3 +440,34 @@ def test_relative_position_bias_follows_the_heads(v2: bool) -> None:
     assert att.num_heads == 2
     assert (att.cpb_mlp[2].out_features if v2 else att.table.shape[1]) == 2
     assert torch.allclose(net(x), y_mock, rtol=1e-10, atol=1e-12)
+
+
+class InceptionDW(nn.Module):
+    """InceptionNeXt: ``split(x, self.split_indexes)`` into an identity part
+    and three depthwise conv branches."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.split_indexes = (5, 2, 2)
+        self.dw1 = nn.Conv2d(2, 2, 3, padding=1, groups=2)
+        self.dw2 = nn.Conv2d(2, 2, 3, padding=1, groups=2)
+        self.inp, self.out = nn.Conv2d(3, 9, 1), nn.Conv2d(9, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b, c = torch.split(self.inp(x), self.split_indexes, dim=1)
+        return self.out(torch.cat((a, self.dw1(b), self.dw2(c)), 1))
+
+
+@pytest.mark.parametrize("mode", ["unconstrained", "constrained"])
+def test_a_depthwise_branch_keeps_a_channel(mode: str) -> None:
+    """Every consumer drops both channels of the first depthwise branch: a
+    conv with zero groups does not exist, so one channel stays."""
+    torch.manual_seed(15)
+    net = InceptionDW().to(D).eval()
+    x = torch.randn(2, 3, 4, 4, dtype=D)
+    m = PruningManager(net).compute([x], pruned_inputs=[("out.weight", 5), ("out.weight", 6), ("out.weight", 0)],
+                                    constrained=(mode == "constrained"))
+    y_mock = m.get_mock_model()(x)
+    m.prune()
+    assert net.dw1.weight.shape[0] == 1 and net.split_indexes[1] == 1
+    assert torch.allclose(net(x), y_mock, rtol=1e-10, atol=1e-12)

@@ -177,6 +177,20 @@ def resolve(
     else:
         absent = (dropped_by_any - kept_by_any) | removed_req
     absent = {g for g in absent if g not in pinned}
+    # a depthwise conv (channels pass through its weight, dim 0) must keep a
+    # channel: torch has no conv with zero groups
+    conv_uses = [[find(a) for a in u.ids if a >= 0] for u in graph.param_uses
+                 if u.dim == 0 and len(graph.param_shapes.get(u.param, ())) >= 3]
+
+    def keep_a_channel_per_conv() -> bool:
+        changed = False
+        for gs in conv_uses:
+            if gs and all(g in absent for g in gs):
+                absent.discard(next((g for g in gs if g in kept_by_any), gs[0]))
+                changed = True
+        return changed
+
+    keep_a_channel_per_conv()
     if graph.needs and absent:
         adj: Dict[int, List[int]] = defaultdict(list)
         for a, b in graph.needs:
@@ -221,6 +235,7 @@ def resolve(
                     if restore:
                         absent -= restore
                         changed = True
+            changed = keep_a_channel_per_conv() or changed
         for op, gs in groups_of.items():
             extra = {p for p, g in enumerate(gs) if g in absent}
             if extra:
