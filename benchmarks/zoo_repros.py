@@ -168,7 +168,7 @@ def functional_groups_attr():  # timm BlurPool2d (TResNet): F.conv2d(x, buffer, 
     return lambda: nn.Sequential(nn.Conv2d(4, 8, 1), Blur(8), nn.Conv2d(8, 2, 1)), x4
 
 @case
-def mha():  # torchvision ViT / nn.MultiheadAttention: barrier multi_head_attention_forward
+def mha():  # torchvision ViT / nn.MultiheadAttention: traced op by op (mha_forward), heads and embedding channels prune
     class Net(nn.Module):
         def __init__(s): super().__init__(); s.a = nn.Linear(4, 8); s.att = nn.MultiheadAttention(8, 2, batch_first=True); s.c = nn.Linear(8, 2)
         def forward(s, x): h = s.a(x); return s.c(h + s.att(h, h, h, need_weights=False)[0])
@@ -186,12 +186,12 @@ def shuffle_unit():  # torchvision ShuffleNetV2 InvertedResidual(stride 1): chun
 
 
 @case
-def attention_heads():  # timm / DeiT / Swin Attention: qkv.reshape(B, N, 3, heads, C // heads) (heads: not in scope yet)
+def attention_heads():  # timm CaiT / Swin Attention: qkv.reshape(B, N, 3, self.num_heads, C // self.num_heads): whole heads
     class Attn(nn.Module):
-        def __init__(s, dim=8, heads=2): super().__init__(); s.h = heads; s.qkv = nn.Linear(dim, 3 * dim); s.proj = nn.Linear(dim, dim)
+        def __init__(s, dim=8, heads=2): super().__init__(); s.num_heads = heads; s.qkv = nn.Linear(dim, 3 * dim); s.proj = nn.Linear(dim, dim)
         def forward(s, x):
             B, N, C = x.shape
-            q, k, v = s.qkv(x).reshape(B, N, 3, s.h, C // s.h).permute(2, 0, 3, 1, 4).unbind(0)
+            q, k, v = s.qkv(x).reshape(B, N, 3, s.num_heads, C // s.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
             return s.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, C))
     class Net(nn.Module):
         def __init__(s): super().__init__(); s.a = nn.Linear(4, 8); s.att = Attn(); s.c = nn.Linear(8, 2)
