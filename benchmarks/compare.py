@@ -633,7 +633,7 @@ def plot(results: Dict[str, Any], out: str) -> None:
 
     meta = results["meta"]
     names = list(results["models"])
-    styles = {"dense": ("k", "--"), "unconstrained": ("C0", "-"), "baseline": ("C1", ":"), "upscale": ("C3", "-."),
+    styles = {"dense": ("k", "--"), "unconstrained": ("C0", "-"), "gather": ("C5", "--"), "baseline": ("C1", ":"), "upscale": ("C3", "-."),
               "constrained": ("C2", "-"), "torch_pruning": ("C4", "--"), "ideal": ("C7", "-")}
     for b in (str(x) for x in meta["batches"]):
         shown = [n for n in names if any(b in e["latency"] for e in results["models"][n]["amounts"].values())]
