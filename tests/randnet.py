@@ -21,7 +21,8 @@ without multiplier, grouped, transposed; 1d/2d/3d), linears on (B, C) and
 branches, concats, channel slicing/chunking/swapping, channel shuffles (view +
 transpose, ``F.channel_shuffle``), SE gates, flatten->linear, permutes
 (channels-last linear, channels-last LayerNorm, tokens<->conv1d), layer-scale
-parameters, pooling and interpolation, attention (matmul+softmax, SDPA), and
+parameters, pooling and interpolation, attention (matmul+softmax, SDPA,
+nn.MultiheadAttention, heads split with a num_heads attribute), and
 multiple inputs and outputs. Shapes are tracked by running a probe tensor
 through each block as it is created, so every generated model runs.
 """
@@ -281,6 +282,38 @@ class Attention(nn.Module):
             a = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]), dim=-1)
             y = a @ v
         return self.o(y)
+
+
+class MHABlock(nn.Module):
+    """``nn.MultiheadAttention`` self-attention over tokens (traced op by op)."""
+
+    def __init__(self, c: int, heads: int, need_weights: bool) -> None:
+        super().__init__()
+        self.mha = nn.MultiheadAttention(c, heads, batch_first=True)
+        self.need_weights = need_weights
+
+    def forward(self, x):
+        return self.mha(x, x, x, need_weights=self.need_weights)[0]
+
+    def extra_repr(self) -> str:
+        return f"need_weights={self.need_weights}"
+
+
+class HeadAttention(nn.Module):
+    """timm-style multi-head attention: heads split with the attribute
+    ``self.num_heads`` and merged with ``self.attn_dim``."""
+
+    def __init__(self, c: int, heads: int, head_dim: int) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim, self.attn_dim = heads, head_dim, heads * head_dim
+        self.qkv = nn.Linear(c, 3 * self.attn_dim)
+        self.proj = nn.Linear(self.attn_dim, c)
+
+    def forward(self, x):
+        b, n = x.shape[0], x.shape[1]
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        y = F.scaled_dot_product_attention(q, k, v)
+        return self.proj(y.transpose(1, 2).reshape(b, n, self.attn_dim))
 
 
 class LNOverChannels(nn.Module):
@@ -556,7 +589,15 @@ class Builder:
         return y
 
     def attention(self, v: Val) -> Val:
-        a = self.emit("attn", Attention(v.c, self.rng.randint(2, 6), self.rng.random() < 0.4), [v], "tok")
+        rng = self.rng
+        kind = rng.choice(["single", "single", "mha", "heads"])
+        if kind == "mha":
+            heads = rng.choice([h for h in (1, 2, 3, 4) if v.c % h == 0])
+            a = self.emit("mha", MHABlock(v.c, heads, rng.random() < 0.3), [v], "tok")
+        elif kind == "heads":
+            a = self.emit("heads", HeadAttention(v.c, rng.randint(1, 3), rng.randint(1, 3)), [v], "tok")
+        else:
+            a = self.emit("attn", Attention(v.c, rng.randint(2, 6), rng.random() < 0.4), [v], "tok")
         return self.emit("add2", AddN(), [v, a], "tok")
 
     # -- one random stage ----------------------------------------------------

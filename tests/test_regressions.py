@@ -10,6 +10,7 @@ requested channel is never silently kept.
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -333,3 +334,32 @@ def test_rejection_names_the_requested_channel():
         assert "k.weight" in str(exc), str(exc)
         return
     assert 0 not in m.spec.slices.get("k.weight", {}).get(0, [0])
+
+
+class _GroupedTail(nn.Module):
+    """Soak seeds 200384 / 201970 / 202177 (a grouped conv whose outputs the
+    request removes entirely): must be an EmptyLayerError, as before the
+    depthwise-branch rule, never a restored channel the request removed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 16, 1)
+        self.g = nn.Conv2d(16, 4, 3, padding=1, groups=2, bias=False)
+        self.b = nn.Conv2d(16, 3, 1)
+        self.c = nn.Conv2d(7, 2, 1)
+
+    def forward(self, x):
+        h = self.a(x)
+        return self.c(torch.cat([self.b(h), self.g(h)], 1))
+
+
+def test_removing_every_output_of_a_grouped_conv_is_an_empty_layer():
+    from channelcut import EmptyLayerError
+
+    net = _seeded(_GroupedTail)
+    x = torch.rand(1, 3, 5, 5)
+    before = snapshot(net)
+    # groups couple outputs (0, 2) and (1, 3): removing 0, 1, 2 removes all four
+    with pytest.raises(EmptyLayerError):
+        PruningManager(net).compute([x], pruned_outputs=[("g.weight", 0), ("g.weight", 1), ("g.weight", 2)])
+    assert not diff_snapshot(net, before)

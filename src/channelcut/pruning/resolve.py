@@ -179,15 +179,20 @@ def resolve(
     absent = {g for g in absent if g not in pinned}
     # a depthwise conv (channels pass through its weight, dim 0) must keep a
     # channel: torch has no conv with zero groups
-    conv_uses = [[find(a) for a in u.ids if a >= 0] for u in graph.param_uses
-                 if u.dim == 0 and len(graph.param_shapes.get(u.param, ())) >= 3]
+    # (unless pruned_outputs removed them all: that is an EmptyLayerError below)
+    # (producers, grouped convs included, are checked as producers below)
+    conv_uses = [(u.param, [find(a) for a in u.ids if a >= 0]) for u in graph.param_uses
+                 if u.dim == 0 and len(graph.param_shapes.get(u.param, ())) >= 3
+                 and u.param not in graph.producers_by_param]
 
     def keep_a_channel_per_conv() -> bool:
         changed = False
-        for gs in conv_uses:
+        for _, gs in conv_uses:
             if gs and all(g in absent for g in gs):
-                absent.discard(next((g for g in gs if g in kept_by_any), gs[0]))
-                changed = True
+                free = [g for g in gs if g not in removed_req]
+                if free:
+                    absent.discard(next((g for g in free if g in kept_by_any), free[0]))
+                    changed = True
         return changed
 
     keep_a_channel_per_conv()
@@ -252,6 +257,12 @@ def resolve(
             raise EmptyLayerError(
                 f"this would remove every input channel of {c.param!r} ({len(c.in_ids)} channels){why}; "
                 "keep at least one channel of each layer"
+            )
+    for param, gs in conv_uses:
+        if gs and all(g in absent for g in gs):
+            raise EmptyLayerError(
+                f"this would remove every channel of {param!r} ({len(gs)} channels): pruned_outputs "
+                f"{', '.join(requested_outputs[:6])} remove all the groups it passes through; keep at least one"
             )
     for op, p in graph.producers.items():
         if all(find(a) in absent for a in p.out_ids):
