@@ -63,28 +63,45 @@ class Rollback:
         self.undos.clear()
 
 
-def _tensor(model: nn.Module, name: str) -> torch.Tensor:
-    mod_name, _, attr = name.rpartition(".")
-    m = model.get_submodule(mod_name) if mod_name else model
-    t = getattr(m, attr)
-    if not isinstance(t, torch.Tensor):
-        raise ExportError(f"{name!r} is not a tensor on the model any more")
-    return t
+class _Modules:
+    """Name -> submodule of one model, walked once (``get_submodule`` per
+    parameter name costs more than the slicing on a large model)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.by_name: Dict[str, nn.Module] = dict(model.named_modules(remove_duplicate=False))
+
+    def module(self, name: str) -> nn.Module:
+        m = self.by_name.get(name)
+        return m if m is not None else (self.model.get_submodule(name) if name else self.model)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        mod_name, _, attr = name.rpartition(".")
+        t = getattr(self.module(mod_name), attr)
+        if not isinstance(t, torch.Tensor):
+            raise ExportError(f"{name!r} is not a tensor on the model any more")
+        return t
 
 
-def new_tensors(model: nn.Module, spec: PruningSpec) -> Dict[str, torch.Tensor]:
+def new_tensors(model: nn.Module, spec: PruningSpec, modules: Optional[_Modules] = None) -> Dict[str, torch.Tensor]:
     """Sliced (and zero-column) copies of every parameter the spec changes."""
+    mods = modules or _Modules(model)
     out: Dict[str, torch.Tensor] = {}
+    index: Dict[Tuple[Tuple[int, ...], torch.device], torch.Tensor] = {}  # BN params share their kept lists
     for name, dims in spec.slices.items():
-        t = _tensor(model, name).data
+        t = mods.tensor(name).data
         for dim, kept in sorted(dims.items()):
-            t = t.index_select(dim, torch.tensor(kept, dtype=torch.long, device=t.device))
+            key = (tuple(kept), t.device)
+            idx = index.get(key)
+            if idx is None:
+                idx = index[key] = torch.tensor(kept, dtype=torch.long, device=t.device)
+            t = t.index_select(dim, idx)
         out[name] = t.contiguous()
     for entry in spec.zeros:
         t = out.get(entry.param)
         if t is None:
-            t = _tensor(model, entry.param).data.clone()
-        elif t.data_ptr() == _tensor(model, entry.param).data.data_ptr():
+            t = mods.tensor(entry.param).data.clone()
+        elif t.data_ptr() == mods.tensor(entry.param).data.data_ptr():
             t = t.clone()
         zero_input_channels(t, entry)
         out[entry.param] = t
@@ -136,32 +153,33 @@ def prune_model(model: nn.Module, spec: PruningSpec) -> Rollback:
     Raises :class:`ExportError` (with the model restored) if anything fails.
     """
     try:
-        tensors = new_tensors(model, spec)
+        mods = _Modules(model)
+        tensors = new_tensors(model, spec, mods)
     except Exception as exc:
         raise ExportError(f"could not compute the pruned parameters: {exc}") from exc
     rb = Rollback()
     try:
         touched = {}
-        before = {name: tuple(_tensor(model, name).shape) for name in tensors}
+        before = {name: tuple(mods.tensor(name).shape) for name in tensors}
         for name, t in tensors.items():
-            rb.set_data(_tensor(model, name), t)
+            rb.set_data(mods.tensor(name), t)
             mod_name = name.rpartition(".")[0]
-            touched[mod_name] = model.get_submodule(mod_name) if mod_name else model
+            touched[mod_name] = mods.module(mod_name)
         for m in touched.values():
             _fix_attributes(m, rb)
-        for mod_name, m in model.named_modules():
+        for mod_name, m in mods.by_name.items():
             # an attention layer whose projections changed (out_proj is a child)
             if isinstance(m, nn.MultiheadAttention) and any(
                 n == mod_name or n == f"{mod_name}.out_proj" for n in touched
             ):
                 fix_multihead_attention(m, rb.set_attr)
         for mod_name, attrs in spec.attributes.items():
-            m = model.get_submodule(mod_name) if mod_name else model
+            m = mods.module(mod_name)
             for attr, value in attrs.items():
                 rb.set_attr(m, attr, value)
         installed: Dict[str, Subselection] = {}
         for sub in spec.subselections:
-            m = model.get_submodule(sub.module) if sub.module else model
+            m = mods.module(sub.module)
             prev = installed.get(sub.module)
             if prev is not None:
                 if (prev.indices, prev.activation_dim, prev.contiguous) != (sub.indices, sub.activation_dim, sub.contiguous):
