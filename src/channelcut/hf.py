@@ -58,7 +58,7 @@ class NotExpressibleError(ChannelcutError, ValueError):
     """The pruned model's widths do not fit one Hugging Face config."""
 
 
-# module-name suffix -> (config field, how to read the width from the module)
+# names (suffixes) of the layers whose output width is the config's MLP width
 _MLP_WIDTH = ("intermediate.dense", "mlp.gate_proj", "mlp.up_proj", "mlp.fc1", "mlp.dense_h_to_4h")
 
 

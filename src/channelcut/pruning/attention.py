@@ -209,16 +209,12 @@ class PrunedMultiheadAttention(nn.MultiheadAttention):
         return out, weights
 
 
-def _arg(args: tuple, kwargs: Dict[str, Any], i: int, name: str, default: Any = None) -> Any:
-    if len(args) > i:
-        return args[i]
-    return kwargs.get(name, default)
-
-
 def traced_multi_head_attention(tracer: Any, args: tuple, kwargs: Dict[str, Any]) -> Optional[Tuple[Tensor, Optional[Tensor]]]:
     """Run a ``F.multi_head_attention_forward`` call as :func:`mha_forward`
     under ``tracer`` (each op traced), or return None for the configurations
     that stay a barrier."""
+    from .rules import _arg  # (rules imports the tracer, which imports this module lazily)
+
     names = ("query", "key", "value", "embed_dim_to_check", "num_heads", "in_proj_weight", "in_proj_bias",
              "bias_k", "bias_v", "add_zero_attn", "dropout_p", "out_proj_weight", "out_proj_bias", "training",
              "key_padding_mask", "need_weights", "attn_mask", "use_separate_proj_weight", "q_proj_weight",

@@ -43,6 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .attention import PrunedMultiheadAttention
+
 __all__ = [
     "SubselectMixin",
     "SubselectConv1d",
@@ -298,8 +300,6 @@ def _compose(module: nn.Module, dim: int, indices: List[int], contiguous: Option
 
 
 # -- attention ------------------------------------------------------------------
-# (imported late: attention.py has no dependency on this module)
-from .attention import PrunedMultiheadAttention  # noqa: E402
 
 
 class SubselectMultiheadAttention(SubselectMixin, PrunedMultiheadAttention):

@@ -141,16 +141,9 @@ def resolve(
                 physical[op] = False
                 if shared:
                     dropped[op] = set(shared)
-    # a Subselect layer narrows the input of the module that owns the weight:
-    # a weight used from another module's forward (the output projection of
-    # nn.MultiheadAttention) keeps zero columns instead
-    for op, c in graph.consumers.items():
-        if physical[op] and (c.module or "") != c.param.rpartition(".")[0]:
-            physical[op] = False
     # a module holds one input selection: several consumers in one module
-    # that read different tensors or channels (q/k/v projections of a
-    # cross-attention, with their own masks)
-    # keep zero columns instead
+    # that read different tensors or channels (separate q/k/v projections of
+    # nn.MultiheadAttention) keep zero columns instead
     by_module: Dict[str, List[str]] = defaultdict(list)
     for op, c in graph.consumers.items():
         if physical[op]:
@@ -177,13 +170,9 @@ def resolve(
     else:
         absent = (dropped_by_any - kept_by_any) | removed_req
     absent = {g for g in absent if g not in pinned}
-    # a depthwise conv (channels pass through its weight, dim 0) must keep a
-    # channel: torch has no conv with zero groups
-    # (unless pruned_outputs removed them all: that is an EmptyLayerError below)
-    # (producers, grouped convs included, are checked as producers below)
-    conv_uses = [(u.param, [find(a) for a in u.ids if a >= 0]) for u in graph.param_uses
-                 if u.dim == 0 and len(graph.param_shapes.get(u.param, ())) >= 3
-                 and u.param not in graph.producers_by_param]
+    # a depthwise conv must keep a channel: torch has no conv with zero
+    # groups (unless pruned_outputs removed them all: an EmptyLayerError below)
+    conv_uses = [(param, [find(a) for a in ids if a >= 0]) for param, ids in graph.depthwise]
 
     def keep_a_channel_per_conv() -> bool:
         changed = False
@@ -349,7 +338,7 @@ def resolve(
         if c.groups == 1:
             superset = None
             if physical[op] and len(kept) != len(order) and mode == "unconstrained" and copy_cost > 0:
-                superset = _cheaper_superset(order, d, kept, graph.param_shapes[c.param], c.weight_dim, copy_cost)
+                superset = _cheaper_superset(order, d, graph.param_shapes[c.param], c.weight_dim, copy_cost)
             if superset is not None:
                 # read the smallest contiguous range as a view; the extra
                 # channels meet zero weight columns (more MACs, no copy)
@@ -394,13 +383,13 @@ def resolve(
 
 
 def _cheaper_superset(
-    order: List[int], dropped: Set[int], kept: List[int], wshape: Tuple[int, ...], weight_dim: int, copy_cost: float
+    order: List[int], dropped: Set[int], wshape: Tuple[int, ...], weight_dim: int, copy_cost: float
 ) -> Optional[Tuple[int, int]]:
     """For a consumer whose kept channels are not one range: the range
     ``(lo, hi)`` of its input to read as a view instead of gathering, when
     that is estimated cheaper, else None.
 
-    Cost per input position: a gather copies ``len(kept)`` values, each
+    Cost per input position: a gather copies the kept values, each
     costing ``copy_cost`` multiply-accumulates (bytes moved vs FLOPs; see
     :func:`channelcut.pruning.costs.calibrate_copy_cost`); reading the range
     instead adds ``extra * macs_per_channel`` MACs for its ``extra`` dropped
@@ -416,7 +405,7 @@ def _cheaper_superset(
         if k != weight_dim:
             macs_per_channel *= n
     extra = (hi - lo) - len(idx)
-    if extra * macs_per_channel <= copy_cost * len(kept):
+    if extra * macs_per_channel <= copy_cost * len(idx):
         return lo, hi
     return None
 

@@ -716,6 +716,7 @@ def conv(tr: Tracer, func, args, kwargs, out) -> None:
         m = cout // cin
         atoms = in_ids.repeat_interleave(m)
         tr.record_param_use(wname, 0, list(range(cout)), atoms)
+        tr.graph.depthwise.append((wname, atoms.tolist()))
         if module is None or _current_module(tr, torch.nn.modules.conv._ConvNd) != module:
             # a functional depthwise conv: its group count must follow the channels
             names = _int_attrs_equal(tr, groups)
@@ -1231,11 +1232,10 @@ def _head_count_attrs(tr: Tracer, value: int) -> List[str]:
 
 def _int_attrs_equal(tr: Tracer, value: Any) -> List[str]:
     """Plain int attributes of the running module equal to ``value``."""
-    if not isinstance(value, int) or isinstance(value, (bool, SizeInt)) or value <= 1 or tr.module is None:
+    if not isinstance(value, int) or isinstance(value, (bool, SizeInt)) or value <= 1:
         return []
-    try:
-        m = tr.model.get_submodule(tr.module)
-    except AttributeError:
+    m = _current_module_object(tr)
+    if m is None:
         return []
     return [k for k, v in vars(m).items() if type(v) is int and v == value and not k.startswith("_")]
 

@@ -219,6 +219,9 @@ class TracedGraph:
     # (module, attribute, channels of each section, is a tuple): a list of
     # section sizes (``torch.split(x, self.splits)``) rewritten when pruning
     module_lists: List[Tuple[str, str, List[List[int]], bool]] = field(default_factory=list)
+    # (weight, channels) of every depthwise conv: channels pass through it,
+    # and it must keep at least one (torch has no conv with zero groups)
+    depthwise: List[Tuple[str, List[int]]] = field(default_factory=list)
     # (atoms, reason): the number of kept channels among these atoms must not
     # change; resolve pins them unless they form a single group
     fixed_counts: List[Tuple[List[int], str]] = field(default_factory=list)
