@@ -1214,9 +1214,8 @@ def _split_heads_of(tr: Tracer, t: Tr, gj: List[int], requested: List[Any]) -> O
     n = t.ids.numel()
     if not base or min(base) < 0 or n % len(base):
         return None
-    b = torch.tensor(base, dtype=torch.long)
-    for k in range(n // len(base)):
-        tr.union_pairs(b, t.ids[k * len(base):(k + 1) * len(base)])
+    blocks = n // len(base)
+    tr.union_pairs(torch.tensor(base, dtype=torch.long).expand(blocks, len(base)), t.ids.reshape(blocks, len(base)))
     retry = list(requested)
     retry[sized[0]] = int(retry[sized[0]])
     return retry
@@ -1430,7 +1429,7 @@ def _chunk_fast(tr: Tracer, name: str, args, kwargs, outs) -> bool:
         n = _arg(args, kwargs, 1, "chunks")
         if not isinstance(n, int) or c % n:
             return False
-    attr, divisor = None, 1
+    attr, total = None, False
     if name not in ("chunk", "unsafe_chunk"):
         size = _arg(args, kwargs, 1, "split_size_or_sections", _arg(args, kwargs, 1, "split_size"))
         if not isinstance(size, int) or isinstance(size, bool) or size <= 0 or c % size:
@@ -1441,13 +1440,10 @@ def _chunk_fast(tr: Tracer, name: str, args, kwargs, outs) -> bool:
             names = _int_attrs_equal(tr, size)
             if len(names) > 1:
                 names = [k for k in names if "split" in k]
-            divisor = c // size
-            if not names and divisor > 1:
+            if not names and c // size > 1:
                 # split(self.expand_chs // 2) (CSPNet): the attribute holds the
                 # whole width; it is rewritten to the kept total
-                names = _int_attrs_equal(tr, c)
-            else:
-                divisor = 1
+                names, total = _int_attrs_equal(tr, c), True
             if len(names) != 1:
                 return False
             attr = names[0]
@@ -1462,7 +1458,7 @@ def _chunk_fast(tr: Tracer, name: str, args, kwargs, outs) -> bool:
         merged = tr.union_pairs(merged, parts[q])
     if attr is not None:
         # (the total: every part keeps the same count)
-        tr.add_module_size((tr.module, attr, merged.tolist() * divisor, 1))
+        tr.add_module_size((tr.module, attr, merged.tolist() * (n if total else 1), 1))
     for y in outs:
         tr.set(y, Tr.along(merged, t.vdim, y.dim()) if merged.numel() > 1 else Tr.scalar(int(merged[0]), y.dim()))
     return True
@@ -1503,20 +1499,16 @@ def _split_sections_fast(tr: Tracer, name: str, args, kwargs, outs) -> bool:
         tr.couple_attribute_uses(tr.module, whole[0], t.ids.tolist())
         tr.graph.module_lists.append((tr.module, whole[0], [p.tolist() for p in parts], is_tuple))
     else:
-        by_attr: Dict[str, List[int]] = {}
+        followed = False
         for i, v in enumerate(sections):
             names = [v.attr] if isinstance(v, AttrInt) else _int_attrs_equal(tr, v)
-            if len(names) == 1:
-                by_attr.setdefault(names[0], []).append(i)
+            if len(names) == 1:  # (add_module_size couples sections of one attribute)
+                tr.add_module_size((tr.module, names[0], parts[i].tolist(), 1))
+                followed = True
             else:
                 tr.pin_ids(parts[i], f"'{name}' with a hard-coded section size ({where})")
-        if not by_attr:
+        if not followed:
             return False
-        for attr, idx in by_attr.items():
-            first = parts[idx[0]]
-            for i in idx[1:]:
-                first = tr.union_pairs(first, parts[i])
-            tr.add_module_size((tr.module, attr, parts[idx[0]].tolist(), 1))
     for y, p in zip(outs, parts):
         tr.set(y, Tr.along(p, t.vdim, y.dim()) if p.numel() > 1 else Tr.scalar(int(p[0]), y.dim()))
     return True
