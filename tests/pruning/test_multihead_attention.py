@@ -147,6 +147,29 @@ def test_separate_key_and_value_widths() -> None:
         assert net.att.q_proj_weight.shape[0] == net.att.k_proj_weight.shape[0] == net.att.v_proj_weight.shape[0]
 
 
+def test_only_the_query_input_of_separate_projections_shrinks() -> None:
+    """kdim/vdim layer where only q_proj_weight's input columns go: the layer
+    must still become a PrunedMultiheadAttention (torch checks the query
+    width against embed_dim)."""
+
+    class Cross(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.q_in, self.kv_in = nn.Linear(8, 16), nn.Linear(8, 12)
+            self.att = nn.MultiheadAttention(16, 4, kdim=12, vdim=12, batch_first=True)
+            self.out = nn.Linear(16, 3)
+
+        def forward(self, x: torch.Tensor, mem: torch.Tensor) -> torch.Tensor:
+            kv = self.kv_in(mem)
+            return self.out(self.att(self.q_in(x), kv, kv, need_weights=False)[0])
+
+    torch.manual_seed(6)
+    net = prepare(Cross(), 6)
+    x = rand_inputs([(2, 5, 8), (2, 6, 8)], 6)
+    export(net, x, pruned_inputs=[("att.q_proj_weight", 3)])
+    assert isinstance(net.att, PrunedMultiheadAttention) and net.att.q_proj_weight.shape == (16, 15)
+
+
 def test_unsupported_configuration_is_a_safe_barrier() -> None:
     """add_bias_kv appends learned keys: not traced, the layer keeps its channels."""
     torch.manual_seed(3)

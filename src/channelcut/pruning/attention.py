@@ -262,11 +262,8 @@ def fix_multihead_attention(m: nn.MultiheadAttention, set_attr: Any) -> None:
     head_dim = m.head_dim
     q_rows = w.shape[0] // 3 if m.in_proj_weight is not None else w.shape[0]
     out_dim = m.out_proj.weight.shape[0]
-    unchanged = (
-        q_rows == m.embed_dim
-        and out_dim == m.embed_dim
-        and (m.in_proj_weight is None or m.in_proj_weight.shape[1] == m.embed_dim)
-    )
+    # (w.shape[1]: the query's width, packed or separate projections alike)
+    unchanged = q_rows == m.embed_dim and out_dim == m.embed_dim and w.shape[1] == m.embed_dim
     if unchanged and type(m) is nn.MultiheadAttention:
         return
     if not isinstance(m, PrunedMultiheadAttention):
