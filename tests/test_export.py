@@ -94,6 +94,10 @@ def test_subselect_linear_on_tokens_dim_minus_one():
     ref = F.linear(x[..., [9, 0, 4]], lin.weight, lin.bias)
     assert torch.equal(lin(x), ref)
     assert torch.equal(torch.jit.script(lin)(x), ref)
+    # contiguous 3-D+ inputs gather columns of the 2-D view; others index_select
+    for y in (torch.rand(2, 3, 7, 10), torch.rand(10, 7, 2).permute(2, 1, 0), torch.rand(7, 10)):
+        ref = F.linear(y[..., [9, 0, 4]], lin.weight, lin.bias)
+        assert torch.equal(lin(y), ref) and torch.equal(torch.jit.script(lin)(y), ref)
 
 
 def test_non_contiguous_indices_can_not_be_a_view():
