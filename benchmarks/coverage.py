@@ -9,7 +9,10 @@ backbone+FPN, a list of timm architectures, a few small Hugging Face configs):
 3. export it unconstrained and constrained; in each mode compare the mock
    model with the pruned model in float64 (max relative error <= 1e-10);
 4. record status, prunable-channel fraction, barrier ops, what pins channels,
-   params and MACs before/after, channels copied per inference, export time.
+   params and MACs before/after, channels copied per inference, export time;
+5. trace it once with real values and once shape-only (ops on meta tensors,
+   what ``compute`` does first): the shape-only pass must be kept and give
+   the same graph (``tests/export_props.check_shape_only_trace``).
 
 Results are merged into a JSON file (so the sweep can run in chunks) and the
 Markdown table is regenerated from all results in it::
@@ -49,6 +52,9 @@ import torch
 from torch import nn
 
 from channelcut import PruningManager, stats
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+import export_props  # noqa: E402  (the shape-only trace check)
 
 SEED = 0
 FRACTION = 0.3
@@ -472,6 +478,10 @@ def run_case(case: Case, timeout: int, low_memory_params: int = LOW_MEMORY_PARAM
                     barriers[key] = barriers.get(key, 0) + 1
                 res["barriers"] = barriers
                 res["barrier_modules"] = sorted({f"{b[0]} in {b[1] or '<model>'}" for b in m.graph.barriers})[:20]
+                kept, problems = export_props.check_shape_only_trace(net, inputs)
+                res["shape_only"] = "DIFFERS" if problems else ("same graph" if kept else "real pass")
+                if problems:
+                    res["shape_only_problems"] = problems[:3]
                 pruned = sample_pruned_inputs(consumers)
                 res["pruned_inputs"] = len(pruned)
                 low_memory = res["params_before"] > low_memory_params
@@ -493,6 +503,9 @@ def run_case(case: Case, timeout: int, low_memory_params: int = LOW_MEMORY_PARAM
 # ---------------------------------------------------------------------------
 # the report
 # ---------------------------------------------------------------------------
+
+
+_SHAPE_ONLY = {"same graph": "same", "real pass": "real", "DIFFERS": "**DIFFERS**"}
 
 
 def _fmt_count(n: Optional[int]) -> str:
@@ -554,8 +567,8 @@ def write_report(data: Dict[str, Any], md_path: str) -> str:
         "",
         "## Totals",
         "",
-        "| zoo | models | unconstrained ok | constrained ok | both ok | median prunable | < 90% prunable | with a barrier op |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| zoo | models | unconstrained ok | constrained ok | both ok | median prunable | < 90% prunable | with a barrier op | shape-only trace = real trace |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
 
     def totals(label: str, ks: List[str]) -> str:
@@ -566,7 +579,8 @@ def write_report(data: Dict[str, Any], md_path: str) -> str:
         med = f"{100 * fr[len(fr) // 2]:.0f}%" if fr else "-"
         low = sum(f < 0.9 for f in fr)
         bar = sum(bool(results[k].get("barriers")) for k in ks)
-        return f"| {label} | {len(ks)} | {u} | {c} | {b} | {med} | {low} | {bar} |"
+        same = sum(results[k].get("shape_only") == "same graph" for k in ks)
+        return f"| {label} | {len(ks)} | {u} | {c} | {b} | {med} | {low} | {bar} | {same} |"
 
     for z in zoos:
         lines.append(totals(z, [k for k in keys if results[k]["zoo"] == z]))
@@ -578,13 +592,15 @@ def write_report(data: Dict[str, Any], md_path: str) -> str:
         "`torch.utils.flop_counter`) before -> after the unconstrained / constrained export; *copied* = "
         "channels gathered by copies per inference (unconstrained; constrained makes none); *export* = "
         "`compute()` time in seconds (unconstrained / constrained); *err* = max relative float64 error "
-        "mock vs pruned; *barriers* = ops without a rule (count of calls).",
+        "mock vs pruned; *barriers* = ops without a rule (count of calls); *trace* = the shape-only "
+        "trace (ops on meta tensors) was kept and is the same graph as a trace with real values "
+        "(*same*), handed over to a real pass (*real*), or differs (*DIFFERS*, a bug).",
         "",
     ]
     for z in zoos:
         lines += [f"## {z}", "",
-                  "| model | input | unconstrained | constrained | prunable | params | MACs | copied | export s | err | barriers |",
-                  "| --- | --- | --- | --- | ---: | --- | --- | ---: | --- | --- | --- |"]
+                  "| model | input | unconstrained | constrained | prunable | params | MACs | copied | export s | err | trace | barriers |",
+                  "| --- | --- | --- | --- | ---: | --- | --- | ---: | --- | --- | --- | --- |"]
         for k in (k for k in keys if results[k]["zoo"] == z):
             r = results[k]
             ru, rc = r["unconstrained"], r["constrained"]
@@ -595,7 +611,8 @@ def write_report(data: Dict[str, Any], md_path: str) -> str:
             lines.append(
                 f"| {r['name']} | {r.get('input', '-')} | {_status(ru)} | {_status(rc)} | "
                 f"{'-' if pf is None else f'{100 * pf:.0f}%'} | {params} | {macs} | {ru.get('copied_channels', '-')} | "
-                f"{ru.get('export_s', '-')} / {rc.get('export_s', '-')} | {_err(ru)} / {_err(rc)} | {bars} |"
+                f"{ru.get('export_s', '-')} / {rc.get('export_s', '-')} | {_err(ru)} / {_err(rc)} | "
+                f"{_SHAPE_ONLY.get(r.get('shape_only', ''), '-')} | {bars} |"
             )
         lines.append("")
     failures = [(k, mode) for k in keys for mode in MODES if results[k][mode]["status"] != "ok"]

@@ -24,6 +24,9 @@ Properties (each violation is one line in ``Outcome.problems``):
 5. A second ``compute`` on the pruned model with ``pruned_inputs=[]`` gives a
    spec with no slices, subselections, masks or zero columns, and pruning
    with it changes nothing (outputs bit-identical).
+6. The shape-only trace (ops computed on meta tensors), when it does not hand
+   over to a real pass, is the same graph as a trace with real values
+   (:func:`graph_fingerprint`), and leaves the model as it was.
 """
 
 from __future__ import annotations
@@ -48,6 +51,65 @@ REQUESTS = {  # kind -> weight
     "empty": 0.07, "single_in": 0.2, "single_out": 0.15, "few": 0.2, "nearly_all_in": 0.1,
     "nearly_all_out": 0.07, "all_in": 0.05, "pinned_out": 0.04, "mixed": 0.12,
 }
+
+
+# ---------------------------------------------------------------------------
+# traced graphs: "the same graph"
+# ---------------------------------------------------------------------------
+
+
+def graph_fingerprint(graph: Any) -> Dict[str, Any]:
+    """Everything a :class:`TracedGraph` tells resolve, as comparable data:
+    atoms (owner, channel), groups, pins with their reasons, and every list
+    of consumers, producers, parameter uses, needs and attribute records."""
+    src = graph.sources
+    atoms = [(src.source(a).op, src.source(a).channel) for a in range(len(src))]
+    pins = {r: src.pinned_reason(r) for r in sorted(src.pinned_roots())}
+    fields = ("ops", "producers", "consumers", "param_uses", "barriers", "output_ids", "needs",
+              "module_sizes", "module_lists", "depthwise", "fixed_counts", "consumers_by_param",
+              "producers_by_param")
+    fp: Dict[str, Any] = {"atoms": atoms, "groups": src.roots(), "pins": pins}
+    fp.update({f: getattr(graph, f) for f in fields})
+    return fp
+
+
+def fingerprint_diff(a: Dict[str, Any], b: Dict[str, Any]) -> List[str]:
+    """The fields where two fingerprints differ (with the first difference)."""
+    out = []
+    for k in a:
+        if a[k] != b[k]:
+            x, y = a[k], b[k]
+            if isinstance(x, (list, dict)) and isinstance(y, (list, dict)):
+                xs = list(x.items()) if isinstance(x, dict) else list(x)
+                ys = list(y.items()) if isinstance(y, dict) else list(y)
+                i = next((i for i, (p, q) in enumerate(zip(xs, ys)) if p != q), min(len(xs), len(ys)))
+                out.append(f"{k}: lengths {len(xs)} / {len(ys)}, first difference at {i}: "
+                           f"{xs[i] if i < len(xs) else '-'} / {ys[i] if i < len(ys) else '-'}")
+            else:
+                out.append(f"{k}: {x!r} / {y!r}")
+    return out
+
+
+def check_shape_only_trace(net: nn.Module, inputs: Any) -> Tuple[Optional[bool], List[str]]:
+    """Trace ``net`` with values and shape-only; return (whether the
+    shape-only pass was kept, problems). A shape-only pass that hands over to
+    a real pass is fine (None problems), as long as the model is unchanged."""
+    from channelcut.pruning import meta
+    from channelcut.pruning.tracing import _trace_once
+
+    before = snapshot(net)
+    real = graph_fingerprint(_trace_once(net, inputs, False)[0])
+    state = meta.snapshot_state(net)
+    try:
+        fake = graph_fingerprint(_trace_once(net, inputs, True)[0])
+    except Exception:
+        fake = None
+    left = meta.restore_if_meta_left(state)
+    problems = [f"after the shape-only trace: {d}" for d in diff_snapshot(net, before)]
+    if fake is not None and not left:
+        problems += [f"shape-only trace differs from the real one in {d}" for d in fingerprint_diff(real, fake)]
+        return True, problems
+    return False, problems
 
 
 # ---------------------------------------------------------------------------
@@ -249,6 +311,7 @@ class Outcome:
     barriers: List[str] = field(default_factory=list)
     seconds: float = 0.0
     removed_groups: int = 0
+    shape_only: Optional[bool] = None  # the shape-only trace was kept (not handed to a real pass)
 
     @property
     def ok(self) -> bool:
@@ -295,6 +358,10 @@ def _run(seed: int, out: Outcome) -> None:
     before = snapshot(net)
     params_before = n_params(net)
     problems = out.problems
+
+    # --- the shape-only trace is the real trace ------------------------------
+    out.shape_only, shape_problems = check_shape_only_trace(net, xs)
+    problems += shape_problems
 
     # --- compute ------------------------------------------------------------
     m = PruningManager(net)

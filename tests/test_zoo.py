@@ -166,3 +166,31 @@ def test_zoo_transformers_export_exactly(kind, constrained):
         out = net(**inputs).last_hidden_state
     err = _max_rel_error(out, ref)
     assert err <= 1e-10, f"pruned model differs from the mock by {err:.3g} (relative)"
+
+
+@pytest.mark.parametrize("build,size", [pytest.param(b, s, id=i) for i, b, s in MODELS])
+def test_zoo_shape_only_trace_is_the_real_trace(build, size):
+    """The shape-only pass (ops on meta tensors) is kept on every zoo model,
+    gives the very graph a pass with real values gives, and leaves the model
+    as it was. (``/tmp``-free sweep of all 178 coverage models: see the
+    ``--shape-only`` check of ``benchmarks/coverage.py``.)"""
+    import export_props
+
+    torch.manual_seed(SEED)
+    net = build().double().eval()
+    x = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(SEED), dtype=torch.float64)
+    kept, problems = export_props.check_shape_only_trace(net, [x])
+    assert not problems, "\n".join(problems)
+    assert kept, "the shape-only pass handed over to a real pass"
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt2"])
+def test_zoo_transformers_shape_only_trace_is_the_real_trace(kind):
+    import export_props
+
+    torch.manual_seed(SEED)
+    net = _hf(kind).double().eval()
+    inputs = {"input_ids": torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(SEED))}
+    kept, problems = export_props.check_shape_only_trace(net, inputs)
+    assert not problems, "\n".join(problems)
+    assert kept, "the shape-only pass handed over to a real pass"

@@ -19,6 +19,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from .meta import NeedsValues
 from .trace import NO_SOURCE, Consumer, Producer
 from .reorder import is_tiling
 from .sizes import AttrInt, SizeInt
@@ -96,6 +97,8 @@ def dispatch(tr: Tracer, func: Any, args: tuple, kwargs: dict, out: Any) -> None
     except _Unsupported as exc:
         barrier(tr, name, args, kwargs, out, str(exc))
     except Exception as exc:  # a rule that cannot handle these arguments
+        if tr.shapes_only:  # perhaps it read a meta tensor's values
+            raise NeedsValues(f"rule for {name}: {exc}") from exc
         barrier(tr, name, args, kwargs, out, f"rule failed ({type(exc).__name__}: {exc})")
     for y in outs:  # any output a rule forgot is a fresh, safe barrier output
         if tr.get(y) is None and not _is_same_as_input(y, tensors):
@@ -181,7 +184,9 @@ def _untracked(tr: Tracer, name: str, func, args, kwargs, out, tensors) -> None:
         for pname, idx in refs[1]:
             try:
                 merged.append((pname, F.embedding(tensors[0], idx)))
-            except Exception:
+            except Exception as exc:
+                if tr.shapes_only:
+                    raise NeedsValues(f"embedding of constant ids: {exc}") from exc
                 return
         tr.prov[out] = merged
         return
@@ -229,7 +234,9 @@ def _untracked(tr: Tracer, name: str, func, args, kwargs, out, tensors) -> None:
         for pname, idx in refs[0]:
             try:
                 res = _apply_to_ids(func, args, kwargs, {id(tensors[0]): idx}, tr)
-            except Exception:
+            except Exception as exc:
+                if tr.shapes_only:
+                    raise NeedsValues(f"{name} of a parameter: {exc}") from exc
                 return
             if not isinstance(res, torch.Tensor) or tuple(res.shape) != tuple(out.shape):
                 return

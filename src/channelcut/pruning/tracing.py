@@ -1,9 +1,10 @@
-"""Record traces with one real forward pass. Start at :func:`trace`.
+"""Record traces with one forward pass. Start at :func:`trace`.
 
 A :class:`torch.overrides.TorchFunctionMode` sees every torch function the
 model calls. Tensors stay ordinary tensors: their traces live in a side table
 keyed by tensor identity, so nothing is ever attached to the user's model, its
-parameters or its activations. Each call is computed for real, then the op's
+parameters or its activations. Each call is computed (on ``meta`` tensors when
+shapes are all the pass needs, see ``meta.py``; else for real), then the op's
 rule (``rules.py``) derives the output traces from the input traces.
 
 Inside the tracer a trace is a :class:`Tr`: an int64 tensor with the same
@@ -26,6 +27,7 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.weak import WeakIdKeyDictionary
 
 from ..errors import TracingError
+from . import meta
 from .sizes import HEAD_COUNT_ATTRS, AttrInt, SizeInt
 from .trace import NO_SOURCE, SourceTable, TracedGraph
 
@@ -74,10 +76,15 @@ class Tracer(TorchFunctionMode):
 
     MAX_MATERIALIZE = 30_000_000
 
-    def __init__(self, model: torch.nn.Module, graph: TracedGraph) -> None:
+    def __init__(self, model: torch.nn.Module, graph: TracedGraph, shapes_only: bool = False) -> None:
         super().__init__()
         self.model = model
         self.graph = graph
+        #: compute ops on meta tensors (see ``meta.py``)
+        self.shapes_only = shapes_only
+        self.meta_cache: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
+        first = next(model.parameters(), None)
+        self.device = first.device if first is not None else torch.device("cpu")
         self.src: SourceTable = graph.sources
         self.table: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self.prov: WeakIdKeyDictionary = WeakIdKeyDictionary()
@@ -161,10 +168,15 @@ class Tracer(TorchFunctionMode):
     def union_pairs(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """Position-wise union of two broadcastable id tensors; returns merged ids."""
         a, b = torch.broadcast_tensors(a, b)
+        union = self.src.union  # ignores -1
+        if a.numel() <= 4096:  # a plain loop beats the vectorised filter on small tensors
+            for x, y in zip(a.reshape(-1).tolist(), b.reshape(-1).tolist()):
+                if x != y:
+                    union(x, y)
+            return torch.where(a >= 0, a, b)
         mask = (a >= 0) & (b >= 0) & (a != b)
         if bool(mask.any()):
             pairs = torch.unique(torch.stack([a[mask], b[mask]], 1), dim=0).tolist()
-            union = self.src.union
             for x, y in pairs:
                 union(x, y)
         return torch.where(a >= 0, a, b)
@@ -329,8 +341,12 @@ class Tracer(TorchFunctionMode):
             result = traced_multi_head_attention(self, args, kwargs)
             if result is not None:
                 return result
-        out = func(*args, **kwargs)
         from . import rules
+
+        if self.shapes_only:
+            out = meta.run(func, rules.func_name(func), args, kwargs, self.meta_cache, self.device)
+        else:
+            out = func(*args, **kwargs)
 
         if isinstance(out, int) or type(out) is torch.Size:
             return self._mark_sizes(func, args, kwargs, out)
@@ -434,9 +450,35 @@ def run_model(model: torch.nn.Module, inputs: Sequence[Any] | Dict[str, Any]) ->
         return model(*inputs)
 
 
-def trace(model: torch.nn.Module, inputs: Sequence[Any] | Dict[str, Any]) -> Tuple[TracedGraph, Any]:
+def trace(
+    model: torch.nn.Module, inputs: Sequence[Any] | Dict[str, Any], shapes_only: bool = True
+) -> Tuple[TracedGraph, Any]:
     """Run ``model`` once on ``inputs`` and return its :class:`TracedGraph`
-    and the output. Nothing is left behind on the model."""
+    and the output. Nothing is left behind on the model.
+
+    With ``shapes_only`` (the default) the pass first runs on meta tensors,
+    which costs no arithmetic and no activation memory; if the model turns out
+    to need real values (see ``meta.py``), that pass is discarded and the model
+    is traced again for real. The graph is the same either way; the output is
+    then a meta tensor, or meta tensors."""
+    if shapes_only:
+        state = meta.snapshot_state(model)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                result: Optional[Tuple[TracedGraph, Any]] = _trace_once(model, inputs, True)
+            except Exception:  # needs values, or fails: the real pass decides
+                result = None
+        if meta.restore_if_meta_left(state):
+            result = None
+        if result is not None:
+            for w in caught:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
+            return result
+    return _trace_once(model, inputs, False)
+
+
+def _trace_once(model: torch.nn.Module, inputs: Sequence[Any] | Dict[str, Any], shapes_only: bool) -> Tuple[TracedGraph, Any]:
     graph = TracedGraph()
     for name, p in model.named_parameters(remove_duplicate=False):
         graph.param_shapes[name] = tuple(p.shape)
@@ -447,7 +489,9 @@ def trace(model: torch.nn.Module, inputs: Sequence[Any] | Dict[str, Any]) -> Tup
             graph.param_modules[f"{mname}.{pname}" if mname else pname] = mname
         for bname, _ in m.named_buffers(recurse=False, remove_duplicate=False):
             graph.param_modules[f"{mname}.{bname}" if mname else bname] = mname
-    tracer = Tracer(model, graph)
+    tracer = Tracer(model, graph, shapes_only)
+    if shapes_only:
+        inputs = meta.inputs_to_meta(inputs)
     leaves = list(inputs.values()) if isinstance(inputs, dict) else list(inputs)
     for i, x in enumerate(flatten_tensors(leaves)):
         if tracer.get(x) is None:
@@ -455,9 +499,11 @@ def trace(model: torch.nn.Module, inputs: Sequence[Any] | Dict[str, Any]) -> Tup
     hooks = _module_hooks(tracer)
     marked = _mark_head_counts(model)
     try:
-        with torch.no_grad(), tracer:
-            out = run_model(model, inputs)
-    except TracingError:
+        # buffers are saved and restored outside the tracer: those copies are
+        # not the model's ops
+        with preserve_buffers(model), torch.no_grad(), tracer:
+            out = model(**inputs) if isinstance(inputs, dict) else model(*inputs)
+    except (TracingError, meta.NeedsValues):
         raise
     except Exception as exc:  # the model itself failed on these inputs
         raise TracingError(

@@ -1,0 +1,342 @@
+"""Shape-only tracing: run the traced forward pass on ``meta`` tensors.
+
+The tracer needs every activation's shape, never its values, so
+:func:`channelcut.pruning.tracing.trace` first runs the model with every op
+computed on the ``meta`` device: no arithmetic, no activation memory. That pass
+is only kept when it provably saw what a real pass would see:
+
+* any read of a value (``.item()``, ``bool(x)``, ``.tolist()``, data-dependent
+  shapes such as ``nonzero``) raises on a meta tensor, so control flow that
+  depends on values cannot silently take another branch;
+* an in-place op on a real tensor (one made outside the traced ops: a
+  parameter, a buffer, an input, a factory result) raises :class:`NeedsValues`,
+  since its meta stand-in would be a different object;
+* a rule that fails on a meta argument raises instead of becoming a barrier;
+* a meta tensor left behind on the model (a cache set in ``forward``) is taken
+  off again.
+
+When any of these fire, the pass is thrown away and the model is traced again
+with real values, which is what a model that needs them gets anyway.
+
+PyTorch's generic meta kernels for many pointwise ops and normalisations are
+written in Python and cost more than the real op on a small tensor, so the
+ops that dominate vision and transformer models get a direct shape function
+(:data:`FAST`) that builds the output the real kernel would build: same shape,
+dtype and (contiguous) layout. Everything else runs PyTorch's own meta kernel.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import torch
+
+META = torch.device("meta")
+
+
+class NeedsValues(Exception):
+    """The shape-only pass met something that needs real values."""
+
+
+def inputs_to_meta(inputs: Any) -> Any:
+    """The model inputs for a shape-only pass: floating tensors become meta
+    tensors (activations); integer and boolean ones (token ids, masks) stay."""
+    if isinstance(inputs, torch.Tensor):
+        return inputs.to(META) if inputs.is_floating_point() or inputs.is_complex() else inputs
+    t = type(inputs)
+    if t is list or t is tuple:
+        return t(inputs_to_meta(o) for o in inputs)
+    if t is dict:
+        return {k: inputs_to_meta(v) for k, v in inputs.items()}
+    return inputs
+
+
+def to_meta(obj: Any, cache: Dict[int, Tuple[torch.Tensor, torch.Tensor]]) -> Any:
+    """``obj`` with every real tensor in it replaced by a meta tensor of the
+    same shape, dtype and strides (cached per tensor object)."""
+    if isinstance(obj, torch.Tensor):
+        if obj.is_meta:
+            return obj
+        hit = cache.get(id(obj))
+        if hit is not None and hit[0] is obj:
+            return hit[1]
+        m = obj.to(META)
+        cache[id(obj)] = (obj, m)  # holds obj, so its id is not reused meanwhile
+        return m
+    t = type(obj)
+    if t is list or t is tuple:
+        return t(to_meta(o, cache) for o in obj)
+    if t is dict:
+        return {k: to_meta(v, cache) for k, v in obj.items()}
+    return obj
+
+
+def _empty(shape: Any, dtype: torch.dtype) -> torch.Tensor:
+    return torch.empty(shape, dtype=dtype, device=META)
+
+
+def _plain(x: Any) -> bool:
+    return isinstance(x, torch.Tensor) and x.is_contiguous() and x.is_floating_point()
+
+
+# A shape function gets the (meta) positional and keyword arguments and
+# returns the output, or None to leave the op to PyTorch's meta kernel.
+Shape = Callable[[tuple, dict], Optional[torch.Tensor]]
+
+# position of the ``inplace`` argument of the functional activations
+_INPLACE_AT = {
+    "relu": 1, "relu6": 1, "silu": 1, "hardswish": 1, "hardsigmoid": 1, "mish": 1, "selu": 1,
+    "hardtanh": 3, "leaky_relu": 2, "elu": 2, "celu": 2, "threshold": 3,
+    "dropout": 3, "dropout1d": 3, "dropout2d": 3, "dropout3d": 3, "alpha_dropout": 3,
+}
+
+
+def _same_as_first(name: str) -> Shape:
+    at = _INPLACE_AT.get(name)
+
+    def shape(args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
+        if not args or not _plain(args[0]) or "out" in kwargs:
+            return None
+        if at is not None and (kwargs.get("inplace") or (len(args) > at and args[at] is True)):
+            return None
+        return _empty(args[0].shape, args[0].dtype)
+
+    return shape
+
+
+def _broadcast(args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
+    """Out-of-place arithmetic on contiguous float tensors of one dtype (and
+    Python numbers), where one tensor already has the result's shape."""
+    if "out" in kwargs:
+        return None
+    tensors: List[torch.Tensor] = []
+    for a in list(args) + list(kwargs.values()):
+        if isinstance(a, torch.Tensor):
+            if not _plain(a):
+                return None
+            tensors.append(a)
+        elif not isinstance(a, (int, float)):
+            return None
+    if not tensors or any(t.dtype != tensors[0].dtype for t in tensors):
+        return None
+    shapes = {tuple(t.shape) for t in tensors}
+    if len(shapes) == 1:
+        return _empty(tensors[0].shape, tensors[0].dtype)
+    out = torch.broadcast_shapes(*shapes)
+    if tuple(out) not in shapes:
+        return None
+    return _empty(out, tensors[0].dtype)
+
+
+def _cat(args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
+    xs = kwargs.get("tensors", args[0] if args else None)
+    dim = kwargs.get("dim", args[1] if len(args) > 1 else 0)
+    if "out" in kwargs or not isinstance(xs, (list, tuple)) or not xs or not isinstance(dim, int):
+        return None
+    if not all(_plain(x) for x in xs) or len({(x.dtype, x.dim()) for x in xs}) != 1:
+        return None
+    d = dim % xs[0].dim()
+    rest = {tuple(x.shape[:d]) + tuple(x.shape[d + 1:]) for x in xs}
+    if len(rest) != 1:
+        return None
+    shape = list(xs[0].shape)
+    shape[d] = sum(int(x.shape[d]) for x in xs)
+    return _empty(shape, xs[0].dtype)
+
+
+def _adaptive_pool(n: int) -> Shape:
+    def shape(args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
+        x = args[0] if args else None
+        size = kwargs.get("output_size", args[1] if len(args) > 1 else None)
+        if not _plain(x) or x.dim() not in (n + 1, n + 2):
+            return None
+        if isinstance(size, int):
+            size = (size,) * n
+        if not isinstance(size, (tuple, list)) or len(size) != n or not all(isinstance(s, int) for s in size):
+            return None
+        return _empty(tuple(x.shape[: x.dim() - n]) + tuple(size), x.dtype)
+
+    return shape
+
+
+def _mean(args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
+    x = args[0] if args else None
+    dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
+    keep = kwargs.get("keepdim", args[2] if len(args) > 2 else False)
+    if not _plain(x) or "out" in kwargs or "dtype" in kwargs or not isinstance(keep, bool):
+        return None
+    if isinstance(dim, int):
+        dim = (dim,)
+    if not isinstance(dim, (tuple, list)) or not dim or not all(isinstance(d, int) for d in dim):
+        return None
+    drop = {d % x.dim() for d in dim}
+    if len(drop) != len(dim):
+        return None
+    shape = [1 if d in drop else s for d, s in enumerate(x.shape) if keep or d not in drop]
+    return _empty(shape, x.dtype)
+
+
+def _sdpa(args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
+    if len(args) < 3 or not all(_plain(a) for a in args[:3]) or args[0].dim() < 2:
+        return None
+    q, v = args[0], args[2]
+    if q.dtype != v.dtype:
+        return None
+    return _empty(tuple(q.shape[:-1]) + (v.shape[-1],), q.dtype)
+
+
+_UNARY = (
+    "batch_norm", "layer_norm", "group_norm", "instance_norm", "rms_norm", "relu", "relu6", "hardtanh",
+    "gelu", "silu", "sigmoid", "tanh", "hardswish", "hardsigmoid", "mish", "leaky_relu", "elu", "selu",
+    "celu", "softplus", "exp", "sqrt", "rsqrt", "erf", "neg", "__neg__",
+)
+_BINARY = (
+    "add", "sub", "mul", "div", "true_divide",
+    "__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__", "__truediv__", "__rtruediv__",
+)
+
+FAST: Dict[str, Shape] = {name: _same_as_first(name) for name in _UNARY}
+FAST.update({name: _broadcast for name in _BINARY})
+FAST.update({
+    "cat": _cat, "concat": _cat, "concatenate": _cat,
+    "adaptive_avg_pool1d": _adaptive_pool(1), "adaptive_avg_pool2d": _adaptive_pool(2),
+    "adaptive_avg_pool3d": _adaptive_pool(3), "mean": _mean,
+    "scaled_dot_product_attention": _sdpa,
+})
+
+
+def is_write(name: str, kwargs: dict) -> bool:
+    """Does this op write into its first argument (or an ``out=`` tensor)?"""
+    if "out" in kwargs or name in ("__setitem__", "copy_", "set_"):
+        return True
+    if name.startswith("__i") and name.endswith("__"):
+        return True
+    return name.endswith("_") and not name.endswith("__") and not name.startswith("_")
+
+
+def run(
+    func: Any, name: str, args: tuple, kwargs: dict, cache: Dict[int, Tuple[torch.Tensor, torch.Tensor]],
+    device: torch.device,
+) -> Any:
+    """Compute ``func(*args, **kwargs)``: on meta tensors where an argument is
+    one (an activation), for real where none is (constants, parameters,
+    indices, masks; ``device`` is the model's own)."""
+    dev = kwargs.get("device")
+    if not (_holds_meta(args) or _holds_meta(kwargs) or (dev is not None and torch.device(dev).type == "meta")):
+        return func(*args, **kwargs)
+    if name in CREATION:  # a constant, even when shaped like an activation
+        rkwargs = _real_stand_ins(kwargs, device)
+        if dev is not None and torch.device(dev).type == "meta":
+            rkwargs["device"] = device
+        return func(*_real_stand_ins(args, device), **rkwargs)
+    at = _INPLACE_AT.get(name)
+    inplace = kwargs.get("inplace") is True or (at is not None and len(args) > at and args[at] is True)
+    if inplace or is_write(name, kwargs):
+        target = kwargs.get("out", args[0] if args else None)
+        if isinstance(target, torch.Tensor) and not target.is_meta:
+            raise NeedsValues(f"'{name}' writes into a tensor made outside the traced ops")
+        if _in_place_keeps_shape(name, inplace, args, kwargs):
+            return args[0]  # an in-place pointwise op on a meta tensor: itself
+    margs = to_meta(args, cache)
+    mkwargs = to_meta(kwargs, cache) if kwargs else kwargs
+    fast = FAST.get(name)
+    if fast is not None:
+        out = fast(margs, mkwargs)
+        if out is not None:
+            return out
+    out = func(*margs, **mkwargs)
+    if _holds_index(out):
+        # integer and boolean tensors are indices and masks, whose values the
+        # rules read: computed for real, from real inputs only
+        raise NeedsValues(f"'{name}' makes an index or mask from an activation")
+    return out
+
+
+# creation ops: their values depend on no tensor's values (``x.new_zeros``,
+# ``torch.arange(n, device=x.device)``), so they make real constants; writing an
+# activation into one later hands over to a real pass
+CREATION = {
+    "arange", "range", "zeros", "ones", "full", "empty", "eye", "linspace", "logspace", "tensor", "as_tensor",
+    "tril_indices", "triu_indices", "zeros_like", "ones_like", "full_like", "empty_like", "new_zeros",
+    "new_ones", "new_full", "new_empty", "new_tensor",
+}
+
+
+def _real_stand_ins(obj: Any, device: torch.device) -> Any:
+    """``obj`` with meta tensors replaced by empty real tensors like them."""
+    if isinstance(obj, torch.Tensor):
+        return torch.empty(obj.shape, dtype=obj.dtype, device=device) if obj.is_meta else obj
+    t = type(obj)
+    if t is list or t is tuple:
+        return t(_real_stand_ins(o, device) for o in obj)
+    if t is dict:
+        return {k: _real_stand_ins(v, device) for k, v in obj.items()}
+    return obj
+
+
+def _holds_index(out: Any) -> bool:
+    if isinstance(out, torch.Tensor):
+        return not (out.is_floating_point() or out.is_complex())
+    if isinstance(out, (list, tuple)):
+        return any(_holds_index(o) for o in out)
+    return False
+
+
+def _in_place_keeps_shape(name: str, inplace: bool, args: tuple, kwargs: dict) -> bool:
+    """``relu_(x)``, ``F.relu(x, inplace=True)``, ``x.add_(y)``, ``x += y``
+    on a meta ``x`` that the other operands broadcast to."""
+    if "out" in kwargs or not args or not isinstance(args[0], torch.Tensor) or not args[0].is_meta:
+        return False
+    if name.startswith("__i") and name.endswith("__"):
+        base = "__" + name[3:]
+    elif inplace:
+        base = name
+    else:
+        base = name[:-1]
+    if base in _UNARY:
+        return True
+    if base not in _BINARY:
+        return False
+    x = args[0]
+    for a in list(args[1:]) + list(kwargs.values()):
+        if isinstance(a, torch.Tensor):
+            if a.dtype != x.dtype or torch.broadcast_shapes(a.shape, x.shape) != x.shape:
+                return False
+        elif not isinstance(a, (int, float)):
+            return False
+    return x.is_floating_point()
+
+
+def snapshot_state(model: torch.nn.Module) -> List[Tuple[torch.nn.Module, Dict[str, Any], Dict[str, Any], Dict[str, Any]]]:
+    """What :func:`restore_if_meta_left` needs to undo attribute changes."""
+    return [(m, dict(m.__dict__), dict(m._parameters), dict(m._buffers)) for m in model.modules()]
+
+
+def _holds_meta(v: Any) -> bool:
+    """``v`` is a meta tensor, or a list, tuple or dict that holds one."""
+    if isinstance(v, torch.Tensor):
+        return v.is_meta
+    if isinstance(v, (list, tuple)):
+        return any(_holds_meta(o) for o in v)
+    if isinstance(v, dict):
+        return any(_holds_meta(o) for o in v.values())
+    return False
+
+
+def restore_if_meta_left(state: List[Tuple[torch.nn.Module, Dict[str, Any], Dict[str, Any], Dict[str, Any]]]) -> bool:
+    """Put back every module attribute, parameter or buffer that the
+    shape-only pass set to (a container of) meta tensors; True if any."""
+    found = False
+    for m, attrs, params, buffers in state:
+        for now, before in ((m.__dict__, attrs), (m._parameters, params), (m._buffers, buffers)):
+            for k, v in list(now.items()):
+                if v is not before.get(k, _MISSING) and _holds_meta(v):
+                    found = True
+                    if k in before:
+                        now[k] = before[k]
+                    else:
+                        del now[k]
+    return found
+
+
+_MISSING = object()
