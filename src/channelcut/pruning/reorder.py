@@ -15,8 +15,11 @@ no parameter aligned with it is shared by two different uses.
 
 The order itself: consumers that keep a proper subset of a segment define a
 consumer x group incidence; we want every consumer's groups consecutive (the
-consecutive-ones property). :func:`order_segment` builds orders greedily over
-classes of groups with equal membership and keeps the one that copies least.
+consecutive-ones property). :func:`order_segment` works on classes of groups
+with equal membership: an exact test (:func:`consecutive_order`) finds an
+order with zero copies whenever one exists; when none does, it minimises the
+channels copied (exhaustively up to 12 classes, else greedily) and then tries
+to keep the largest consumers contiguous.
 """
 
 from __future__ import annotations
@@ -219,9 +222,9 @@ def order_segment(present: List[int], keeps: List[FrozenSet[int]]) -> List[int]:
     >>> order_segment([1, 2, 3, 4], [frozenset({2, 3}), frozenset({3, 4})])
     [1, 2, 3, 4]
     >>> order_segment([1, 2, 3, 4], [frozenset({1, 3})])
-    [2, 4, 1, 3]
+    [1, 3, 2, 4]
     >>> order_segment([1, 2, 3, 4, 5], [frozenset({1, 3}), frozenset({3, 5})])
-    [2, 4, 1, 3, 5]
+    [1, 3, 5, 2, 4]
     >>> order_segment([0, 1, 2, 3], [frozenset({0, 2, 3, RIGHT}), frozenset({1, 2, 3})])
     [1, 2, 3, 0]
     """
@@ -272,6 +275,10 @@ def order_segment(present: List[int], keeps: List[FrozenSet[int]]) -> List[int]:
 
     if cost(_runs([sig_of[g] for g in items])) == 0:
         return list(present)
+    members = [[sg for sg in sigs if sg >> i & 1] for i in range(n)]
+    exact = consecutive_order(sigs, members, first_sig, last_sig)
+    if exact is not None:  # every consumer contiguous: zero copies
+        return strip(exact)
     if len(sigs) > 400:  # too many classes for the greedy search: sort by signature
         sigs.sort(key=lambda sg: (sg != first_sig, sg == last_sig, bin(sg)[::-1]))
         return strip(sigs)
@@ -312,7 +319,7 @@ def order_segment(present: List[int], keeps: List[FrozenSet[int]]) -> List[int]:
     if best_cost > 0:
         # no order serves everyone: make the largest consumers contiguous (their
         # reads become views) and let the others gather
-        sub = _largest_contiguous_subset(sigs, sizes[:n], n, first_sig, last_sig)
+        sub = _largest_contiguous_subset(sigs, members, sizes[:n], first_sig, last_sig)
         if sub is not None:
             c = cost(sub)
             if c < best_cost:
@@ -320,39 +327,158 @@ def order_segment(present: List[int], keeps: List[FrozenSet[int]]) -> List[int]:
     return strip(best_seq)
 
 
-def _largest_contiguous_subset(
-    sigs: List[int], sizes: List[int], n: int, first: Optional[int], last: Optional[int], budget: int = 600,
+def consecutive_order(
+    elements: Sequence[int], sets: Iterable[Iterable[int]], first: Optional[int] = None, last: Optional[int] = None,
 ) -> Optional[List[int]]:
-    """Add consumers largest first while one order still keeps every chosen
-    consumer contiguous; return that order over ``sigs`` (or None)."""
-    sentinels = 3 << n
-    chosen = 0
+    """An order of ``elements`` in which every set is consecutive, or None if
+    there is none (an exact consecutive-ones test). ``first`` / ``last``: an
+    element that must open / close the order.
+
+    The sets split into *overlap components* (two sets overlap when they
+    intersect and neither contains the other). Adding a component's sets in
+    an order where each overlaps an earlier one refines its union into blocks
+    whose order is forced up to reversal, so a contradiction there proves
+    that no order exists. The unions of different components are nested or
+    disjoint, and a nested component lies inside one block of its parent:
+    laying out every block recursively gives the order. Polynomial (sets x
+    elements per added set), exact for any number of elements.
+
+    >>> consecutive_order([1, 2, 3, 4], [{1, 3}, {3, 4}])
+    [1, 3, 4, 2]
+    >>> consecutive_order([1, 2, 3, 4], [{1, 2}, {1, 3}, {1, 4}]) is None
+    True
+    >>> consecutive_order([1, 2, 3], [{1, 2}], first=2)
+    [2, 1, 3]
+    """
+    universe = list(elements)
+    whole = frozenset(universe)
+    family = {frozenset(x) & whole for x in sets}
+    if first is not None:
+        family.add(whole - {first})
+    if last is not None:
+        family.add(whole - {last})
+    rank = {e: i for i, e in enumerate(universe)}
+    fam = sorted((x for x in family if 1 < len(x) < len(whole)), key=lambda x: (-len(x), sorted(rank[e] for e in x)))
+    comps = _overlap_components(fam)
+    atoms: List[Tuple[FrozenSet[int], List[FrozenSet[int]]]] = []
+    for comp in comps:
+        blocks = _refine(comp)
+        if blocks is None:
+            return None
+        atoms.append((frozenset().union(*comp), blocks))
+    order = _layout(whole, atoms, rank)
+    if first is not None and order[0] != first:
+        order.reverse()
+    if last is not None and order[-1] != last and first is None:
+        order.reverse()
+    pos = {e: i for i, e in enumerate(order)}
+    ok = (first is None or order[0] == first) and (last is None or order[-1] == last)
+    for x in fam:
+        ps = [pos[e] for e in x]
+        ok = ok and max(ps) - min(ps) + 1 == len(ps)
+    return order if ok else None
+
+
+def _overlap_components(fam: List[FrozenSet[int]]) -> List[List[FrozenSet[int]]]:
+    """Connected components of the overlap graph, each listed in an order
+    where every set overlaps an earlier one."""
+    seen = [False] * len(fam)
+    comps = []
+    for i in range(len(fam)):
+        if seen[i]:
+            continue
+        seen[i] = True
+        comp = [fam[i]]
+        k = 0
+        while k < len(comp):
+            a = comp[k]
+            k += 1
+            for j in range(len(fam)):
+                if not seen[j]:
+                    b = fam[j]
+                    if (a & b) and not a <= b and not b <= a:
+                        seen[j] = True
+                        comp.append(b)
+        comps.append(comp)
+    return comps
+
+
+def _refine(comp: List[FrozenSet[int]]) -> Optional[List[FrozenSet[int]]]:
+    """The forced block order of one overlap component (None: no order)."""
+    blocks: List[FrozenSet[int]] = [comp[0]]
+    covered = set(comp[0])
+    for x in comp[1:]:
+        hit = [i for i, b in enumerate(blocks) if b & x]
+        i, j = hit[0], hit[-1]
+        if len(hit) != j - i + 1 or any(not blocks[k] <= x for k in range(i + 1, j)):
+            return None
+        new = x - covered
+        left, right = blocks[i] - x, blocks[j] - x
+        if new:
+            # new elements go past an end block the set fully covers (or
+            # past its only block, which it then splits)
+            if j == len(blocks) - 1 and (not right or i == j):
+                blocks[j:j + 1] = [b for b in (right, blocks[j] & x) if b]
+                if i < j:  # the run's other end may be partly covered
+                    blocks[i:i + 1] = [b for b in (left, blocks[i] & x) if b]
+                blocks.append(frozenset(new))
+            elif i == 0 and (not left or i == j):
+                blocks[0:1] = [b for b in (blocks[0] & x, left) if b]
+                if i < j:
+                    blocks[j:j + 1] = [b for b in (blocks[j] & x, right) if b]
+                blocks.insert(0, frozenset(new))
+            else:
+                return None
+            covered |= new
+        elif i == j:
+            return None  # inside one block: overlaps nothing added before
+        else:
+            blocks[j:j + 1] = [b for b in (blocks[j] & x, right) if b]
+            blocks[i:i + 1] = [b for b in (left, blocks[i] & x) if b]
+    return blocks
+
+
+def _layout(
+    region: FrozenSet[int], comps: List[Tuple[FrozenSet[int], List[FrozenSet[int]]]], rank: Dict[int, int],
+) -> List[int]:
+    """Elements of ``region``: each outermost component's blocks in order,
+    recursively, then the elements no component covers."""
+    inside = [c for c in comps if c[0] <= region]
+    inside.sort(key=lambda c: (-len(c[0]), len(c[1]) > 1))
+    tops: List[Tuple[FrozenSet[int], List[FrozenSet[int]]]] = []
+    for c in inside:
+        if not any(c[0] <= t[0] for t in tops):
+            tops.append(c)
+    rest = [c for c in inside if not any(c is t for t in tops)]
+    out: List[int] = []
+    covered: Set[int] = set()
+    for union, blocks in sorted(tops, key=lambda c: min(rank[e] for e in c[0])):
+        for b in blocks:
+            out += _layout(b, [c for c in rest if c[0] <= b], rank)
+        covered |= union
+    out += sorted(region - covered, key=rank.__getitem__)
+    return out
+
+
+def _largest_contiguous_subset(
+    sigs: List[int], members: List[List[int]], sizes: List[int], first: Optional[int], last: Optional[int],
+) -> Optional[List[int]]:
+    """Add consumers largest first while an order still keeps every chosen
+    consumer contiguous (the exact test of :func:`consecutive_order`); return
+    that order over ``sigs`` (or None). Stops after three consumers in a row
+    that do not fit."""
+    chosen: List[List[int]] = []
     order: Optional[List[int]] = None
     misses = 0
-    for i in sorted(range(n), key=lambda i: -sizes[i]):
-        mask = chosen | (1 << i) | sentinels
-        reduced: Dict[int, int] = {}
-        for sg in sigs:
-            reduced.setdefault(sg & mask, 0)
-        red = list(reduced)
-        red_sizes = [sizes[j] if mask >> j & 1 else 0 for j in range(n)] + [0, 0]
-        seq = _branch_and_bound(
-            red, red_sizes, 1, budget=budget,
-            first=None if first is None else first & mask, last=None if last is None else last & mask,
-        )
+    for i in sorted(range(len(members)), key=lambda i: -sizes[i]):
+        seq = consecutive_order(sigs, chosen + [members[i]], first, last)
         if seq is not None:
-            chosen, order, misses = mask & ~sentinels, seq, 0
+            chosen, order, misses = chosen + [members[i]], seq, 0
         else:
             misses += 1
             if misses >= 3:
                 break
-    if order is None:
-        return None
-    mask = chosen | sentinels
-    by_class: Dict[int, List[int]] = {}
-    for sg in sigs:
-        by_class.setdefault(sg & mask, []).append(sg)
-    return [sg for red in order for sg in by_class[red]]
+    return order
 
 
 def _branch_and_bound(

@@ -1,0 +1,123 @@
+"""Channel orders (``channelcut.pruning.reorder``), checked against brute force.
+
+``consecutive_order`` is an exact consecutive-ones test: it must find an order
+exactly when one exists (every permutation is tried on small instances), and
+``order_segment`` must then reorder with zero copies, however many membership
+classes the segment has.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+from typing import FrozenSet, List, Optional, Sequence
+
+import pytest
+
+from channelcut.pruning.reorder import LEFT, RIGHT, consecutive_order, order_segment
+
+SEED = 20261126
+
+
+def _consecutive(order: Sequence[int], x: FrozenSet[int]) -> bool:
+    pos = [i for i, e in enumerate(order) if e in x]
+    return not pos or pos[-1] - pos[0] + 1 == len(pos)
+
+
+def _valid(order: Sequence[int], sets: List[FrozenSet[int]], first: Optional[int], last: Optional[int]) -> bool:
+    return ((first is None or order[0] == first) and (last is None or order[-1] == last)
+            and all(_consecutive(order, x) for x in sets))
+
+
+def _random_instance(rng: random.Random, n: int):
+    elements = list(range(n))
+    if rng.random() < 0.5:  # intervals of a hidden order: always feasible
+        hidden = elements[:]
+        rng.shuffle(hidden)
+        sets = []
+        for _ in range(rng.randint(1, 6)):
+            a = rng.randrange(n)
+            b = rng.randrange(a, n)
+            sets.append(frozenset(hidden[a:b + 1]))
+    else:
+        sets = [frozenset(e for e in elements if rng.random() < 0.5) for _ in range(rng.randint(2, 7))]
+    first = rng.choice([None, None, rng.randrange(n)])
+    last = rng.choice([None, None, rng.randrange(n)])
+    if first is not None and first == last:
+        last = None
+    return elements, sets, first, last
+
+
+def test_consecutive_order_is_exact_against_brute_force():
+    rng = random.Random(SEED)
+    found = missing = 0
+    for case in range(700):
+        n = rng.randint(1, 7 if case % 4 == 0 else 6)
+        elements, sets, first, last = _random_instance(rng, n)
+        got = consecutive_order(elements, sets, first, last)
+        exists = any(_valid(p, sets, first, last) for p in itertools.permutations(elements))
+        msg = f"seed {SEED} case {case}: elements={elements} sets={[sorted(x) for x in sets]} first={first} last={last} -> {got}"
+        assert (got is not None) == exists, msg
+        if got is not None:
+            assert sorted(got) == elements and _valid(got, sets, first, last), msg
+            found += 1
+        else:
+            missing += 1
+    assert found > 200 and missing > 100  # both answers are exercised
+
+
+def test_consecutive_order_on_many_elements():
+    """Intervals of a hidden order of 300 elements (far past any exhaustive
+    search): found; one crossing set more makes it infeasible."""
+    rng = random.Random(SEED)
+    hidden = list(range(300))
+    rng.shuffle(hidden)
+    sets = []
+    for _ in range(60):
+        a = rng.randrange(300)
+        b = rng.randrange(a, min(300, a + 80))
+        sets.append(frozenset(hidden[a:b + 1]))
+    got = consecutive_order(sorted(hidden), sets)
+    assert got is not None and all(_consecutive(got, x) for x in sets)
+    # three sets pairwise sharing one element around a centre: no order
+    c, a, b, d = hidden[10], hidden[100], hidden[200], hidden[250]
+    assert consecutive_order(sorted(hidden), sets + [frozenset({c, a}), frozenset({c, b}), frozenset({c, d})]) is None
+
+
+def _copies(order: Sequence[int], keeps: List[FrozenSet[int]]) -> int:
+    """Channels copied: consumers whose kept groups are not consecutive."""
+    items = ([LEFT] if any(LEFT in k for k in keeps) else []) + list(order) + (
+        [RIGHT] if any(RIGHT in k for k in keeps) else [])
+    return sum(len(k - {LEFT, RIGHT}) for k in keeps if not _consecutive(items, k))
+
+
+@pytest.mark.parametrize("n_groups", [6, 40])
+def test_order_segment_copies_nothing_whenever_an_order_exists(n_groups):
+    """Consumers keeping intervals of a hidden order, with many membership
+    classes (the branch-and-bound alone stops at 12): zero copies."""
+    rng = random.Random(SEED + n_groups)
+    for case in range(60):
+        groups = list(range(100, 100 + n_groups))
+        hidden = groups[:]
+        rng.shuffle(hidden)
+        keeps = []
+        for _ in range(rng.randint(2, 12)):
+            a = rng.randrange(n_groups)
+            b = rng.randrange(a, n_groups)
+            k = set(hidden[a:b + 1])
+            if a == 0 and rng.random() < 0.3:
+                k.add(LEFT)
+            keeps.append(frozenset(k))
+        order = order_segment(groups, keeps)
+        assert sorted(order) == groups
+        assert _copies(order, keeps) == 0, f"seed {SEED + n_groups} case {case}: {keeps} -> {order}"
+
+
+def test_order_segment_never_copies_more_than_the_given_order():
+    rng = random.Random(SEED)
+    for case in range(200):
+        groups = list(range(rng.randint(3, 30)))
+        keeps = [frozenset(g for g in groups if rng.random() < 0.6) for _ in range(rng.randint(1, 8))]
+        order = order_segment(groups, keeps)
+        assert sorted(order) == groups
+        assert _copies(order, keeps) <= _copies(groups, keeps), f"seed {SEED} case {case}"
