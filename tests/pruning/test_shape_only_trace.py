@@ -329,6 +329,28 @@ def test_in_place_ops_on_meta_return_their_target():
         assert meta.run(func, name, args, kwargs, {}, torch.device("cpu")) is x, name
 
 
+def test_creation_ops_make_real_constants_only_from_templates():
+    x = torch.randn(2, 4, device="meta")
+    cpu = torch.device("cpu")
+    for func, name, args, kwargs in [
+        (torch.zeros_like, "zeros_like", (x,), {}),
+        (torch.Tensor.new_ones, "new_ones", (x, (3,)), {}),
+        (torch.arange, "arange", (5,), {"device": x.device}),
+        (torch.full, "full", ((2,), 1.5), {"device": "meta"}),
+    ]:
+        out = meta.run(func, name, args, kwargs, {}, cpu)
+        assert not out.is_meta, name
+    assert torch.equal(meta.run(torch.zeros_like, "zeros_like", (x,), {}, {}, cpu), torch.zeros(2, 4))
+    # the values of an activation are not a constant: meta, or a hand-over
+    for func, name, args in [(torch.as_tensor, "as_tensor", (x,)), (torch.Tensor.new_tensor, "new_tensor", (x, x)),
+                             (torch.full_like, "full_like", (x, torch.randn((), device="meta")))]:
+        try:
+            out = meta.run(func, name, args, {}, {}, cpu)
+        except (RuntimeError, NotImplementedError, meta.NeedsValues):
+            continue
+        assert out.is_meta, name
+
+
 def test_graph_fingerprint_tells_graphs_apart():
     a = prepare(Plain().double().eval())
     b = prepare(ValueBranch().double().eval())

@@ -224,7 +224,7 @@ def run(
     dev = kwargs.get("device")
     if not (_holds_meta(args) or _holds_meta(kwargs) or (dev is not None and torch.device(dev).type == "meta")):
         return func(*args, **kwargs)
-    if name in CREATION:  # a constant, even when shaped like an activation
+    if _is_constant(name, args, kwargs):  # a constant, even when shaped like an activation
         rkwargs = _real_stand_ins(kwargs, device)
         if dev is not None and torch.device(dev).type == "meta":
             rkwargs["device"] = device
@@ -257,9 +257,21 @@ def run(
 # activation into one later hands over to a real pass
 CREATION = {
     "arange", "range", "zeros", "ones", "full", "empty", "eye", "linspace", "logspace", "tensor", "as_tensor",
-    "tril_indices", "triu_indices", "zeros_like", "ones_like", "full_like", "empty_like", "new_zeros",
-    "new_ones", "new_full", "new_empty", "new_tensor",
+    "tril_indices", "triu_indices",
 }
+# creation ops whose first argument is only a template (shape, dtype, device)
+TEMPLATED = {"zeros_like", "ones_like", "full_like", "empty_like", "new_zeros", "new_ones", "new_full", "new_empty",
+             "new_tensor"}
+
+
+def _is_constant(name: str, args: tuple, kwargs: dict) -> bool:
+    """A creation op given no activation, except as a template
+    (``torch.as_tensor(x)`` of an activation ``x`` is not a constant)."""
+    if name in TEMPLATED:
+        args = args[1:]
+    elif name not in CREATION:
+        return False
+    return not (_holds_meta(args) or any(_holds_meta(v) for k, v in kwargs.items() if k != "device"))
 
 
 def _real_stand_ins(obj: Any, device: torch.device) -> Any:

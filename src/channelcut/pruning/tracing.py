@@ -441,13 +441,15 @@ def _mark_head_counts(model: torch.nn.Module) -> List[Tuple[torch.nn.Module, str
     return marked
 
 
+def call_model(model: torch.nn.Module, inputs: Sequence[Any] | Dict[str, Any]) -> Any:
+    """Call the model on positional (list/tuple) or keyword (dict) inputs."""
+    return model(**inputs) if isinstance(inputs, dict) else model(*inputs)
+
+
 def run_model(model: torch.nn.Module, inputs: Sequence[Any] | Dict[str, Any]) -> Any:
-    """Call the model on positional (list/tuple) or keyword (dict) inputs,
-    leaving its buffers unchanged."""
+    """:func:`call_model`, leaving the model's buffers unchanged."""
     with preserve_buffers(model):
-        if isinstance(inputs, dict):
-            return model(**inputs)
-        return model(*inputs)
+        return call_model(model, inputs)
 
 
 def trace(
@@ -502,7 +504,7 @@ def _trace_once(model: torch.nn.Module, inputs: Sequence[Any] | Dict[str, Any], 
         # buffers are saved and restored outside the tracer: those copies are
         # not the model's ops
         with preserve_buffers(model), torch.no_grad(), tracer:
-            out = model(**inputs) if isinstance(inputs, dict) else model(*inputs)
+            out = call_model(model, inputs)
     except (TracingError, meta.NeedsValues):
         raise
     except Exception as exc:  # the model itself failed on these inputs
