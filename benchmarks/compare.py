@@ -469,9 +469,11 @@ def write_report(results: Dict[str, Any], out: str) -> str:
 
     add("## Export time\n")
     add("Seconds, median over the runs (one per amount, plus extra runs at the middle amount up to `--export-runs`); "
-        "the time includes the tools' tracing forward pass at the export input size. "
+        "the time includes the tools' tracing forward pass at the export input size (channelcut's runs on meta "
+        "tensors: shapes only, no arithmetic; the peers compute theirs for real). "
         "apple-upscale / channelcut compares `compute` with `compute`; torch-pruning (graph + pruner init + step, "
-        "which prunes the model) is compared with channelcut's compute + prune.\n")
+        "which prunes the model) is compared with channelcut's compute + `prune(verify=False)` (no tool verifies "
+        "here; channelcut's default `prune()` adds two forward passes that compare the pruned model with the mock).\n")
     add("| model | channelcut compute | channelcut prune | apple-upscale compute | apple-upscale prune | torch-pruning | "
         "apple-upscale / channelcut (compute) | torch-pruning / channelcut (compute + prune) | torch-pruning / channelcut (compute) |")
     add("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
