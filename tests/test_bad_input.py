@@ -36,7 +36,7 @@ from torch import nn
 
 from channelcut import (ChannelcutError, EmptyLayerError, ExportError, NotPrunableError, PruningManager,
                         StateError, TracingError)
-from export_props import compare, diff_snapshot, n_params, snapshot
+from export_props import compare, diff_snapshot, n_params, raises_unchanged, snapshot
 
 D = torch.float64
 
@@ -59,20 +59,6 @@ def seq(dtype=D, train=False):
         net[1].running_mean.uniform_(-0.5, 0.5)
         net[1].running_var.uniform_(0.5, 1.5)
     return net.train(train)
-
-
-def raises_unchanged(net, exc_type, fn, *match):
-    """``fn()`` raises ``exc_type`` (a ChannelcutError) whose message contains
-    every ``match``; the model is exactly as before."""
-    before = snapshot(net)
-    with pytest.raises(exc_type) as info:
-        fn()
-    assert isinstance(info.value, ChannelcutError)
-    msg = str(info.value)
-    for m in match:
-        assert m in msg, f"{m!r} not in error message: {msg}"
-    assert diff_snapshot(net, before) == []
-    return info.value
 
 
 def export_ok(net, xs, **kw):

@@ -10,7 +10,7 @@ import copy
 import json
 import random
 import sys
-from typing import Callable, List, Tuple
+from typing import List, Tuple
 
 import pytest
 import torch
@@ -26,6 +26,7 @@ from channelcut import (
     PruningManager,
 )
 from channelcut.pruning.modules import is_subselect
+from export_props import assert_unchanged, snapshot
 
 torchvision = pytest.importorskip("torchvision")
 
@@ -47,26 +48,6 @@ def prune(net: nn.Module, x: torch.Tensor, fraction: float = 0.3, seed: int = 0,
     m = PruningManager(net)
     m.trace([x])
     return m.compute([x], pruned_inputs=random_request(m, fraction, seed), **kw).prune()
-
-
-def snapshot(model: nn.Module):
-    """Everything load() must leave alone on failure."""
-    return (
-        {k: (v.shape, v.detach().clone()) for k, v in model.state_dict().items()},
-        [(n, type(m), dict((k, v) for k, v in vars(m).items() if not k.startswith("_"))) for n, m in model.named_modules()],
-        {n: id(p) for n, p in model.named_parameters()},
-    )
-
-
-def assert_same_snapshot(a, b) -> None:
-    sa, ma, pa = a
-    sb, mb, pb = b
-    assert sa.keys() == sb.keys()
-    for k in sa:
-        assert sa[k][0] == sb[k][0], k
-        assert torch.equal(sa[k][1], sb[k][1]), k
-    assert ma == mb
-    assert pa == pb
 
 
 def resnet18() -> nn.Module:
@@ -271,7 +252,7 @@ def _fails_untouched(path, model: nn.Module, error: type, match: str) -> None:
     before = snapshot(model)
     with pytest.raises(error, match=match):
         channelcut.load(path, model)
-    assert_same_snapshot(before, snapshot(model))
+    assert_unchanged(model, before, "after a failed load")
 
 
 def test_wrong_architecture(saved_resnet):

@@ -128,7 +128,7 @@ def test_harness_detects_differences():
     assert props.diff_snapshot(net, snap)
     h.remove()
     p.foo = 1
-    assert any("attributes left on parameters" in d for d in props.diff_snapshot(net, snap))
+    assert any("left on tensor" in d for d in props.diff_snapshot(net, snap))
     del p.foo
     assert props.diff_snapshot(net, snap) == []
 

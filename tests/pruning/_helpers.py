@@ -7,12 +7,15 @@
 - :func:`export` runs compute -> mock -> prune(verify=True) and checks that the
   pruned model equals the mock on the example inputs and on a second input.
 - :func:`snapshot` / :func:`assert_unchanged` hold "the model is exactly as
-  before" (values, parameter objects, attributes, hooks, structure).
+  before" (values, parameter objects, attributes, hooks, structure); they
+  live in ``tests/export_props.py``, with ``raises_unchanged``, for all tests.
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 import torch
@@ -20,6 +23,9 @@ from torch import nn
 from torch.utils._pytree import tree_flatten
 
 from channelcut import PruningManager
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from export_props import assert_unchanged, snapshot  # noqa: E402  (one implementation for all tests)
 
 Inputs = Union[List[Any], Dict[str, Any]]
 
@@ -189,59 +195,6 @@ def producer_out_channels(net: nn.Module, param: str) -> int:
 # ---------------------------------------------------------------------------
 # "exactly as before"
 # ---------------------------------------------------------------------------
-
-_HOOK_DICTS = (
-    "_forward_pre_hooks", "_forward_hooks", "_backward_hooks", "_backward_pre_hooks",
-    "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs", "_state_dict_hooks",
-    "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks",
-)
-
-
-def global_hook_counts() -> Dict[str, int]:
-    mm = torch.nn.modules.module
-    names = ("_global_forward_pre_hooks", "_global_forward_hooks", "_global_backward_hooks",
-             "_global_backward_pre_hooks", "_global_forward_hooks_always_called")
-    return {n: len(getattr(mm, n)) for n in names if hasattr(mm, n)}
-
-
-def snapshot(net: nn.Module) -> Dict[str, Any]:
-    """Values, identities and attributes that a failed or read-only call must not change."""
-    tensors = {}
-    for k, v in list(net.named_parameters(remove_duplicate=False)) + list(net.named_buffers(remove_duplicate=False)):
-        tensors[k] = (id(v), v.detach().clone(), type(v), v.requires_grad, v.grad is None, sorted(vars(v)))
-    modules = {}
-    for name, m in net.named_modules(remove_duplicate=False):
-        hooks = {h: len(getattr(m, h, {}) or {}) for h in _HOOK_DICTS}
-        plain = {k: repr(v) for k, v in vars(m).items() if not k.startswith("_")}
-        modules[name] = (type(m), id(m), m.training, sorted(vars(m)), plain, hooks,
-                         sorted(m._parameters), sorted(m._buffers), sorted(m._modules))
-    return {"tensors": tensors, "modules": modules, "repr": repr(net), "global_hooks": global_hook_counts(),
-            "state_keys": list(net.state_dict().keys())}
-
-
-def assert_unchanged(net: nn.Module, before: Dict[str, Any], what: str = "") -> None:
-    after = snapshot(net)
-    assert after["repr"] == before["repr"], f"{what}: module structure changed"
-    assert after["state_keys"] == before["state_keys"], f"{what}: state_dict keys changed"
-    assert after["global_hooks"] == before["global_hooks"], f"{what}: global module hooks left behind"
-    assert after["tensors"].keys() == before["tensors"].keys(), f"{what}: parameters/buffers added or removed"
-    for k, (oid, val, typ, rg, nograd, attrs) in before["tensors"].items():
-        oid2, val2, typ2, rg2, nograd2, attrs2 = after["tensors"][k]
-        assert oid2 == oid, f"{what}: {k} was replaced by another tensor object"
-        assert typ2 is typ and rg2 == rg and nograd2 == nograd, f"{what}: {k} changed type/requires_grad/grad"
-        assert attrs2 == attrs, f"{what}: attributes {sorted(set(attrs2) - set(attrs))} left on tensor {k}"
-        assert val2.dtype == val.dtype and val2.shape == val.shape, f"{what}: {k} changed shape/dtype"
-        assert torch.equal(val2, val), f"{what}: {k} changed value"
-    assert after["modules"].keys() == before["modules"].keys(), f"{what}: submodules changed"
-    for k, b in before["modules"].items():
-        a = after["modules"][k]
-        assert a[0] is b[0] and a[1] == b[1], f"{what}: module {k!r} replaced"
-        assert a[2] == b[2], f"{what}: module {k!r} train/eval mode changed"
-        assert a[3] == b[3], f"{what}: attributes {sorted(set(a[3]) ^ set(b[3]))} added/removed on module {k!r}"
-        assert a[4] == b[4], f"{what}: attributes of module {k!r} changed"
-        assert a[5] == b[5], f"{what}: hooks left on module {k!r}: {a[5]}"
-        assert a[6:] == b[6:], f"{what}: parameters/buffers/children of {k!r} changed"
-
 
 # ---------------------------------------------------------------------------
 # the export itself
