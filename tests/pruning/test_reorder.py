@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 import random
-from typing import FrozenSet, List, Optional, Sequence
+from typing import FrozenSet, List, Optional, Sequence, Tuple
 
 import pytest
 
@@ -29,16 +29,22 @@ def _valid(order: Sequence[int], sets: List[FrozenSet[int]], first: Optional[int
             and all(_consecutive(order, x) for x in sets))
 
 
+def _hidden_intervals(rng: random.Random, elements: List[int], count: int) -> List[Tuple[int, FrozenSet[int]]]:
+    """``count`` random intervals (start, members) of a random order of ``elements``."""
+    hidden = elements[:]
+    rng.shuffle(hidden)
+    out = []
+    for _ in range(count):
+        a = rng.randrange(len(hidden))
+        b = rng.randrange(a, len(hidden))
+        out.append((a, frozenset(hidden[a:b + 1])))
+    return out
+
+
 def _random_instance(rng: random.Random, n: int):
     elements = list(range(n))
     if rng.random() < 0.5:  # intervals of a hidden order: always feasible
-        hidden = elements[:]
-        rng.shuffle(hidden)
-        sets = []
-        for _ in range(rng.randint(1, 6)):
-            a = rng.randrange(n)
-            b = rng.randrange(a, n)
-            sets.append(frozenset(hidden[a:b + 1]))
+        sets = [x for _, x in _hidden_intervals(rng, elements, rng.randint(1, 6))]
     else:
         sets = [frozenset(e for e in elements if rng.random() < 0.5) for _ in range(rng.randint(2, 7))]
     first = rng.choice([None, None, rng.randrange(n)])
@@ -98,16 +104,8 @@ def test_order_segment_copies_nothing_whenever_an_order_exists(n_groups):
     rng = random.Random(SEED + n_groups)
     for case in range(60):
         groups = list(range(100, 100 + n_groups))
-        hidden = groups[:]
-        rng.shuffle(hidden)
-        keeps = []
-        for _ in range(rng.randint(2, 12)):
-            a = rng.randrange(n_groups)
-            b = rng.randrange(a, n_groups)
-            k = set(hidden[a:b + 1])
-            if a == 0 and rng.random() < 0.3:
-                k.add(LEFT)
-            keeps.append(frozenset(k))
+        keeps = [x | {LEFT} if a == 0 and rng.random() < 0.3 else x
+                 for a, x in _hidden_intervals(rng, groups, rng.randint(2, 12))]
         order = order_segment(groups, keeps)
         assert sorted(order) == groups
         assert _copies(order, keeps) == 0, f"seed {SEED + n_groups} case {case}: {keeps} -> {order}"

@@ -38,37 +38,40 @@ class NeedsValues(Exception):
     """The shape-only pass met something that needs real values."""
 
 
+def _map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """``obj`` with ``fn`` applied to every tensor in it (through lists, tuples
+    and dicts; other containers are left as they are)."""
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    t = type(obj)
+    if t is list or t is tuple:
+        return t(_map_tensors(o, fn) for o in obj)
+    if t is dict:
+        return {k: _map_tensors(v, fn) for k, v in obj.items()}
+    return obj
+
+
 def inputs_to_meta(inputs: Any) -> Any:
     """The model inputs for a shape-only pass: floating tensors become meta
     tensors (activations); integer and boolean ones (token ids, masks) stay."""
-    if isinstance(inputs, torch.Tensor):
-        return inputs.to(META) if inputs.is_floating_point() or inputs.is_complex() else inputs
-    t = type(inputs)
-    if t is list or t is tuple:
-        return t(inputs_to_meta(o) for o in inputs)
-    if t is dict:
-        return {k: inputs_to_meta(v) for k, v in inputs.items()}
-    return inputs
+    return _map_tensors(inputs, lambda x: x.to(META) if x.is_floating_point() or x.is_complex() else x)
 
 
 def to_meta(obj: Any, cache: Dict[int, Tuple[torch.Tensor, torch.Tensor]]) -> Any:
     """``obj`` with every real tensor in it replaced by a meta tensor of the
     same shape, dtype and strides (cached per tensor object)."""
-    if isinstance(obj, torch.Tensor):
-        if obj.is_meta:
-            return obj
-        hit = cache.get(id(obj))
-        if hit is not None and hit[0] is obj:
+
+    def meta_of(x: torch.Tensor) -> torch.Tensor:
+        if x.is_meta:
+            return x
+        hit = cache.get(id(x))
+        if hit is not None and hit[0] is x:
             return hit[1]
-        m = obj.to(META)
-        cache[id(obj)] = (obj, m)  # holds obj, so its id is not reused meanwhile
+        m = x.to(META)
+        cache[id(x)] = (x, m)  # holds x, so its id is not reused meanwhile
         return m
-    t = type(obj)
-    if t is list or t is tuple:
-        return t(to_meta(o, cache) for o in obj)
-    if t is dict:
-        return {k: to_meta(v, cache) for k, v in obj.items()}
-    return obj
+
+    return _map_tensors(obj, meta_of)
 
 
 def _empty(shape: Any, dtype: torch.dtype) -> torch.Tensor:
@@ -276,14 +279,7 @@ def _is_constant(name: str, args: tuple, kwargs: dict) -> bool:
 
 def _real_stand_ins(obj: Any, device: torch.device) -> Any:
     """``obj`` with meta tensors replaced by empty real tensors like them."""
-    if isinstance(obj, torch.Tensor):
-        return torch.empty(obj.shape, dtype=obj.dtype, device=device) if obj.is_meta else obj
-    t = type(obj)
-    if t is list or t is tuple:
-        return t(_real_stand_ins(o, device) for o in obj)
-    if t is dict:
-        return {k: _real_stand_ins(v, device) for k, v in obj.items()}
-    return obj
+    return _map_tensors(obj, lambda x: torch.empty(x.shape, dtype=x.dtype, device=device) if x.is_meta else x)
 
 
 def _holds_index(out: Any) -> bool:
