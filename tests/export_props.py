@@ -104,7 +104,7 @@ def check_shape_only_trace(net: nn.Module, inputs: Any) -> Tuple[Optional[bool],
         fake = graph_fingerprint(_trace_once(net, inputs, True)[0])
     except Exception:
         fake = None
-    left = meta.restore_if_meta_left(state)
+    left = meta.restore_state(state)
     problems = [f"after the shape-only trace: {d}" for d in diff_snapshot(net, before)]
     if fake is not None and not left:
         problems += [f"shape-only trace differs from the real one in {d}" for d in fingerprint_diff(real, fake)]

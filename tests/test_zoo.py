@@ -168,12 +168,18 @@ def test_zoo_transformers_export_exactly(kind, constrained):
     assert err <= 1e-10, f"pruned model differs from the mock by {err:.3g} (relative)"
 
 
-@pytest.mark.parametrize("build,size", [pytest.param(b, s, id=i) for i, b, s in MODELS])
-def test_zoo_shape_only_trace_is_the_real_trace(build, size):
-    """The shape-only pass (ops on meta tensors) is kept on every zoo model,
-    gives the very graph a pass with real values gives, and leaves the model
-    as it was. (``/tmp``-free sweep of all 178 coverage models: see the
-    ``--shape-only`` check of ``benchmarks/coverage.py``.)"""
+# zoo models whose shape-only pass hands over to a real pass, and why
+REAL_PASS = {
+    "timm-levit_128s": "its attention fills a cache keyed by the device in forward",
+}
+
+
+@pytest.mark.parametrize("build,size,model_id", [pytest.param(b, s, i, id=i) for i, b, s in MODELS])
+def test_zoo_shape_only_trace_is_the_real_trace(build, size, model_id):
+    """The shape-only pass (ops on meta tensors) gives the very graph a pass
+    with real values gives, and leaves the model as it was; it is kept on
+    every zoo model but those in ``REAL_PASS``. (All 178 coverage models:
+    the *trace* column of ``benchmarks/coverage.py``.)"""
     import export_props
 
     torch.manual_seed(SEED)
@@ -181,7 +187,7 @@ def test_zoo_shape_only_trace_is_the_real_trace(build, size):
     x = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(SEED), dtype=torch.float64)
     kept, problems = export_props.check_shape_only_trace(net, [x])
     assert not problems, "\n".join(problems)
-    assert kept, "the shape-only pass handed over to a real pass"
+    assert kept == (model_id not in REAL_PASS), f"shape-only pass kept: {kept}"
 
 
 @pytest.mark.parametrize("kind", ["bert", "gpt2"])

@@ -97,6 +97,21 @@ class CachesInForward(Plain):
         return y
 
 
+class CachesByDevice(Plain):
+    """A dict cache keyed by device, filled in forward (timm's LeViT)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cache: Dict[str, torch.Tensor] = {}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        key = str(x.device)
+        if key not in self.cache:
+            self.cache[key] = self.b.bias.detach().clone()[None, :, None, None]
+        y = F.relu(self.bn(self.a(x)))
+        return self.c(y + self.b(y) * 0 + self.cache[key])
+
+
 class WritesIntoFactory(Plain):
     """``out = torch.zeros(...)``; ``out[:, :8] = y``: a write into a real tensor."""
 
@@ -190,6 +205,15 @@ def test_a_cache_set_in_forward_is_not_left_meta():
     with torch.no_grad():
         net(_img())  # still runs
     _exact(net, [_img()], PRUNE)
+
+
+def test_a_cache_filled_in_place_is_emptied_again():
+    net = prepare(CachesByDevice().double().eval())
+    assert not _kept(net, [_img()])
+    assert list(net.cache) == ["cpu"] and not net.cache["cpu"].is_meta  # the real pass's entry only
+    net.cache.clear()
+    trace(net, [_img()])
+    assert list(net.cache) == ["cpu"]
 
 
 def test_integer_inputs_and_positions_stay_real():

@@ -12,8 +12,8 @@ is only kept when it provably saw what a real pass would see:
   parameter, a buffer, an input, a factory result) raises :class:`NeedsValues`,
   since its meta stand-in would be a different object;
 * a rule that fails on a meta argument raises instead of becoming a barrier;
-* a meta tensor left behind on the model (a cache set in ``forward``) is taken
-  off again.
+* a model that changes its own state in ``forward`` (a cache keyed by device,
+  a stored activation) is put back as it was.
 
 When any of these fire, the pass is thrown away and the model is traced again
 with real values, which is what a model that needs them gets anyway.
@@ -315,9 +315,19 @@ def _in_place_keeps_shape(name: str, inplace: bool, args: tuple, kwargs: dict) -
     return x.is_floating_point()
 
 
-def snapshot_state(model: torch.nn.Module) -> List[Tuple[torch.nn.Module, Dict[str, Any], Dict[str, Any], Dict[str, Any]]]:
-    """What :func:`restore_if_meta_left` needs to undo attribute changes."""
-    return [(m, dict(m.__dict__), dict(m._parameters), dict(m._buffers)) for m in model.modules()]
+State = List[Tuple[torch.nn.Module, Dict[str, Any], Dict[str, Any], Dict[str, Any], List[Tuple[Any, Any]]]]
+
+
+def snapshot_state(model: torch.nn.Module) -> State:
+    """What :func:`restore_state` needs to undo what a forward pass changes on
+    the model: every module's attributes, parameters and buffers, and the
+    contents of the lists and dicts it holds (a cache filled in ``forward``)."""
+    state = []
+    for m in model.modules():
+        containers = [(v, list(v) if isinstance(v, list) else dict(v))
+                      for v in m.__dict__.values() if type(v) in (list, dict)]
+        state.append((m, dict(m.__dict__), dict(m._parameters), dict(m._buffers), containers))
+    return state
 
 
 def _holds_meta(v: Any) -> bool:
@@ -331,20 +341,35 @@ def _holds_meta(v: Any) -> bool:
     return False
 
 
-def restore_if_meta_left(state: List[Tuple[torch.nn.Module, Dict[str, Any], Dict[str, Any], Dict[str, Any]]]) -> bool:
-    """Put back every module attribute, parameter or buffer that the
-    shape-only pass set to (a container of) meta tensors; True if any."""
-    found = False
-    for m, attrs, params, buffers in state:
+def _same(a: Any, b: Any) -> bool:
+    """Same list/dict contents, item by item identity."""
+    if isinstance(a, list):
+        return len(a) == len(b) and all(x is y for x, y in zip(a, b))
+    return a.keys() == b.keys() and all(a[k] is b[k] for k in a)
+
+
+def restore_state(state: State) -> bool:
+    """Undo every change to a module's attributes, parameters, buffers and
+    held lists and dicts since :func:`snapshot_state`; True if there was any.
+
+    A model that changes its own state in ``forward`` (a cache keyed by
+    device, a stored activation) may behave differently on meta tensors than
+    on real ones, so its shape-only pass is not kept."""
+    changed = False
+    for m, attrs, params, buffers, containers in state:
         for now, before in ((m.__dict__, attrs), (m._parameters, params), (m._buffers, buffers)):
-            for k, v in list(now.items()):
-                if v is not before.get(k, _MISSING) and _holds_meta(v):
-                    found = True
-                    if k in before:
-                        now[k] = before[k]
-                    else:
-                        del now[k]
-    return found
+            if now.keys() == before.keys() and all(now[k] is before[k] for k in now):
+                continue
+            changed = True
+            now.clear()
+            now.update(before)
+        for obj, contents in containers:
+            if not _same(obj, contents):
+                changed = True
+                if isinstance(obj, list):
+                    obj[:] = contents
+                else:
+                    obj.clear()
+                    obj.update(contents)
+    return changed
 
-
-_MISSING = object()

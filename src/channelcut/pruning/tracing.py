@@ -471,7 +471,7 @@ def trace(
                 result: Optional[Tuple[TracedGraph, Any]] = _trace_once(model, inputs, True)
             except Exception:  # needs values, or fails: the real pass decides
                 result = None
-        if meta.restore_if_meta_left(state):
+        if meta.restore_state(state):  # the model changed itself: trace it for real
             result = None
         if result is not None:
             for w in caught:
