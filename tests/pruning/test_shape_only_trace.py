@@ -156,6 +156,19 @@ def _img(seed: int = 0) -> torch.Tensor:
 PRUNE = [("b.weight", 1), ("b.weight", 5), ("c.weight", 2)]
 
 
+def test_compute_can_trace_for_real_with_the_same_spec():
+    net = prepare(Plain().double().eval())
+    a = PruningManager(net).compute([_img()], pruned_inputs=PRUNE).spec
+    b = PruningManager(net).compute([_img()], pruned_inputs=PRUNE, shapes_only=False).spec
+    assert a.summary() == b.summary() and a.slices == b.slices and a.masks == b.masks
+    seen = []
+    h = net.a.register_forward_hook(lambda m, i, o: seen.append(o.is_meta))
+    PruningManager(net).trace([_img()], shapes_only=False)
+    PruningManager(net).trace([_img()])
+    h.remove()
+    assert seen == [False, True]
+
+
 def test_plain_model_keeps_the_shape_only_pass_and_outputs_meta():
     net = prepare(Plain().double().eval())
     assert _kept(net, [_img()])

@@ -63,11 +63,16 @@ class PruningManager:
         self._rollback: Optional[Rollback] = None
 
     # ------------------------------------------------------------------
-    def trace(self, inputs: Inputs) -> TracedGraph:
-        """Trace the model on ``inputs`` (done by :meth:`compute` when needed)."""
+    def trace(self, inputs: Inputs, shapes_only: bool = True) -> TracedGraph:
+        """Trace the model on ``inputs`` (done by :meth:`compute` when needed).
+
+        ``shapes_only``: trace on meta tensors (no arithmetic, no activation
+        memory), handing over to a pass with real values when the model needs
+        one; False always computes the pass for real (your forward hooks then
+        see real activations). The graph is the same."""
         inputs = _check_inputs(inputs)
         _check_torch_prune(self.net)
-        self.graph, _ = trace(self.net, inputs)
+        self.graph, _ = trace(self.net, inputs, shapes_only=shapes_only)
         self._inputs = inputs
         return self.graph
 
@@ -80,6 +85,7 @@ class PruningManager:
         reorder: bool = True,
         baseline: bool = False,
         copy_cost: Optional[float] = None,
+        shapes_only: bool = True,
     ) -> "PruningManager":
         """Trace the model and compute the pruning spec.
 
@@ -101,13 +107,14 @@ class PruningManager:
                 reads the smallest contiguous range as a view, with zero
                 weight columns for the channels it drops, when the extra MACs
                 cost less than the copy. 0 always gathers.
+            shapes_only: see :meth:`trace`.
 
         With neither ``pruned_inputs`` nor ``pruned_outputs``, channels whose
         weights are entirely zero are pruned.
         """
         if self._pruned:
             raise StateError("this model was already pruned by this manager; create a new PruningManager to prune it again")
-        graph = self.trace(inputs)
+        graph = self.trace(inputs, shapes_only=shapes_only)
         if pruned_inputs is None and pruned_outputs is None:
             pruned_inputs, pruned_outputs = find_zero_channels(self.net, graph)
         mode = "constrained" if constrained else ("baseline" if baseline else "unconstrained")
