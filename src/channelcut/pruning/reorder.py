@@ -115,42 +115,43 @@ class Layout:
 
 
 def find_segments(graph: TracedGraph, find: Callable[[int], int]) -> Tuple[Dict[int, int], Dict[int, List[int]]]:
-    """Group -> segment id, and each segment's canonical group order."""
-    parent: Dict[int, int] = {}
+    """Group -> segment id, and each segment's canonical group order.
 
-    def sfind(g: int) -> int:
-        while parent.setdefault(g, g) != g:
-            parent[g] = parent[parent[g]]
-            g = parent[g]
-        return g
+    Producers that share a group (summed by a residual add) are one segment:
+    a union-find over producers, joined wherever a group was seen before."""
+    producers = list(graph.producers.values())
+    parent = list(range(len(producers)))
 
+    def pfind(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    owner: Dict[int, int] = {}  # group -> first producer that emits it
     producer_groups = []
-    for p in graph.producers.values():
+    for i, p in enumerate(producers):
         gs = [find(a) for a in p.out_ids]
         producer_groups.append(gs)
-        first = sfind(gs[0])
-        for g in gs[1:]:
-            r = sfind(g)
-            if r != first:
-                parent[r] = first
-    seg_of: Dict[int, int] = {}
-    members: Dict[int, Set[int]] = {}
-    for g in list(parent):
-        s = sfind(g)
-        seg_of[g] = s
-        members.setdefault(s, set()).add(g)
+        for g in gs:
+            j = owner.setdefault(g, i)
+            if j != i:
+                ri, rj = pfind(i), pfind(j)
+                if ri != rj:
+                    parent[max(ri, rj)] = min(ri, rj)
+    # a segment is named by its first producer's first group
+    first_group = [gs[0] for gs in producer_groups]
+    seg_of: Dict[int, int] = {g: first_group[pfind(i)] for g, i in owner.items()}
+    size: Dict[int, int] = {}
+    for s in seg_of.values():
+        size[s] = size.get(s, 0) + 1
     canon: Dict[int, List[int]] = {}
     for gs in producer_groups:
         s = seg_of[gs[0]]
         if s in canon:
             continue
-        seen: List[int] = []
-        seen_set: Set[int] = set()
-        for g in gs:
-            if g not in seen_set:
-                seen_set.add(g)
-                seen.append(g)
-        if len(seen) == len(members[s]):
+        seen = list(dict.fromkeys(gs))
+        if len(seen) == size[s]:
             canon[s] = seen
     return seg_of, canon
 

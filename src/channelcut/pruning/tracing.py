@@ -90,11 +90,19 @@ class Tracer(TorchFunctionMode):
         self.prov: WeakIdKeyDictionary = WeakIdKeyDictionary()
         self.param_names: Dict[int, str] = {}
         self.module_size_ids: Dict[Tuple[Optional[str], str], List[int]] = {}
-        for name, p in model.named_parameters(remove_duplicate=False):
-            self.param_names.setdefault(id(p), name)
-        for name, b in model.named_buffers(remove_duplicate=False):
-            self.param_names.setdefault(id(b), name)
-        self.module_names: Dict[int, str] = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
+        self.module_names: Dict[int, str] = {}
+        # one walk over the modules: names of modules, parameters and buffers
+        # (the first name of a shared one), shapes and owners for the graph
+        for mname, m in model.named_modules(remove_duplicate=False):
+            self.module_names[id(m)] = mname
+            for table in (m._parameters, m._buffers):
+                for pname, p in table.items():
+                    if p is None:
+                        continue
+                    full = f"{mname}.{pname}" if mname else pname
+                    graph.param_shapes[full] = tuple(p.shape)
+                    graph.param_modules[full] = mname
+                    self.param_names.setdefault(id(p), full)
         self.module_stack: List[Optional[str]] = []
         self.op_counts: Dict[str, int] = {}
         self.warned: set = set()
@@ -482,15 +490,6 @@ def trace(
 
 def _trace_once(model: torch.nn.Module, inputs: Sequence[Any] | Dict[str, Any], shapes_only: bool) -> Tuple[TracedGraph, Any]:
     graph = TracedGraph()
-    for name, p in model.named_parameters(remove_duplicate=False):
-        graph.param_shapes[name] = tuple(p.shape)
-    for name, b in model.named_buffers(remove_duplicate=False):
-        graph.param_shapes[name] = tuple(b.shape)
-    for mname, m in model.named_modules(remove_duplicate=False):
-        for pname, _ in m.named_parameters(recurse=False, remove_duplicate=False):
-            graph.param_modules[f"{mname}.{pname}" if mname else pname] = mname
-        for bname, _ in m.named_buffers(recurse=False, remove_duplicate=False):
-            graph.param_modules[f"{mname}.{bname}" if mname else bname] = mname
     tracer = Tracer(model, graph, shapes_only)
     if shapes_only:
         inputs = meta.inputs_to_meta(inputs)
