@@ -120,20 +120,23 @@ def test_call_variants(case: str) -> None:
         assert net.att.num_heads == 3
 
 
+class Cross(nn.Module):
+    """Cross-attention with kdim/vdim != embed_dim: separate q/k/v projection weights."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q_in, self.kv_in = nn.Linear(8, 16), nn.Linear(8, 12)
+        self.att = nn.MultiheadAttention(16, 4, kdim=12, vdim=12, batch_first=True)
+        self.out = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor, mem: torch.Tensor) -> torch.Tensor:
+        kv = self.kv_in(mem)
+        a, _ = self.att(self.q_in(x), kv, kv, need_weights=False)
+        return self.out(a)
+
+
 def test_separate_key_and_value_widths() -> None:
     """kdim/vdim != embed_dim: q, k and v have their own projection weights."""
-
-    class Cross(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.q_in, self.kv_in = nn.Linear(8, 16), nn.Linear(8, 12)
-            self.att = nn.MultiheadAttention(16, 4, kdim=12, vdim=12, batch_first=True)
-            self.out = nn.Linear(16, 3)
-
-        def forward(self, x: torch.Tensor, mem: torch.Tensor) -> torch.Tensor:
-            kv = self.kv_in(mem)
-            a, _ = self.att(self.q_in(x), kv, kv, need_weights=False)
-            return self.out(a)
 
     for mode in MODES:
         torch.manual_seed(2)
@@ -151,17 +154,6 @@ def test_only_the_query_input_of_separate_projections_shrinks() -> None:
     """kdim/vdim layer where only q_proj_weight's input columns go: the layer
     must still become a PrunedMultiheadAttention (torch checks the query
     width against embed_dim)."""
-
-    class Cross(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.q_in, self.kv_in = nn.Linear(8, 16), nn.Linear(8, 12)
-            self.att = nn.MultiheadAttention(16, 4, kdim=12, vdim=12, batch_first=True)
-            self.out = nn.Linear(16, 3)
-
-        def forward(self, x: torch.Tensor, mem: torch.Tensor) -> torch.Tensor:
-            kv = self.kv_in(mem)
-            return self.out(self.att(self.q_in(x), kv, kv, need_weights=False)[0])
 
     torch.manual_seed(6)
     net = prepare(Cross(), 6)
