@@ -82,8 +82,9 @@ def _plain(x: Any) -> bool:
     return isinstance(x, torch.Tensor) and x.is_contiguous() and x.is_floating_point()
 
 
-# A shape function gets the (meta) positional and keyword arguments and
-# returns the output, or None to leave the op to PyTorch's meta kernel.
+# A shape function gets the (meta) positional and keyword arguments of an
+# out-of-place call (:func:`run` answers in-place ones itself) and returns the
+# output, or None to leave the op to PyTorch's meta kernel.
 Shape = Callable[[tuple, dict], Optional[torch.Tensor]]
 
 # position of the ``inplace`` argument of the functional activations
@@ -94,17 +95,11 @@ _INPLACE_AT = {
 }
 
 
-def _same_as_first(name: str) -> Shape:
-    at = _INPLACE_AT.get(name)
-
-    def shape(args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
-        if not args or not _plain(args[0]) or "out" in kwargs:
-            return None
-        if at is not None and (kwargs.get("inplace") or (len(args) > at and args[at] is True)):
-            return None
-        return _empty(args[0].shape, args[0].dtype)
-
-    return shape
+def _same_as_first(args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
+    """Out-of-place norms and pointwise ops: the first argument's shape and dtype."""
+    if not args or not _plain(args[0]) or "out" in kwargs:
+        return None
+    return _empty(args[0].shape, args[0].dtype)
 
 
 def _broadcast(args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
@@ -198,7 +193,7 @@ _BINARY = (
     "__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__", "__truediv__", "__rtruediv__",
 )
 
-FAST: Dict[str, Shape] = {name: _same_as_first(name) for name in _UNARY}
+FAST: Dict[str, Shape] = {name: _same_as_first for name in _UNARY}
 FAST.update({name: _broadcast for name in _BINARY})
 FAST.update({
     "cat": _cat, "concat": _cat, "concatenate": _cat,
