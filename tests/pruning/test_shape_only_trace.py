@@ -322,6 +322,13 @@ FAST_CASES: Dict[str, List[Tuple[Callable[..., Any], Callable[[], Tuple[tuple, d
     "adaptive_avg_pool2d": [(F.adaptive_avg_pool2d, lambda: ((_x(2, 4, 9, 9), (2, 3)), {})),
                             (F.adaptive_avg_pool2d, lambda: ((_x(4, 9, 9), 1), {}))],
     "adaptive_avg_pool3d": [(F.adaptive_avg_pool3d, lambda: ((_x(2, 4, 5, 5, 5), 1), {}))],
+    "conv1d": [(F.conv1d, lambda: ((_x(2, 4, 17), _x(6, 2, 5), None, 3, 2, 1, 2), {}))],
+    "conv2d": [(F.conv2d, lambda: ((_x(2, 4, 9, 9), _x(6, 4, 3, 3), _x(6), 2, 1), {})),
+               (F.conv2d, lambda: ((_x(4, 9, 9), _x(6, 4, 3, 3)), {"stride": (2, 1), "padding": (1, 0), "dilation": (2, 1)})),
+               (F.conv2d, lambda: ((_x(1, 4, 8, 8), _x(8, 1, 3, 3)), {"groups": 4, "padding": "same"})),
+               (F.conv2d, lambda: ((_x(1, 4, 8, 8), _x(8, 1, 3, 3)), {"groups": 4, "padding": "valid", "dilation": 2}))],
+    "conv3d": [(F.conv3d, lambda: ((_x(1, 4, 5, 6, 7), _x(3, 4, 1, 2, 3), _x(3), 1, (0, 1, 0)), {}))],
+    "linear": [(F.linear, lambda: ((_x(2, 5, 8), _x(3, 8), _x(3)), {})), (F.linear, lambda: ((_x(8), _x(3, 8)), {}))],
     "mean": [(torch.mean, lambda: ((_x(2, 4, 3, 3), (2, 3)), {"keepdim": True})),
              (torch.Tensor.mean, lambda: ((_x(2, 4, 3), -1), {}))],
     "scaled_dot_product_attention": [
@@ -353,6 +360,11 @@ def test_fast_shape_functions_decline_what_they_do_not_know():
     assert meta.FAST["relu"]((x.t(),), {}) is None  # not contiguous
     assert meta.FAST["cat"](([x, torch.randn(2, 4, device="meta", dtype=torch.float16)],), {}) is None
     assert meta.FAST["mean"]((x, (0, 0)), {}) is None
+    img, w = torch.randn(1, 4, 8, 8, device="meta"), torch.randn(8, 4, 3, 3, device="meta")
+    assert meta.FAST["conv2d"]((img.to(memory_format=torch.channels_last), w), {}) is None  # layout follows the input
+    assert meta.FAST["conv2d"]((img, w, None, 2), {"padding": "same"}) is None  # torch refuses this
+    assert meta.FAST["conv2d"]((img, w[:, :2]), {}) is None  # wrong channel count: the kernel's error
+    assert meta.FAST["linear"]((x, torch.randn(3, 5, device="meta")), {}) is None
 
 
 def test_in_place_ops_on_meta_return_their_target():

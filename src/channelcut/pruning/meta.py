@@ -183,6 +183,71 @@ def _sdpa(args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
     return _empty(tuple(q.shape[:-1]) + (v.shape[-1],), q.dtype)
 
 
+def _conv(n: int) -> Shape:
+    """``conv{n}d`` on contiguous float tensors (the real kernel then returns
+    a contiguous output): the standard output-size formula."""
+
+    def _tuple(v: Any) -> Optional[Tuple[int, ...]]:
+        if isinstance(v, int):
+            return (v,) * n
+        if isinstance(v, (tuple, list)) and len(v) == n and all(isinstance(i, int) for i in v):
+            return tuple(v)
+        return None
+
+    def shape(args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
+        names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+        if len(args) > len(names) or any(k not in names for k in kwargs):
+            return None
+        a = dict(zip(names, args), **kwargs)
+        x, w, b = a.get("input"), a.get("weight"), a.get("bias")
+        if not (_plain(x) and _plain(w)) or x.dim() not in (n + 1, n + 2) or w.dim() != n + 2 or x.dtype != w.dtype:
+            return None
+        if b is not None and not (_plain(b) and b.dtype == x.dtype and tuple(b.shape) == (w.shape[0],)):
+            return None
+        groups = a.get("groups", 1)
+        stride, dilation = _tuple(a.get("stride", 1)), _tuple(a.get("dilation", 1))
+        pad = a.get("padding", 0)
+        if type(groups) is not int or groups < 1 or stride is None or dilation is None:
+            return None
+        if x.shape[-n - 1] != w.shape[1] * groups or w.shape[0] % groups:
+            return None
+        kernel = tuple(w.shape[2:])
+        span = [d * (k - 1) for d, k in zip(dilation, kernel)]
+        if pad == "valid":
+            pad = (0,) * n
+        elif pad == "same":
+            if any(s != 1 for s in stride):
+                return None
+            pad = None
+        else:
+            pad = _tuple(pad)
+            if pad is None:
+                return None
+        size = []
+        for i in range(n):
+            L = int(x.shape[x.dim() - n + i])
+            o = L if pad is None else (L + 2 * pad[i] - span[i] - 1) // stride[i] + 1
+            if o < 1 or (pad is None and L < 1):
+                return None
+            size.append(o)
+        return _empty(tuple(x.shape[: x.dim() - n - 1]) + (int(w.shape[0]),) + tuple(size), x.dtype)
+
+    return shape
+
+
+def _linear(args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
+    names = ("input", "weight", "bias")
+    if len(args) > 3 or any(k not in names for k in kwargs):
+        return None
+    a = dict(zip(names, args), **kwargs)
+    x, w, b = a.get("input"), a.get("weight"), a.get("bias")
+    if not (_plain(x) and _plain(w)) or x.dim() < 1 or w.dim() != 2 or x.shape[-1] != w.shape[1] or x.dtype != w.dtype:
+        return None
+    if b is not None and not (_plain(b) and b.dtype == x.dtype and tuple(b.shape) == (w.shape[0],)):
+        return None
+    return _empty(tuple(x.shape[:-1]) + (int(w.shape[0]),), x.dtype)
+
+
 _UNARY = (
     "batch_norm", "layer_norm", "group_norm", "instance_norm", "rms_norm", "relu", "relu6", "hardtanh",
     "gelu", "silu", "sigmoid", "tanh", "hardswish", "hardsigmoid", "mish", "leaky_relu", "elu", "selu",
@@ -200,6 +265,7 @@ FAST.update({
     "adaptive_avg_pool1d": _adaptive_pool(1), "adaptive_avg_pool2d": _adaptive_pool(2),
     "adaptive_avg_pool3d": _adaptive_pool(3), "mean": _mean,
     "scaled_dot_product_attention": _sdpa,
+    "conv1d": _conv(1), "conv2d": _conv(2), "conv3d": _conv(3), "linear": _linear,
 })
 
 

@@ -569,6 +569,7 @@ def _per_channel(tr: Tracer, x: torch.Tensor, dim: int, params: Sequence[Any], w
         t = Tr.scalar(tr.couple(t.ids), x.dim())
         tr.set(x, t)
     ids = tr.ids_along(x, dim)
+    ids_l: Optional[List[int]] = None
     for p in params:
         if p is None or not isinstance(p, torch.Tensor):
             continue
@@ -576,7 +577,9 @@ def _per_channel(tr: Tracer, x: torch.Tensor, dim: int, params: Sequence[Any], w
         if name is None:
             tr.pin_ids(ids, f"{what} with a non-parameter per-channel tensor")
         elif p.dim() == 1 and p.numel() == ids.numel():
-            tr.record_param_use(name, 0, list(range(p.numel())), ids)
+            if ids_l is None:
+                ids_l = ids.tolist()
+            tr.record_param_use(name, 0, list(range(p.numel())), ids_l)
         else:
             tr.pin_ids(ids, f"{what} parameter {name} has an unexpected shape")
     return ids
@@ -714,11 +717,13 @@ def conv(tr: Tracer, func, args, kwargs, out) -> None:
         tr.set(out, tr.fresh_pinned(op, out.dim(), f"output of {name} with a computed weight"))
         return
     physical = tr.module == module
+    atoms_l: Optional[List[int]] = None
     if groups == 1:
         atoms = _atoms(tr, op, cout)
+        atoms_l = atoms.tolist()
         tr.graph.add_consumer(Consumer(op, wname, module, in_ids.tolist(), 0 if transposed else 1, 1, 1, physical, name))
-        tr.graph.add_producer(Producer(op, wname, atoms.tolist(), name))
-        tr.record_param_use(wname, 1 if transposed else 0, list(range(cout)), atoms)
+        tr.graph.add_producer(Producer(op, wname, atoms_l, name))
+        tr.record_param_use(wname, 1 if transposed else 0, list(range(cout)), atoms_l)
     elif not transposed and w.shape[1] == 1:  # depthwise: channels pass through
         m = cout // cin
         atoms = in_ids.repeat_interleave(m)
@@ -748,7 +753,7 @@ def conv(tr: Tracer, func, args, kwargs, out) -> None:
         atoms = _atoms(tr, op, cout)
         tr.pin_ids(atoms, "output of a grouped transposed conv")
     if bname is not None:
-        tr.record_param_use(bname, 0, list(range(cout)), atoms)
+        tr.record_param_use(bname, 0, list(range(cout)), atoms if atoms_l is None else atoms_l)
     elif isinstance(bias, torch.Tensor):
         _computed_bias(tr, bias, atoms, name)
     tr.set(out, Tr.along(atoms, 1, out.dim()) if cout > 1 else Tr.scalar(int(atoms[0]), out.dim()))
@@ -794,11 +799,12 @@ def _linear_like(tr: Tracer, name: str, x, w, bias, out, weight_in_dim: int) -> 
         return
     physical = tr.module == module and name == "linear"  # matmul/addmm: read outside a Linear: zero columns
     atoms = _atoms(tr, op, cout)
+    atoms_l = atoms.tolist()
     tr.graph.add_consumer(Consumer(op, wname, module, in_ids.tolist(), weight_in_dim, 1, -1, physical, name))
-    tr.graph.add_producer(Producer(op, wname, atoms.tolist(), name))
-    tr.record_param_use(wname, 1 - weight_in_dim, list(range(cout)), atoms)
+    tr.graph.add_producer(Producer(op, wname, atoms_l, name))
+    tr.record_param_use(wname, 1 - weight_in_dim, list(range(cout)), atoms_l)
     if bname is not None:
-        tr.record_param_use(bname, 0, list(range(cout)), atoms)
+        tr.record_param_use(bname, 0, list(range(cout)), atoms_l)
     elif isinstance(bias, torch.Tensor):
         _computed_bias(tr, bias, atoms, name)
     tr.set(out, Tr.along(atoms, out.dim() - 1, out.dim()) if cout > 1 else Tr.scalar(int(atoms[0]), out.dim()))

@@ -98,6 +98,19 @@ class SourceTable:
         if reason is not None and ra not in self._pins:
             self._pins[ra] = reason
 
+    def union_zip(self, xs: Iterable[int], ys: Iterable[int]) -> None:
+        """``union(x, y)`` for each pair of ``zip(xs, ys)``, in one loop."""
+        parent = self._parent
+        for a, b in zip(xs, ys):
+            if a == b or a < 0 or b < 0:
+                continue
+            while parent[a] != a:
+                parent[a] = a = parent[parent[a]]  # path halving
+            while parent[b] != b:
+                parent[b] = b = parent[parent[b]]
+            if a != b:
+                self.union(a, b)
+
     def union_all(self, atoms: Iterable[int]) -> Optional[int]:
         """Merge all given atoms into one group; return one of them (or None)."""
         first = None
@@ -133,7 +146,10 @@ class SourceTable:
         >>> t.roots()
         [0, 1, 0]
         """
-        return [self.find(a) for a in range(len(self._parent))]
+        roots = self._parent[:]
+        for a in range(len(roots)):  # a parent is never newer than its child:
+            roots[a] = roots[roots[a]]  # roots[parent] is final already
+        return roots
 
     def pinned_roots(self) -> Set[int]:
         """Roots of all pinned groups."""

@@ -106,9 +106,10 @@ class Tracer(TorchFunctionMode):
         self.module_stack: List[Optional[str]] = []
         self.op_counts: Dict[str, int] = {}
         self.warned: set = set()
-        # (param name, dim) -> {position: first atom aligned with it}
+        # (param name, dim) -> the (positions, atoms) of each distinct use, and,
+        # once there are two, {position: first atom aligned with it}
+        self.param_uses_seen: Dict[Tuple[str, int], List[Tuple[List[int], List[int]]]] = {}
         self.param_alignment: Dict[Tuple[str, int], Dict[int, int]] = {}
-        self.param_use_keys: set = set()
 
     # -- op ids and module context ------------------------------------------
     @property
@@ -178,9 +179,7 @@ class Tracer(TorchFunctionMode):
         a, b = torch.broadcast_tensors(a, b)
         union = self.src.union  # ignores -1
         if a.numel() <= 4096:  # a plain loop beats the vectorised filter on small tensors
-            for x, y in zip(a.reshape(-1).tolist(), b.reshape(-1).tolist()):
-                if x != y:
-                    union(x, y)
+            self.src.union_zip(a.reshape(-1).tolist(), b.reshape(-1).tolist())
             return torch.where(a >= 0, a, b)
         mask = (a >= 0) & (b >= 0) & (a != b)
         if bool(mask.any()):
@@ -269,19 +268,23 @@ class Tracer(TorchFunctionMode):
         return Tr.along(torch.tensor(reps, dtype=torch.long), p, ndim)
 
     # -- parameter alignment -----------------------------------------------
-    def record_param_use(self, name: str, dim: int, positions: List[int], ids: torch.Tensor) -> None:
-        """Parameter ``name`` is sliced along ``dim`` with the channels ``ids``."""
-        ids_l = ids.tolist()
-        key = (name, dim, tuple(ids_l), tuple(positions))
-        if key in self.param_use_keys:
-            return
-        self.param_use_keys.add(key)
+    def record_param_use(self, name: str, dim: int, positions: List[int], ids: torch.Tensor | List[int]) -> None:
+        """Parameter ``name`` is sliced along ``dim`` with the channels ``ids``
+        (a tensor or a list of atoms, one per entry of ``positions``)."""
         from .trace import ParamUse
 
-        align = self.param_alignment.get((name, dim))
-        if align is None:
-            self.param_alignment[(name, dim)] = dict(zip(positions, ids_l))
+        ids_l = ids if isinstance(ids, list) else ids.tolist()
+        positions = list(positions)
+        key = (name, dim)
+        seen = self.param_uses_seen.get(key)
+        if seen is None:  # the first use: nothing to align with yet
+            self.param_uses_seen[key] = [(positions, ids_l)]
         else:
+            if any(p0 == positions and i0 == ids_l for p0, i0 in seen):
+                return
+            align = self.param_alignment.get(key)
+            if align is None:
+                align = self.param_alignment[key] = dict(zip(*seen[0]))
             for pos, a in zip(positions, ids_l):
                 first = align.get(pos)
                 if first is None:
@@ -292,7 +295,8 @@ class Tracer(TorchFunctionMode):
                     self.src.pin(first, f"parameter {name} is also used where it cannot be sliced")
                 else:
                     self.src.union(first, a)
-        self.graph.param_uses.append(ParamUse(name, dim, list(positions), ids_l))
+            seen.append((positions, ids_l))
+        self.graph.param_uses.append(ParamUse(name, dim, positions, ids_l))
 
     def align_operand(self, x: torch.Tensor, out_ndim: int, vdim: int, out_ids: torch.Tensor, what: str) -> None:
         """An untracked operand of an elementwise op, sized along the output's
