@@ -50,6 +50,38 @@ def is_tiling(out: Sequence[int], base: Sequence[int]) -> bool:
     return False
 
 
+class GroupVectors:
+    """The group of every atom of a trace (``-1`` stays ``-1``), computed once
+    per distinct trace (many traces repeat: a conv's outputs, its bias and
+    the norm after it): ``roots`` is :meth:`SourceTable.roots`. The vectors
+    returned are shared: read them, never change them."""
+
+    def __init__(self, roots: List[int]) -> None:
+        self.roots = roots
+        self._cache: Dict[Tuple[int, ...], List[int]] = {}
+
+    def __call__(self, ids: Sequence[int]) -> List[int]:
+        key = tuple(ids)
+        gs = self._cache.get(key)
+        if gs is None:
+            roots = self.roots
+            if not key or min(key) >= 0:
+                gs = list(map(roots.__getitem__, key))
+            else:
+                gs = [roots[a] if a >= 0 else -1 for a in key]
+            self._cache[key] = gs
+        return gs
+
+
+def one_segment(gs: Sequence[int], seg_of: Dict[int, int]) -> Optional[int]:
+    """The segment of a group vector whose groups all lie in one segment
+    (most traces: a conv's input, a norm's parameters), else None."""
+    s = seg_of.get(gs[0]) if gs else None
+    if s is None or len(set(map(seg_of.get, gs))) != 1:
+        return None
+    return s
+
+
 class Layout:
     """Physical order of a tensor's present channels.
 
@@ -59,25 +91,23 @@ class Layout:
 
     def __init__(
         self,
-        find: Callable[[int], int],
+        groups: Callable[[Sequence[int]], List[int]],
         absent: Set[int],
         seg_of: Dict[int, int],
         canon: Dict[int, List[int]],
         new_order: Dict[int, List[int]],
     ) -> None:
-        self.find = find
+        self.groups = groups
         self.absent = absent
         self.seg_of = seg_of
         self.canon = canon
-        self.canon_index = {s: {g: i for i, g in enumerate(c)} for s, c in canon.items()}
         self.new_order = new_order  # only reordered segments; present groups only
+        # per reordered segment: the canonical index of each group, in the new order
+        self.perm = {s: list(map({g: i for i, g in enumerate(canon[s])}.__getitem__, o)) for s, o in new_order.items()}
         self._cache: Dict[Tuple[int, ...], List[int]] = {}
 
-    def groups(self, ids: Sequence[int]) -> List[int]:
-        find = self.find
-        return [find(a) if a >= 0 else -1 for a in ids]
-
     def order(self, ids: Sequence[int]) -> List[int]:
+        """(cached per distinct trace: do not change the result)"""
         key = tuple(ids)
         hit = self._cache.get(key)
         if hit is None:
@@ -86,10 +116,17 @@ class Layout:
 
     def _order(self, ids: Sequence[int]) -> List[int]:
         gs = self.groups(ids)
-        res: List[int] = []
+        absent = self.absent
+        one = one_segment(gs, self.seg_of)
+        if one is not None:
+            if one not in self.new_order:  # kept in place: drop what is absent
+                return list(range(len(gs))) if absent.isdisjoint(gs) else [p for p, g in enumerate(gs) if g not in absent]
+            res: List[int] = []
+            self._reordered(gs, 0, len(gs), one, res)
+            return res
+        res = []
         n = len(gs)
         p = 0
-        absent = self.absent
         while p < n:
             g = gs[p]
             s = self.seg_of.get(g) if g >= 0 else None
@@ -101,20 +138,27 @@ class Layout:
             q = p
             while q < n and gs[q] >= 0 and self.seg_of.get(gs[q]) == s:
                 q += 1
-            m = 1
-            while p + m < q and gs[p + m] == gs[p]:
-                m += 1
-            block = m * len(self.canon[s])
-            cidx = self.canon_index[s]
-            for b in range(p, q, block):
-                for g2 in self.new_order[s]:
-                    i = cidx[g2]
-                    res.extend(range(b + i * m, b + i * m + m))
+            self._reordered(gs, p, q, s, res)
             p = q
         return res
 
+    def _reordered(self, gs: List[int], p: int, q: int, s: int, res: List[int]) -> None:
+        """Append positions ``p..q-1`` (whole tiles of reordered segment ``s``:
+        each group repeated m times, tiled) in the new order."""
+        m = 1
+        while p + m < q and gs[p + m] == gs[p]:
+            m += 1
+        perm = self.perm[s]
+        block = m * len(self.canon[s])
+        for b in range(p, q, block):
+            if m == 1:
+                res.extend([b + i for i in perm] if b else perm)
+            else:
+                for i in perm:
+                    res.extend(range(b + i * m, b + i * m + m))
 
-def find_segments(graph: TracedGraph, find: Callable[[int], int]) -> Tuple[Dict[int, int], Dict[int, List[int]]]:
+
+def find_segments(graph: TracedGraph, groups: Callable[[Sequence[int]], List[int]]) -> Tuple[Dict[int, int], Dict[int, List[int]]]:
     """Group -> segment id, and each segment's canonical group order.
 
     Producers that share a group (summed by a residual add) are one segment:
@@ -131,17 +175,17 @@ def find_segments(graph: TracedGraph, find: Callable[[int], int]) -> Tuple[Dict[
     owner: Dict[int, int] = {}  # group -> first producer that emits it
     producer_groups = []
     for i, p in enumerate(producers):
-        gs = [find(a) for a in p.out_ids]
+        gs = groups(p.out_ids)
         producer_groups.append(gs)
-        for g in gs:
-            j = owner.setdefault(g, i)
+        setdefault = owner.setdefault
+        for j in {setdefault(g, i) for g in gs}:
             if j != i:
                 ri, rj = pfind(i), pfind(j)
                 if ri != rj:
                     parent[max(ri, rj)] = min(ri, rj)
     # a segment is named by its first producer's first group
-    first_group = [gs[0] for gs in producer_groups]
-    seg_of: Dict[int, int] = {g: first_group[pfind(i)] for g, i in owner.items()}
+    name = [producer_groups[pfind(i)][0] for i in range(len(producers))]
+    seg_of: Dict[int, int] = {g: name[i] for g, i in owner.items()}
     size: Dict[int, int] = {}
     for s in seg_of.values():
         size[s] = size.get(s, 0) + 1
@@ -158,7 +202,7 @@ def find_segments(graph: TracedGraph, find: Callable[[int], int]) -> Tuple[Dict[
 
 def free_segments(
     graph: TracedGraph,
-    find: Callable[[int], int],
+    groups: Callable[[Sequence[int]], List[int]],
     seg_of: Dict[int, int],
     canon: Dict[int, List[int]],
     traces: Iterable[Sequence[int]],
@@ -177,15 +221,11 @@ def free_segments(
         uses[(u.param, u.dim)] = uses.get((u.param, u.dim), 0) + 1
     for u in graph.param_uses:
         if uses[(u.param, u.dim)] > 1:
-            for a in u.ids:
-                if a >= 0:
-                    free.discard(seg_of.get(find(a), -1))
+            free.difference_update(seg_of.get(g, -1) for g in groups(u.ids))
     for ops in graph.consumers_by_param.values():  # a weight read by several calls
         if len(ops) > 1:
             for op in ops:
-                for a in graph.consumers[op].in_ids:
-                    if a >= 0:
-                        free.discard(seg_of.get(find(a), -1))
+                free.difference_update(seg_of.get(g, -1) for g in groups(graph.consumers[op].in_ids))
     seen: Set[Tuple[int, ...]] = set()
     for ids in traces:
         if not free:
@@ -194,7 +234,12 @@ def free_segments(
         if key in seen:
             continue
         seen.add(key)
-        gs = [find(a) if a >= 0 else -1 for a in ids]
+        gs = groups(ids)
+        s = one_segment(gs, seg_of)
+        if s is not None:
+            if s in free and gs != canon[s] and not is_tiling(gs, canon[s]):
+                free.discard(s)
+            continue
         p, n = 0, len(gs)
         while p < n:
             s = seg_of.get(gs[p]) if gs[p] >= 0 else None
@@ -234,6 +279,22 @@ def order_segment(present: List[int], keeps: List[FrozenSet[int]]) -> List[int]:
     keeps = [k for k in keeps if 0 < len(k - {LEFT, RIGHT}) < len(present)]
     if not keeps:
         return list(present)
+    if len(keeps) == 1 and LEFT not in keeps[0] and RIGHT not in keeps[0]:
+        # one consumer: left as it is if its groups are one run, else its
+        # groups and the others as two runs, in the order each first appears
+        # (what the general search returns for one set)
+        k = keeps[0]
+        at = [i for i, g in enumerate(present) if g in k]
+        if at[-1] - at[0] + 1 == len(at):
+            return list(present)
+        inside = [g for g in present if g in k]
+        outside = [g for g in present if g not in k]
+        return inside + outside if present[0] in k else outside + inside
+    return _order_classes(present, keeps)
+
+
+def _order_classes(present: List[int], keeps: List[FrozenSet[int]]) -> List[int]:
+    """:func:`order_segment` on its filtered keep sets, by membership classes."""
     use_l = any(LEFT in k for k in keeps)
     use_r = any(RIGHT in k for k in keeps)
     items = ([LEFT] if use_l else []) + list(present) + ([RIGHT] if use_r else [])
@@ -256,19 +317,19 @@ def order_segment(present: List[int], keeps: List[FrozenSet[int]]) -> List[int]:
     first_sig = sig_of[LEFT] if use_l else None
     last_sig = sig_of[RIGHT] if use_r else None
 
+    bits_of = {sg: [i for i in range(n + 2) if sg >> i & 1] for sg in sigs}
+
     def cost(seq: Sequence[int]) -> int:
+        """Channels copied by a class order: consumers not in one run."""
         first: Dict[int, int] = {}
         last: Dict[int, int] = {}
         count: Dict[int, int] = {}
         for j, sig in enumerate(seq):
-            i = 0
-            while sig:
-                if sig & 1:
-                    first.setdefault(i, j)
-                    last[i] = j
-                    count[i] = count.get(i, 0) + 1
-                sig >>= 1
-                i += 1
+            for i in bits_of[sig]:
+                if i not in first:
+                    first[i] = j
+                last[i] = j
+                count[i] = count.get(i, 0) + 1
         return sum(sizes[i] for i in count if last[i] - first[i] + 1 != count[i])
 
     def strip(seq: List[int]) -> List[int]:
@@ -489,9 +550,10 @@ def _branch_and_bound(
     """Class order with the fewest copied channels, searched exhaustively with
     pruning (exact whenever the search finishes within ``budget`` nodes).
 
-    A consumer is *broken* (its subset needs a copy) once one of its classes
-    follows a class without it after it started; broken consumers cost their
-    size. Returns a sequence cheaper than ``upper``, or None.
+    A consumer is *broken* (its subset needs a copy) once a class without it
+    follows one with it while it still has classes to place; broken
+    consumers cost their size, charged as soon as they break (the bound that
+    prunes the search). Returns a sequence cheaper than ``upper``, or None.
     """
     n_cons = len(sizes)
     best: List[Optional[List[int]]] = [None]
@@ -504,7 +566,9 @@ def _branch_and_bound(
             if sgn >> i & 1:
                 total[i] += 1
 
-    def rec(seq: List[int], left: Set[int], open_: int, closed: int, broken: int, cost: int, seen: List[int]) -> None:
+    bits_of = {sgn: [i for i in range(n_cons) if sgn >> i & 1] for sgn in sigs}
+
+    def rec(seq: List[int], left: Set[int], open_: int, broken: int, cost: int, seen: List[int]) -> None:
         if nodes[0] >= budget:
             return
         nodes[0] += 1
@@ -521,7 +585,9 @@ def _branch_and_bound(
             if last is not None and len(left) > 1:
                 order = [s for s in order if s != last]
         for sgn in order:
-            newly_broken = sgn & closed & ~broken
+            # an open consumer (started, members left) that this class lacks
+            # is broken from here on, whatever follows: charge it now
+            newly_broken = open_ & ~sgn & ~broken
             add = 0
             b = newly_broken
             i = 0
@@ -534,23 +600,19 @@ def _branch_and_bound(
                 continue
             seen2 = seen[:]
             now_open = 0
-            now_closed = closed
-            for i in range(n_cons):
-                if sgn >> i & 1:
-                    seen2[i] += 1
-                    if seen2[i] < total[i]:
-                        now_open |= 1 << i
-                elif open_ >> i & 1:
-                    now_closed |= 1 << i  # it was open and this class lacks it
+            for i in bits_of[sgn]:
+                seen2[i] += 1
+                if seen2[i] < total[i]:
+                    now_open |= 1 << i
             left.discard(sgn)
             seq.append(sgn)
-            rec(seq, left, now_open, now_closed | (sgn & ~now_open & ~0), broken | newly_broken, cost + add, seen2)
+            rec(seq, left, now_open, broken | newly_broken, cost + add, seen2)
             seq.pop()
             left.add(sgn)
             if bound[0] == 0 or nodes[0] >= budget:
                 return
 
-    rec([], set(sigs), 0, 0, 0, 0, [0] * n_cons)
+    rec([], set(sigs), 0, 0, 0, [0] * n_cons)
     return best[0]
 
 

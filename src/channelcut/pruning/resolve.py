@@ -19,7 +19,7 @@ from collections import defaultdict
 from typing import Dict, Iterable, List, Mapping, Optional, Set, Tuple
 
 from ..errors import ChannelRangeError, EmptyLayerError, ExportError, NotPrunableError, UnknownParameterError
-from .reorder import LEFT, RIGHT, Layout, find_segments, free_segments, order_segment
+from .reorder import LEFT, RIGHT, GroupVectors, Layout, find_segments, free_segments, one_segment, order_segment
 from .spec import LayerStat, MaskEntry, PruningSpec, Subselection
 from .trace import TracedGraph
 
@@ -89,6 +89,7 @@ def resolve(
     src = graph.sources
     roots = src.roots()  # resolve never unions: one lookup table for every find
     find = roots.__getitem__
+    groups = GroupVectors(roots)
     pinned = src.pinned_roots()
     for atoms, reason in graph.fixed_counts:
         gs = {find(a) for a in atoms}
@@ -99,13 +100,18 @@ def resolve(
 
     # 1. per consumer op: dropped input positions --------------------------------
     dropped: Dict[str, Set[int]] = defaultdict(set)
+    by_name: Dict[str, Tuple[List[str], int]] = {}  # consumer name -> (its ops, input channels)
     for item in pruned_inputs:
         name, ch = _pair(item, "pruned_inputs")
-        ops = _lookup(name, graph.consumers_by_param, graph.consumers)
-        if ops is None:
-            raise _not_found(graph, name, "consumer")
-        n = len(graph.consumers[ops[0]].in_ids)
-        ch = _check_channel(name, ch, n, "input")
+        hit = by_name.get(name)
+        if hit is None:
+            ops = _lookup(name, graph.consumers_by_param, graph.consumers)
+            if ops is None:
+                raise _not_found(graph, name, "consumer")
+            hit = by_name[name] = (ops, len(graph.consumers[ops[0]].in_ids))
+        ops, n = hit
+        if type(ch) is not int or not 0 <= ch < n:
+            ch = _check_channel(name, ch, n, "input")
         for op in ops:
             dropped[op].add(ch)
     removed_req: Set[int] = set()
@@ -124,7 +130,7 @@ def resolve(
             if reason is not None:
                 raise NotPrunableError(f"output channel {ch} of {name!r} can not be removed: it {reason}")
             removed_req.add(find(a))
-    groups_of: Dict[str, List[int]] = {op: [find(a) if a >= 0 else -1 for a in c.in_ids] for op, c in graph.consumers.items()}
+    groups_of: Dict[str, List[int]] = {op: groups(c.in_ids) for op, c in graph.consumers.items()}  # (shared: read only)
     if removed_req:
         for op, gs in groups_of.items():
             for p, g in enumerate(gs):
@@ -254,26 +260,34 @@ def resolve(
                 f"{', '.join(requested_outputs[:6])} remove all the groups it passes through; keep at least one"
             )
     for op, p in graph.producers.items():
-        if all(find(a) in absent for a in p.out_ids):
+        if absent.issuperset(groups(p.out_ids)):
             raise EmptyLayerError(
                 f"this would remove every output channel of {p.param or op!r} ({len(p.out_ids)} channels): "
                 "no consumer keeps any of them; keep at least one"
             )
 
     # 3. reorder --------------------------------------------------------------
-    seg_of, canon = find_segments(graph, find)
+    seg_of, canon = find_segments(graph, groups)
     new_order: Dict[int, List[int]] = {}
     free: Set[int] = set()
     if mode == "unconstrained" and reorder:
         traces = [p.out_ids for p in graph.producers.values()]
         traces += [c.in_ids for c in graph.consumers.values()]
         traces += [u.ids for u in graph.param_uses]
-        free = free_segments(graph, find, seg_of, canon, traces, pinned)
+        free = free_segments(graph, groups, seg_of, canon, traces, pinned)
         keeps_by_seg: Dict[int, List[frozenset]] = defaultdict(list)
         for op, gs in groups_of.items():
             if not physical[op] or graph.consumers[op].groups != 1:
                 continue
             d = dropped.get(op, ())
+            s = one_segment(gs, seg_of)
+            if s is not None:  # the common case: the input is one segment
+                if s in free:
+                    keep = {g for p, g in enumerate(gs) if p not in d} if d else set(gs)
+                    keep -= absent
+                    if keep:  # (else it reads nothing from here)
+                        keeps_by_seg[s].append(frozenset(keep))
+                continue
             kept_pos = [p for p, g in enumerate(gs) if p not in d and (g < 0 or g not in absent)]
             if _hopeless(gs, d, absent, seg_of, free):
                 continue  # it gathers whatever the order: leave the freedom to others
@@ -294,7 +308,7 @@ def resolve(
             order = order_segment(present, keeps_by_seg.get(s, []))
             if order != present:
                 new_order[s] = order
-    layout = Layout(find, absent, seg_of, canon, new_order)
+    layout = Layout(groups, absent, seg_of, canon, new_order)
 
     # 4. write the spec ---------------------------------------------------------
     spec = PruningSpec(mode=mode)
@@ -313,7 +327,7 @@ def resolve(
 
     for u in graph.param_uses:
         order = layout.order(u.ids)
-        put(u.param, u.dim, [u.positions[c] for c in order], graph.param_shapes[u.param][u.dim], "parameter alignment")
+        put(u.param, u.dim, list(map(u.positions.__getitem__, order)), graph.param_shapes[u.param][u.dim], "parameter alignment")
     for module, attr, ids, divisor in graph.module_sizes:
         new = len(layout.order(ids)) // divisor
         if new != len(ids) // divisor:
@@ -366,7 +380,9 @@ def resolve(
         for s in spec.subselections:
             s.allow_view = False
     for op, p in graph.producers.items():
-        spec.producers.append(LayerStat(p.param or op, p.kind, len(p.out_ids), sum(1 for a in p.out_ids if find(a) not in absent)))
+        gs = groups(p.out_ids)
+        kept_out = len(gs) if absent.isdisjoint(gs) else sum(1 for g in gs if g not in absent)
+        spec.producers.append(LayerStat(p.param or op, p.kind, len(gs), kept_out))
     # drop identity slices
     for param, dims in slices.items():
         for dim, kept in dims.items():
@@ -446,6 +462,8 @@ def _hopeless(gs: List[int], dropped: Set[int], absent: Set[int], seg_of: Dict[i
 
 
 def _pair(item: object, what: str) -> Tuple[str, int]:
+    if type(item) is tuple and len(item) == 2 and type(item[0]) is str:
+        return item  # type: ignore[return-value]
     if not isinstance(item, (tuple, list)) or len(item) != 2 or not isinstance(item[0], str):
         raise TypeError(f"each entry of {what} must be a (parameter name, channel index) pair, got {item!r}")
     return item[0], item[1]  # type: ignore[return-value]
