@@ -346,11 +346,14 @@ def test_fast_shape_function_matches_the_real_kernel(name):
         args, kwargs = make()
         real = func(*args, **kwargs)
         margs = meta.to_meta(args, {})
-        fast = meta.FAST[name](margs, dict(kwargs))
-        assert fast is not None, f"{name}: the fast path declined a plain case"
-        assert fast.is_meta
-        assert (tuple(fast.shape), fast.dtype, fast.stride()) == (tuple(real.shape), real.dtype, real.stride()), name
-        assert meta.run(func, name, margs, dict(kwargs), {}, torch.device("cpu")).shape == real.shape
+        # every tensor on meta, or only the first (an activation, with real
+        # parameters: run hands those over as they are)
+        for given in (margs, (margs[0],) + tuple(args[1:])):
+            fast = meta.FAST[name](given, dict(kwargs))
+            assert fast is not None, f"{name}: the fast path declined a plain case"
+            assert fast.is_meta
+            assert (tuple(fast.shape), fast.dtype, fast.stride()) == (tuple(real.shape), real.dtype, real.stride()), name
+            assert meta.run(func, name, given, dict(kwargs), {}, torch.device("cpu")).shape == real.shape
 
 
 def test_fast_shape_functions_decline_what_they_do_not_know():
@@ -407,3 +410,23 @@ def test_graph_fingerprint_tells_graphs_apart():
     gb = export_props.graph_fingerprint(_trace_once(b, [_img()], False)[0])
     assert export_props.fingerprint_diff(ga, gb)
     assert not export_props.fingerprint_diff(ga, export_props.graph_fingerprint(_trace_once(a, [_img()], True)[0]))
+
+
+def test_id_table_forgets_dead_tensors():
+    """The tracer's side tables are keyed by tensor identity without holding
+    tensors alive: a new tensor that gets a dead one's id finds nothing."""
+    import gc
+
+    from channelcut.pruning.tracing import IdTable
+
+    table = IdTable()
+    x = torch.zeros(2)
+    table[x] = "trace of x"
+    assert table.get(x) == "trace of x"
+    assert table.get(torch.zeros(2)) is None and table.get(torch.zeros(2), 7) == 7  # equal values, other tensor
+    dead = id(x)
+    del x
+    gc.collect()
+    y = torch.zeros(2)
+    table._d[id(y)] = table._d.pop(dead)  # as if y had been given x's id
+    assert table.get(y) is None

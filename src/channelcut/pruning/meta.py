@@ -82,9 +82,11 @@ def _plain(x: Any) -> bool:
     return isinstance(x, torch.Tensor) and x.is_contiguous() and x.is_floating_point()
 
 
-# A shape function gets the (meta) positional and keyword arguments of an
-# out-of-place call (:func:`run` answers in-place ones itself) and returns the
-# output, or None to leave the op to PyTorch's meta kernel.
+# A shape function gets the positional and keyword arguments of an
+# out-of-place call (:func:`run` answers in-place ones itself), at least one of
+# them a meta tensor, others possibly real (parameters: it reads only shapes,
+# dtypes and layouts), and returns the meta output, or None to leave the op
+# to PyTorch's meta kernel.
 Shape = Callable[[tuple, dict], Optional[torch.Tensor]]
 
 # position of the ``inplace`` argument of the functional activations
@@ -285,6 +287,8 @@ def run(
     """Compute ``func(*args, **kwargs)``: on meta tensors where an argument is
     one (an activation), for real where none is (constants, parameters,
     indices, masks; ``device`` is the model's own)."""
+    if name in METADATA:  # the same answer on a meta tensor
+        return func(*args, **kwargs)
     dev = kwargs.get("device")
     if not (_holds_meta(args) or _holds_meta(kwargs) or (dev is not None and torch.device(dev).type == "meta")):
         return func(*args, **kwargs)
@@ -301,13 +305,13 @@ def run(
             raise NeedsValues(f"'{name}' writes into a tensor made outside the traced ops")
         if _in_place_keeps_shape(name, inplace, args, kwargs):
             return args[0]  # an in-place pointwise op on a meta tensor: itself
-    margs = to_meta(args, cache)
-    mkwargs = to_meta(kwargs, cache) if kwargs else kwargs
     fast = FAST.get(name)
-    if fast is not None:
-        out = fast(margs, mkwargs)
+    if fast is not None:  # (shape functions read shapes only: real arguments need no meta copy)
+        out = fast(args, kwargs)
         if out is not None:
             return out
+    margs = to_meta(args, cache)
+    mkwargs = to_meta(kwargs, cache) if kwargs else kwargs
     out = func(*margs, **mkwargs)
     if _holds_index(out):
         # integer and boolean tensors are indices and masks, whose values the
@@ -315,6 +319,9 @@ def run(
         raise NeedsValues(f"'{name}' makes an index or mask from an activation")
     return out
 
+
+# queries of a tensor's metadata: a meta tensor answers them like the real one
+METADATA = {"dim", "size", "get:shape", "get:ndim", "numel", "get:dtype"}
 
 # creation ops: their values depend on no tensor's values (``x.new_zeros``,
 # ``torch.arange(n, device=x.device)``), so they make real constants; writing an

@@ -174,11 +174,11 @@ def find_segments(graph: TracedGraph, groups: Callable[[Sequence[int]], List[int
 
     owner: Dict[int, int] = {}  # group -> first producer that emits it
     producer_groups = []
+    setdefault = owner.setdefault
     for i, p in enumerate(producers):
         gs = groups(p.out_ids)
         producer_groups.append(gs)
-        setdefault = owner.setdefault
-        for j in {setdefault(g, i) for g in gs}:
+        for j in {setdefault(g, i) for g in gs}:  # the earlier producers it shares a group with
             if j != i:
                 ri, rj = pfind(i), pfind(j)
                 if ri != rj:

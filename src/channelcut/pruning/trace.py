@@ -100,7 +100,7 @@ class SourceTable:
 
     def union_zip(self, xs: Iterable[int], ys: Iterable[int]) -> None:
         """``union(x, y)`` for each pair of ``zip(xs, ys)``, in one loop."""
-        parent = self._parent
+        parent, pins = self._parent, self._pins
         for a, b in zip(xs, ys):
             if a == b or a < 0 or b < 0:
                 continue
@@ -108,8 +108,15 @@ class SourceTable:
                 parent[a] = a = parent[parent[a]]  # path halving
             while parent[b] != b:
                 parent[b] = b = parent[parent[b]]
-            if a != b:
-                self.union(a, b)
+            if a == b:
+                continue
+            if a > b:  # as in union: the older root stays
+                a, b = b, a
+            parent[b] = a
+            if pins:
+                reason = pins.pop(b, None)
+                if reason is not None and a not in pins:
+                    pins[a] = reason
 
     def union_all(self, atoms: Iterable[int]) -> Optional[int]:
         """Merge all given atoms into one group; return one of them (or None)."""

@@ -18,18 +18,40 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+import weakref
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
-from torch.utils.weak import WeakIdKeyDictionary
 
 from ..errors import TracingError
 from . import meta
 from .sizes import HEAD_COUNT_ATTRS, AttrInt, SizeInt
 from .trace import NO_SOURCE, SourceTable, TracedGraph
+
+
+class IdTable:
+    """Tensor identity -> value, holding no tensor alive: what
+    ``WeakIdKeyDictionary`` does for the tracer's side tables, with a plain
+    dict lookup per ``get`` (the tracer looks up every argument of every op).
+    An entry whose tensor died is ignored, so a new tensor that reuses the
+    id finds nothing."""
+
+    __slots__ = ("_d",)
+
+    def __init__(self) -> None:
+        self._d: Dict[int, Tuple[Any, Any]] = {}
+
+    def get(self, x: torch.Tensor, default: Any = None) -> Any:
+        e = self._d.get(id(x))
+        if e is not None and e[0]() is x:
+            return e[1]
+        return default
+
+    def __setitem__(self, x: torch.Tensor, value: Any) -> None:
+        self._d[id(x)] = (weakref.ref(x), value)
 
 
 class Tr:
@@ -86,8 +108,8 @@ class Tracer(TorchFunctionMode):
         first = next(model.parameters(), None)
         self.device = first.device if first is not None else torch.device("cpu")
         self.src: SourceTable = graph.sources
-        self.table: WeakIdKeyDictionary = WeakIdKeyDictionary()
-        self.prov: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self.table = IdTable()
+        self.prov = IdTable()
         self.param_names: Dict[int, str] = {}
         self.module_size_ids: Dict[Tuple[Optional[str], str], List[int]] = {}
         self.module_names: Dict[int, str] = {}
