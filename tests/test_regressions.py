@@ -363,3 +363,35 @@ def test_removing_every_output_of_a_grouped_conv_is_an_empty_layer():
     with pytest.raises(EmptyLayerError):
         PruningManager(net).compute([x], pruned_outputs=[("g.weight", 0), ("g.weight", 1), ("g.weight", 2)])
     assert not diff_snapshot(net, before)
+
+
+class _ScoresAndTail(nn.Module):
+    """Soak seed 800955: attention scores need every channel of ``q``, and a
+    second branch ``p`` reads ``z``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v, self.o = nn.Linear(6, 4), nn.Linear(6, 4), nn.Linear(6, 3), nn.Linear(3, 5)
+        self.z, self.p = nn.Linear(6, 3), nn.Linear(3, 2)
+
+    def forward(self, x):
+        s = torch.softmax(self.q(x) @ self.k(x).transpose(-1, -2), -1)
+        return self.o(s @ self.v(x)), self.p(self.z(x))
+
+
+def test_a_request_that_empties_a_layer_says_so_first():
+    """The request removes a ``q`` channel the scores need (NotPrunableError
+    on its own) and every input channel of ``p``: the emptied layer is the
+    error reported (the engine said NotPrunableError), without blaming the
+    pruned_outputs for it."""
+    from channelcut import EmptyLayerError, NotPrunableError
+
+    net = _seeded(_ScoresAndTail)
+    x = torch.rand(2, 7, 6)
+    before = snapshot(net)
+    with pytest.raises(NotPrunableError, match="q.weight"):
+        PruningManager(net).compute([x], pruned_outputs=[("q.weight", 1)])
+    with pytest.raises(EmptyLayerError, match="every input channel of 'p.weight'") as info:
+        PruningManager(net).compute([x], pruned_outputs=[("q.weight", 1)], pruned_inputs=[("p.weight", i) for i in range(3)])
+    assert "pruned_outputs" not in str(info.value)
+    assert not diff_snapshot(net, before)

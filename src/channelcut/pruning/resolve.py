@@ -159,6 +159,21 @@ def resolve(
             for op in ops:
                 physical[op] = False
 
+    # every consumer keeps an input channel (checked first: a request that
+    # empties a layer gets that error, even when it is invalid otherwise too;
+    # constrained growth below never empties a consumer)
+    for op, c in graph.consumers.items():
+        if len(dropped.get(op, ())) >= len(c.in_ids):
+            why = ""
+            if not removed_req.isdisjoint(groups_of[op]):
+                why = (f" (pruned_outputs {', '.join(requested_outputs[:6])} remove the channel groups "
+                       f"{c.param!r} reads; a group is every channel coupled with the one you named, e.g. by a "
+                       "residual add, a norm over channels or attention)")
+            raise EmptyLayerError(
+                f"this would remove every input channel of {c.param!r} ({len(c.in_ids)} channels){why}; "
+                "keep at least one channel of each layer"
+            )
+
     # 2. which groups stay present --------------------------------------------
     kept_by_any: Set[int] = set()
     dropped_by_any: Set[int] = set()
@@ -241,18 +256,7 @@ def resolve(
             if extra:
                 dropped[op] |= extra
 
-    # every consumer and producer keeps something
-    for op, c in graph.consumers.items():
-        if len(dropped.get(op, ())) >= len(c.in_ids):
-            why = ""
-            if removed_req:
-                why = (f" (pruned_outputs {', '.join(requested_outputs[:6])} remove the channel groups "
-                       f"{c.param!r} reads; a group is every channel coupled with the one you named, e.g. by a "
-                       "residual add, a norm over channels or attention)")
-            raise EmptyLayerError(
-                f"this would remove every input channel of {c.param!r} ({len(c.in_ids)} channels){why}; "
-                "keep at least one channel of each layer"
-            )
+    # every consumer (checked above) and producer keeps something
     for param, gs in conv_uses:
         if gs and all(g in absent for g in gs):
             raise EmptyLayerError(
