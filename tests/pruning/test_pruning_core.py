@@ -1122,3 +1122,20 @@ def test_default_cost_model_prefers_the_copy_for_wide_layers():
     request = _ins("heads.0.weight", 2) + _ins("heads.1.weight", 0) + _ins("heads.2.weight", 1)
     m = PruningManager(net).compute(x, pruned_inputs=request)
     assert m.spec.copy_ops == 1 and m.spec.superset_reads == 0
+
+
+def test_verification_tolerates_rounding_noise_only():
+    """prune()'s check: relative to the output's scale, plus a few ulps for
+    outputs that are rounding noise themselves (a norm over one channel)."""
+    from channelcut.pruning.utils import compare_outputs
+
+    d = torch.float64
+    noise = torch.tensor([1.9e-16, -1.2e-16], dtype=d)
+    assert compare_outputs(-noise, noise) is None  # both are zero, to rounding
+    y = torch.tensor([1.0, -2.0], dtype=d)
+    assert compare_outputs(y + 1e-12, y) is None
+    assert compare_outputs(y + torch.tensor([0.0, 1e-8], dtype=d), y) is not None
+    assert compare_outputs(torch.tensor([1e-9, 0.0], dtype=d), torch.zeros(2, dtype=d)) is not None  # not noise
+    assert compare_outputs(torch.tensor([float("nan")], dtype=d), torch.zeros(1, dtype=d)) is not None
+    assert compare_outputs(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 2.0005])) is None  # float32: 1e-3
+    assert compare_outputs(torch.tensor([1.0, 2.1]), torch.tensor([1.0, 2.0])) is not None
