@@ -128,9 +128,10 @@ class Tracer(TorchFunctionMode):
         self.module_stack: List[Optional[str]] = []
         self.op_counts: Dict[str, int] = {}
         self.warned: set = set()
-        # (param name, dim) -> the (positions, atoms) of each distinct use, and,
-        # once there are two, {position: first atom aligned with it}
-        self.param_uses_seen: Dict[Tuple[str, int], List[Tuple[List[int], List[int]]]] = {}
+        # (param name, dim) -> the (positions, atoms) of its first use; from a
+        # second use on, every distinct use and {position: first atom aligned}
+        self.param_first_use: Dict[Tuple[str, int], Tuple[List[int], List[int]]] = {}
+        self.param_use_keys: Dict[Tuple[str, int], set] = {}
         self.param_alignment: Dict[Tuple[str, int], Dict[int, int]] = {}
 
     # -- op ids and module context ------------------------------------------
@@ -298,15 +299,20 @@ class Tracer(TorchFunctionMode):
         ids_l = ids if isinstance(ids, list) else ids.tolist()
         positions = list(positions)
         key = (name, dim)
-        seen = self.param_uses_seen.get(key)
-        if seen is None:  # the first use: nothing to align with yet
-            self.param_uses_seen[key] = [(positions, ids_l)]
+        first_use = self.param_first_use.get(key)
+        if first_use is None:  # the first use (most parameters have one): nothing to align with
+            self.param_first_use[key] = (positions, ids_l)
         else:
-            if any(p0 == positions and i0 == ids_l for p0, i0 in seen):
+            uses = self.param_use_keys.get(key)
+            if uses is None:
+                uses = self.param_use_keys[key] = {(tuple(first_use[0]), tuple(first_use[1]))}
+            use = (tuple(positions), tuple(ids_l))
+            if use in uses:
                 return
+            uses.add(use)
             align = self.param_alignment.get(key)
             if align is None:
-                align = self.param_alignment[key] = dict(zip(*seen[0]))
+                align = self.param_alignment[key] = dict(zip(*first_use))
             for pos, a in zip(positions, ids_l):
                 first = align.get(pos)
                 if first is None:
@@ -317,7 +323,6 @@ class Tracer(TorchFunctionMode):
                     self.src.pin(first, f"parameter {name} is also used where it cannot be sliced")
                 else:
                     self.src.union(first, a)
-            seen.append((positions, ids_l))
         self.graph.param_uses.append(ParamUse(name, dim, positions, ids_l))
 
     def align_operand(self, x: torch.Tensor, out_ndim: int, vdim: int, out_ids: torch.Tensor, what: str) -> None:
