@@ -89,9 +89,13 @@ class SourceTable:
         if a < 0 or b < 0:
             return
         ra, rb = self.find(a), self.find(b)
-        if ra == rb:
-            return
-        if ra > rb:  # keep the older atom as root: deterministic groups
+        if ra != rb:
+            self._link(ra, rb)
+
+    def _link(self, ra: int, rb: int) -> None:
+        """Merge two different roots: the older atom stays the root
+        (deterministic groups) and inherits the pin."""
+        if ra > rb:
             ra, rb = rb, ra
         self._parent[rb] = ra
         reason = self._pins.pop(rb, None)
@@ -100,7 +104,7 @@ class SourceTable:
 
     def union_zip(self, xs: Iterable[int], ys: Iterable[int]) -> None:
         """``union(x, y)`` for each pair of ``zip(xs, ys)``, in one loop."""
-        parent, pins = self._parent, self._pins
+        parent = self._parent
         for a, b in zip(xs, ys):
             if a == b or a < 0 or b < 0:
                 continue
@@ -108,15 +112,8 @@ class SourceTable:
                 parent[a] = a = parent[parent[a]]  # path halving
             while parent[b] != b:
                 parent[b] = b = parent[parent[b]]
-            if a == b:
-                continue
-            if a > b:  # as in union: the older root stays
-                a, b = b, a
-            parent[b] = a
-            if pins:
-                reason = pins.pop(b, None)
-                if reason is not None and a not in pins:
-                    pins[a] = reason
+            if a != b:
+                self._link(a, b)
 
     def union_all(self, atoms: Iterable[int]) -> Optional[int]:
         """Merge all given atoms into one group; return one of them (or None)."""

@@ -200,15 +200,13 @@ class Tracer(TorchFunctionMode):
     def union_pairs(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """Position-wise union of two broadcastable id tensors; returns merged ids."""
         a, b = torch.broadcast_tensors(a, b)
-        union = self.src.union  # ignores -1
         if a.numel() <= 4096:  # a plain loop beats the vectorised filter on small tensors
             self.src.union_zip(a.reshape(-1).tolist(), b.reshape(-1).tolist())
-            return torch.where(a >= 0, a, b)
-        mask = (a >= 0) & (b >= 0) & (a != b)
-        if bool(mask.any()):
-            pairs = torch.unique(torch.stack([a[mask], b[mask]], 1), dim=0).tolist()
-            for x, y in pairs:
-                union(x, y)
+        else:
+            mask = (a >= 0) & (b >= 0) & (a != b)
+            if bool(mask.any()):
+                xs, ys = torch.unique(torch.stack([a[mask], b[mask]], 1), dim=0).T.tolist()
+                self.src.union_zip(xs, ys)
         return torch.where(a >= 0, a, b)
 
     def add_module_size(self, entry: Tuple[Optional[str], str, List[int], int]) -> None:
