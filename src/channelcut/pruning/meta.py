@@ -185,6 +185,21 @@ def _sdpa(args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
     return _empty(tuple(q.shape[:-1]) + (v.shape[-1],), q.dtype)
 
 
+def _weighted(args: tuple, kwargs: dict, names: Tuple[str, ...]) -> Optional[Dict[str, Any]]:
+    """The arguments of a conv / linear call by name (``names`` in signature
+    order), when input and weight are contiguous float tensors of one dtype
+    and the bias, if any, is one value per output channel; else None."""
+    if len(args) > len(names) or any(k not in names for k in kwargs):
+        return None
+    a = dict(zip(names, args), **kwargs)
+    x, w, b = a.get("input"), a.get("weight"), a.get("bias")
+    if not (_plain(x) and _plain(w)) or x.dtype != w.dtype or w.dim() < 1:
+        return None
+    if b is not None and not (_plain(b) and b.dtype == x.dtype and tuple(b.shape) == (w.shape[0],)):
+        return None
+    return a
+
+
 def _conv(n: int) -> Shape:
     """``conv{n}d`` on contiguous float tensors (the real kernel then returns
     a contiguous output): the standard output-size formula."""
@@ -197,14 +212,11 @@ def _conv(n: int) -> Shape:
         return None
 
     def shape(args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
-        names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
-        if len(args) > len(names) or any(k not in names for k in kwargs):
+        a = _weighted(args, kwargs, ("input", "weight", "bias", "stride", "padding", "dilation", "groups"))
+        if a is None:
             return None
-        a = dict(zip(names, args), **kwargs)
-        x, w, b = a.get("input"), a.get("weight"), a.get("bias")
-        if not (_plain(x) and _plain(w)) or x.dim() not in (n + 1, n + 2) or w.dim() != n + 2 or x.dtype != w.dtype:
-            return None
-        if b is not None and not (_plain(b) and b.dtype == x.dtype and tuple(b.shape) == (w.shape[0],)):
+        x, w = a["input"], a["weight"]
+        if x.dim() not in (n + 1, n + 2) or w.dim() != n + 2:
             return None
         groups = a.get("groups", 1)
         stride, dilation = _tuple(a.get("stride", 1)), _tuple(a.get("dilation", 1))
@@ -238,14 +250,11 @@ def _conv(n: int) -> Shape:
 
 
 def _linear(args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
-    names = ("input", "weight", "bias")
-    if len(args) > 3 or any(k not in names for k in kwargs):
+    a = _weighted(args, kwargs, ("input", "weight", "bias"))
+    if a is None:
         return None
-    a = dict(zip(names, args), **kwargs)
-    x, w, b = a.get("input"), a.get("weight"), a.get("bias")
-    if not (_plain(x) and _plain(w)) or x.dim() < 1 or w.dim() != 2 or x.shape[-1] != w.shape[1] or x.dtype != w.dtype:
-        return None
-    if b is not None and not (_plain(b) and b.dtype == x.dtype and tuple(b.shape) == (w.shape[0],)):
+    x, w = a["input"], a["weight"]
+    if x.dim() < 1 or w.dim() != 2 or x.shape[-1] != w.shape[1]:
         return None
     return _empty(tuple(x.shape[:-1]) + (int(w.shape[0]),), x.dtype)
 
@@ -290,11 +299,12 @@ def run(
     if name in METADATA:  # the same answer on a meta tensor
         return func(*args, **kwargs)
     dev = kwargs.get("device")
-    if not (_holds_meta(args) or _holds_meta(kwargs) or (dev is not None and torch.device(dev).type == "meta")):
+    on_meta = dev is not None and torch.device(dev).type == "meta"  # device=x.device of an activation
+    if not (on_meta or _holds_meta(args) or _holds_meta(kwargs)):
         return func(*args, **kwargs)
     if _is_constant(name, args, kwargs):  # a constant, even when shaped like an activation
         rkwargs = _real_stand_ins(kwargs, device)
-        if dev is not None and torch.device(dev).type == "meta":
+        if on_meta:
             rkwargs["device"] = device
         return func(*_real_stand_ins(args, device), **rkwargs)
     at = _INPLACE_AT.get(name)
