@@ -43,6 +43,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten
 
 from channelcut import ChannelcutError, EmptyLayerError, NotPrunableError, PruningManager
+from channelcut.pruning.utils import rounding_floor
 from randnet import make_net
 
 RTOL = 1e-10
@@ -223,7 +224,7 @@ def raises_unchanged(net: nn.Module, exc_type: type, fn: Any, *match: str) -> Ch
 
 def compare(out: Any, ref: Any, rtol: Optional[float] = RTOL) -> Optional[str]:
     """None when ``out`` matches ``ref`` (same structure; tensors equal to
-    ``rtol`` relative to ``max |ref|`` plus 64 machine epsilons, for outputs
+    ``rtol`` relative to ``max |ref|`` plus ``rounding_floor``, for outputs
     that are rounding noise themselves, or bit-equal when ``rtol`` is None)."""
     a, sa = tree_flatten(out)
     b, sb = tree_flatten(ref)
@@ -244,8 +245,7 @@ def compare(out: Any, ref: Any, rtol: Optional[float] = RTOL) -> Optional[str]:
             continue
         scale = float(y.abs().max())
         err = float((x - y).abs().max())
-        eps = torch.finfo(x.dtype).eps if x.is_floating_point() else 0.0
-        if not err <= rtol * scale + 64 * eps:
+        if not err <= rtol * scale + rounding_floor(x.dtype):
             return f"output {i} differs by {err:.3g} (max |ref| {scale:.3g}, rtol {rtol:g})"
     return None
 

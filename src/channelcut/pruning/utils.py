@@ -51,13 +51,19 @@ def find_zero_channels(model: nn.Module, graph: TracedGraph) -> Tuple[List[Tuple
     return pruned_inputs, pruned_outputs
 
 
+def rounding_floor(dtype: torch.dtype) -> float:
+    """What two computations of one value in ``dtype`` may differ by when the
+    value is itself rounding noise (a norm over one channel, a difference of
+    equal terms): 64 machine epsilons (0 for non-float dtypes)."""
+    return 64 * torch.finfo(dtype).eps if dtype.is_floating_point else 0.0
+
+
 def compare_outputs(out: Any, ref: Any, rtol: Optional[float] = None) -> Optional[str]:
     """None if the two outputs match to their dtype's rounding, else a message.
 
     A floating output matches when ``max |out - ref| <= rtol * max |ref|``
-    plus 64 machine epsilons of its dtype: an output that is rounding noise
-    itself (a norm over one channel, a difference of equal terms) differs by
-    a few ulps whenever the pruned model sums in another order."""
+    plus :func:`rounding_floor`: an output that is rounding noise itself
+    differs by a few ulps whenever the pruned model sums in another order."""
     a, b = flatten_tensors(out), flatten_tensors(ref)
     if len(a) != len(b):
         return f"the pruned model returned {len(a)} tensors, the mock {len(b)}"
@@ -71,6 +77,6 @@ def compare_outputs(out: Any, ref: Any, rtol: Optional[float] = None) -> Optiona
         tol = rtol if rtol is not None else (1e-9 if x.dtype == torch.float64 else 1e-3)
         scale = float(y.abs().max()) if y.numel() else 0.0
         err = float((x - y).abs().max()) if x.numel() else 0.0
-        if not err <= tol * scale + 64 * torch.finfo(x.dtype).eps:  # also catches NaN
+        if not err <= tol * scale + rounding_floor(x.dtype):  # also catches NaN
             return f"output {i} differs from the mock by {err:.3g} (relative to max |y| = {scale:.3g})"
     return None
