@@ -153,7 +153,7 @@ def test_branch_and_bound_finds_the_fewest_copies():
         assert _branch_and_bound(list(sigs), sizes, best, budget=10 ** 6, first=first, last=last) is None, where
 
 
-def test_one_consumer_shortcut_is_what_the_general_search_returns():
+def test_one_consumer_segment_is_ordered_by_the_class_search():
     from channelcut.pruning.reorder import _order_classes
 
     rng = random.Random(SEED + 3)

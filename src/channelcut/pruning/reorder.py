@@ -279,17 +279,6 @@ def order_segment(present: List[int], keeps: List[FrozenSet[int]]) -> List[int]:
     keeps = [k for k in keeps if 0 < len(k - {LEFT, RIGHT}) < len(present)]
     if not keeps:
         return list(present)
-    if len(keeps) == 1 and LEFT not in keeps[0] and RIGHT not in keeps[0]:
-        # one consumer: left as it is if its groups are one run, else its
-        # groups and the others as two runs, in the order each first appears
-        # (what the general search returns for one set)
-        k = keeps[0]
-        at = [i for i, g in enumerate(present) if g in k]
-        if at[-1] - at[0] + 1 == len(at):
-            return list(present)
-        inside = [g for g in present if g in k]
-        outside = [g for g in present if g not in k]
-        return inside + outside if present[0] in k else outside + inside
     return _order_classes(present, keeps)
 
 

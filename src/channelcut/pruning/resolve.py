@@ -466,8 +466,6 @@ def _hopeless(gs: List[int], dropped: Set[int], absent: Set[int], seg_of: Dict[i
 
 
 def _pair(item: object, what: str) -> Tuple[str, int]:
-    if type(item) is tuple and len(item) == 2 and type(item[0]) is str:
-        return item  # type: ignore[return-value]
     if not isinstance(item, (tuple, list)) or len(item) != 2 or not isinstance(item[0], str):
         raise TypeError(f"each entry of {what} must be a (parameter name, channel index) pair, got {item!r}")
     return item[0], item[1]  # type: ignore[return-value]
