@@ -71,8 +71,9 @@ WRITES = {"__setitem__", "index_put", "index_put_", "masked_scatter", "masked_sc
           "scatter_add", "scatter_add_", "index_add", "index_add_", "index_copy", "index_copy_", "copy_"}
 
 
-def dispatch(tr: Tracer, func: Any, args: tuple, kwargs: dict, out: Any) -> None:
-    name = func_name(func)
+def dispatch(tr: Tracer, func: Any, args: tuple, kwargs: dict, out: Any, name: str) -> None:
+    """Derive the traces of ``out`` by the rule for ``func`` (``name``:
+    :func:`func_name` of it)."""
     if name in WRITES:  # in-place writes return None or their target
         tensors = _tensor_args(args, kwargs)
         if any(tr.get(x) is not None for x in tensors):
@@ -302,8 +303,9 @@ def elementwise(tr: Tracer, func, args, kwargs, out) -> None:
     target = out if isinstance(out, torch.Tensor) else None
     if target is None:
         raise _Unsupported("elementwise op without a tensor output")
-    _elementwise_into(tr, func_name(func), tensors, target)
-    if _base_name(func_name(func)) != func_name(func) and tensors and tensors[0] is not target:
+    name = func_name(func)
+    _elementwise_into(tr, name, tensors, target)
+    if _base_name(name) != name and tensors and tensors[0] is not target:
         tr.set(tensors[0], tr.get(target))  # in-place op that returned a new handle
 
 

@@ -380,8 +380,9 @@ class Tracer(TorchFunctionMode):
                 return result
         from . import rules
 
+        name = rules.func_name(func)
         if self.shapes_only:
-            out = meta.run(func, rules.func_name(func), args, kwargs, self.meta_cache, self.device)
+            out = meta.run(func, name, args, kwargs, self.meta_cache, self.device)
         else:
             out = func(*args, **kwargs)
 
@@ -389,9 +390,9 @@ class Tracer(TorchFunctionMode):
             return self._mark_sizes(func, args, kwargs, out)
 
         try:
-            rules.dispatch(self, func, args, kwargs, out)
+            rules.dispatch(self, func, args, kwargs, out, name)
         except _TooBig:
-            rules.barrier(self, rules.func_name(func), args, kwargs, out, "tensor too large to trace by materialising")
+            rules.barrier(self, name, args, kwargs, out, "tensor too large to trace by materialising")
         return out
 
 
