@@ -20,7 +20,7 @@ from typing import Dict, Iterable, List, Mapping, Optional, Set, Tuple
 
 from ..errors import ChannelRangeError, EmptyLayerError, ExportError, NotPrunableError, UnknownParameterError
 from .reorder import LEFT, RIGHT, GroupVectors, Layout, find_segments, free_segments, one_segment, order_segment
-from .spec import LayerStat, MaskEntry, PruningSpec, Subselection
+from .spec import LayerStat, MaskAddition, MaskEntry, PruningSpec, Subselection
 from .trace import TracedGraph
 
 MODES = ("unconstrained", "constrained", "baseline")
@@ -100,6 +100,7 @@ def resolve(
 
     # 1. per consumer op: dropped input positions --------------------------------
     dropped: Dict[str, Set[int]] = defaultdict(set)
+    requested: Dict[str, Set[int]] = defaultdict(set)  # consumer weight -> channels named by the request
     by_name: Dict[str, Tuple[List[str], int]] = {}  # consumer name -> (its ops, input channels)
     for item in pruned_inputs:
         name, ch = _pair(item, "pruned_inputs")
@@ -114,8 +115,10 @@ def resolve(
             ch = _check_channel(name, ch, n, "input")
         for op in ops:
             dropped[op].add(ch)
+        requested[graph.consumers[ops[0]].param].add(ch)
     removed_req: Set[int] = set()
     requested_outputs: List[str] = []
+    outputs_of_group: Dict[int, List[str]] = defaultdict(list)  # removed group -> the request's names for it
     for item in pruned_outputs:
         name, ch = _pair(item, "pruned_outputs")
         requested_outputs.append(f"{name}[{ch}]")
@@ -130,6 +133,7 @@ def resolve(
             if reason is not None:
                 raise NotPrunableError(f"output channel {ch} of {name!r} can not be removed: it {reason}")
             removed_req.add(find(a))
+            outputs_of_group[find(a)].append(f"{name}[{ch}]")
     groups_of: Dict[str, List[int]] = {op: groups(c.in_ids) for op, c in graph.consumers.items()}  # (shared: read only)
     if removed_req:
         for op, gs in groups_of.items():
@@ -380,6 +384,8 @@ def resolve(
             spec.zeros.append(MaskEntry(c.param, c.weight_dim, c.groups, zero_at))
         spec.consumers.append(LayerStat(c.param, c.kind, len(c.in_ids), len(kept)))
     spec.masks = list(masks.values())
+    spec.requested = {p: sorted(chs) for p, chs in requested.items()}
+    spec.additions = _additions(graph, groups_of, masks, requested, outputs_of_group, mode)
     if mode == "baseline":
         for s in spec.subselections:
             s.allow_view = False
@@ -400,6 +406,46 @@ def resolve(
     spec.segments = len(canon)
     spec.reordered_segments = len(new_order)
     return spec
+
+
+def _additions(
+    graph: TracedGraph,
+    groups_of: Dict[str, List[int]],
+    masks: Dict[str, MaskEntry],
+    requested: Dict[str, Set[int]],
+    outputs_of_group: Dict[int, List[str]],
+    mode: str,
+) -> List[MaskAddition]:
+    """Every input channel masked beyond the request, with why: a
+    ``pruned_outputs`` group that flows into it, or (constrained) another
+    reader of its channel group that drops it."""
+    dropper: Dict[int, str] = {}  # group -> a requested (consumer, channel) that drops it
+    for param, chans in requested.items():
+        gs = groups_of[graph.consumers_by_param[param][0]]
+        for ch in sorted(chans):
+            if gs[ch] >= 0:
+                dropper.setdefault(gs[ch], f"{param}[{ch}]")
+    out: List[MaskAddition] = []
+    for param, entry in masks.items():
+        extra = sorted(set(entry.channels) - requested.get(param, set()))
+        if not extra:
+            continue
+        ops = graph.consumers_by_param[param]
+        by_reason: Dict[str, List[int]] = {}
+        for ch in extra:
+            gs = {groups_of[op][ch] for op in ops}
+            removed = sorted({n for g in gs for n in outputs_of_group.get(g, ())})
+            readers = sorted({dropper[g] for g in gs if g in dropper})
+            if removed:
+                reason = f"pruned_outputs {', '.join(removed[:4])} remove its channel group"
+            elif mode == "constrained" and readers:
+                reason = (f"constrained export: its channel group is also read by {', '.join(readers[:4])}, "
+                          "which the request drops")
+            else:
+                reason = "the weight is shared with a call the request drops it from"
+            by_reason.setdefault(reason, []).append(ch)
+        out += [MaskAddition(param, chans, reason) for reason, chans in by_reason.items()]
+    return out
 
 
 def _cheaper_superset(

@@ -60,6 +60,22 @@ class MaskEntry:
 
 
 @dataclass
+class MaskAddition:
+    """Input channels of a consumer that the export masks beyond the request,
+    and why: a ``pruned_outputs`` channel group that flows into them, or
+    constrained export's coupling with another reader of the same group.
+
+    The request plus every addition is exactly what the export removes: the
+    independent reference (the original model with those weight columns
+    zeroed by hand) is built from them, never from :attr:`PruningSpec.masks`.
+    """
+
+    param: str
+    channels: List[int]
+    reason: str
+
+
+@dataclass
 class LayerStat:
     name: str
     kind: str
@@ -93,6 +109,24 @@ class PruningSpec:
     # consumers that read a contiguous superset of their channels with zero
     # weight columns instead of gathering them (the cost model chose it)
     superset_reads: int = 0
+    # consumer weight -> the input channels the request named (validated)
+    requested: Dict[str, List[int]] = field(default_factory=dict)
+    # input channels masked beyond the request, with the reason
+    additions: List[MaskAddition] = field(default_factory=list)
+
+    def removed_inputs(self) -> Dict[str, List[int]]:
+        """Consumer weight -> every input channel the export removes: the
+        request plus the reported additions (what a reference model zeroes).
+
+        >>> s = PruningSpec("constrained", requested={"a.weight": [1]},
+        ...                 additions=[MaskAddition("b.weight", [1], "coupled")])
+        >>> s.removed_inputs()
+        {'a.weight': [1], 'b.weight': [1]}
+        """
+        out: Dict[str, set] = {p: set(c) for p, c in self.requested.items()}
+        for a in self.additions:
+            out.setdefault(a.param, set()).update(a.channels)
+        return {p: sorted(c) for p, c in out.items() if c}
 
     # -- summaries -----------------------------------------------------------
     @property
@@ -137,7 +171,9 @@ class PruningSpec:
             raise ValueError("pruning spec has no 'mode' field")
         try:
             kw["slices"] = {str(p): {int(dim): [int(i) for i in kept] for dim, kept in dims.items()} for p, dims in kw.get("slices", {}).items()}
-            for name, typ in (("masks", MaskEntry), ("zeros", MaskEntry), ("subselections", Subselection), ("producers", LayerStat), ("consumers", LayerStat)):
+            kw["requested"] = {str(p): [int(c) for c in chans] for p, chans in kw.get("requested", {}).items()}
+            for name, typ in (("masks", MaskEntry), ("zeros", MaskEntry), ("subselections", Subselection), ("producers", LayerStat),
+                              ("consumers", LayerStat), ("additions", MaskAddition)):
                 kw[name] = [e if isinstance(e, typ) else typ(**e) for e in kw.get(name, [])]
             kw["barriers"] = [tuple(b) for b in kw.get("barriers", [])]
         except (TypeError, AttributeError, ValueError) as exc:
@@ -153,6 +189,14 @@ class PruningSpec:
             f"{self.reordered_segments} of {self.segments} segments reordered"
             + (f"; {self.superset_reads} consumers read a wider view with zero columns instead of a copy." if self.superset_reads else "."),
         ]
+        if self.additions:
+            n = sum(len(a.channels) for a in self.additions)
+            lines.append(f"input channels removed beyond the request: {n} in {len({a.param for a in self.additions})} consumers")
+            for a in self.additions[:max_rows]:
+                shown = ", ".join(map(str, a.channels[:8])) + (", ..." if len(a.channels) > 8 else "")
+                lines.append(f"  {a.param} [{shown}]: {a.reason}")
+            if len(self.additions) > max_rows:
+                lines.append(f"  ... {len(self.additions) - max_rows} more")
         changed = [p for p in self.producers if p.after != p.before]
         lines.append(f"producers with removed outputs: {len(changed)} of {len(self.producers)}")
         w = max([len(p.name) for p in changed[:max_rows]] + [10])
