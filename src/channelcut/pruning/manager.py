@@ -30,7 +30,8 @@ from .resolve import DEFAULT_COPY_COST, resolve
 from .spec import PruningSpec
 from .trace import TracedGraph
 from .tracing import flatten_tensors, run_model, trace
-from .utils import compare_outputs, find_zero_channels
+from .verify import check, reference_outputs, run_deterministic
+from .zeros import find_zero_channels
 
 Inputs = Union[Sequence[Any], Dict[str, Any]]
 
@@ -109,16 +110,21 @@ class PruningManager:
                 cost less than the copy. 0 always gathers.
             shapes_only: see :meth:`trace`.
 
-        With neither ``pruned_inputs`` nor ``pruned_outputs``, channels whose
-        weights are entirely zero are pruned.
+        With neither ``pruned_inputs`` nor ``pruned_outputs``, the channels
+        the model's weights already remove are pruned (zero input columns;
+        zero output rows where the channel is zero, or a constant that folds
+        exactly into the reader's bias: see ``zeros.py``), and the model as it
+        is becomes the reference that :meth:`prune` verifies against.
         """
         if self._pruned:
             raise StateError("this model was already pruned by this manager; create a new PruningManager to prune it again")
         graph = self.trace(inputs, shapes_only=shapes_only)
+        zeros = None
         if pruned_inputs is None and pruned_outputs is None:
-            pruned_inputs, pruned_outputs = find_zero_channels(self.net, graph)
+            zeros = find_zero_channels(self.net, graph, self._inputs)
+            pruned_inputs = zeros.pruned_inputs
         mode = "constrained" if constrained else ("baseline" if baseline else "unconstrained")
-        self.spec = resolve(
+        spec = resolve(
             graph,
             list(pruned_inputs or ()),
             list(pruned_outputs or ()),
@@ -126,6 +132,11 @@ class PruningManager:
             reorder=reorder and not baseline,
             copy_cost=DEFAULT_COPY_COST if copy_cost is None else float(copy_cost),
         )
+        if zeros is not None:  # the model's own zeros: the model itself is the reference
+            spec.reference = "model"
+            spec.folds = zeros.folds
+            spec.kept_zeros = zeros.kept
+        self.spec = spec
         return self
 
     # -- what can be pruned ------------------------------------------------
@@ -187,22 +198,25 @@ class PruningManager:
         """Prune the model in place. All-or-nothing: on failure it is restored.
 
         With ``verify`` (the default), the pruned model is run on the example
-        inputs and compared with the mock model; a mismatch restores the model
-        and raises :class:`~channelcut.errors.ExportError`.
+        inputs and compared with a reference that does not come from the plan:
+        the unpruned model with the requested channels (and the additions the
+        spec reports) zeroed by hand, or, for channels found zeroed in the
+        model, the model as it is (``verify.py``). A mismatch restores the
+        model and raises :class:`~channelcut.errors.ExportError`. ``rtol``
+        overrides the relative tolerance (default 1e-9 in float64, 1e-3 in
+        float32; bfloat16/float16 are checked against a float64 run).
         """
         spec = self._need_spec()
         if self._pruned:
             raise StateError("prune() was already called; the model is pruned")
         reference = None
         if verify:
-            mock = make_mock(self.net, spec)
-            reference = _run_deterministic(mock, self._inputs)
-            del mock
+            reference = reference_outputs(self.net, self._inputs, spec, self._need_graph())
         rb = prune_model(self.net, spec)
         if verify:
             try:
-                out = _run_deterministic(self.net, self._inputs)
-                problem = compare_outputs(out, reference, rtol=rtol)
+                out = run_deterministic(self.net, self._inputs)
+                problem = check(out, reference, rtol=rtol)
             except Exception as exc:  # the pruned model does not run
                 problem = f"the pruned model raised {type(exc).__name__}: {exc}"
             if problem is not None:
@@ -223,21 +237,6 @@ class PruningManager:
         self._rollback.undo()
         self._rollback = None
         self._pruned = False
-
-
-def _run_deterministic(model: nn.Module, inputs: Inputs) -> Any:
-    """Run ``model`` for verification. A model in train mode is run in eval
-    mode (then put back): dropout and friends draw new random masks on every
-    call, so train-mode outputs can not be compared; per-channel layers such as
-    BatchNorm are exported the same way in both modes."""
-    modes = [(m, m.training) for m in model.modules()]
-    try:
-        model.eval()
-        with torch.no_grad():
-            return run_model(model, inputs)
-    finally:
-        for m, mode in modes:
-            m.training = mode
 
 
 def _check_torch_prune(net: nn.Module) -> None:

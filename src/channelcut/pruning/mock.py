@@ -1,7 +1,8 @@
 """The mock pruned model: the user's model with pruned channels masked to zero.
 
 Start at :func:`make_mock`. The mock is a deep copy of the model whose
-consumer weights are parametrised as ``weight * mask``: it masks on every call,
+consumer weights are parametrised as ``weight * mask`` (and a bias that absorbs
+a folded constant as ``bias + delta``): it masks on every call,
 in train and eval mode, with gradients, and never touches the user's model.
 Its outputs are what the pruned model must reproduce.
 """
@@ -27,6 +28,17 @@ class ChannelMask(nn.Module):
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
         return w * self.mask.to(w.dtype)
+
+
+class AddConstant(nn.Module):
+    """Parametrisation ``b -> b + delta`` (a folded constant, see ``zeros.py``)."""
+
+    def __init__(self, delta: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("delta", delta)
+
+    def forward(self, b: torch.Tensor) -> torch.Tensor:
+        return b + self.delta.to(b.dtype)
 
 
 def build_mask(weight: torch.Tensor, entry: MaskEntry) -> torch.Tensor:
@@ -70,4 +82,9 @@ def make_mock(model: nn.Module, spec: PruningSpec) -> nn.Module:
         for name in holders.get(id(w), [entry.param]):
             module, attr = _owner(mock, name)
             parametrize.register_parametrization(module, attr, ChannelMask(mask), unsafe=True)
+    for fold in spec.folds:
+        module, attr = _owner(mock, fold.bias)
+        b = getattr(module, attr)
+        delta = torch.tensor(fold.delta, dtype=b.dtype, device=b.device)
+        parametrize.register_parametrization(module, attr, AddConstant(delta), unsafe=True)
     return mock

@@ -88,8 +88,11 @@ def new_tensors(model: nn.Module, spec: PruningSpec, modules: Optional[_Modules]
     mods = modules or _Modules(model)
     out: Dict[str, torch.Tensor] = {}
     index: Dict[Tuple[Tuple[int, ...], torch.device], torch.Tensor] = {}  # BN params share their kept lists
+    for fold in spec.folds:  # a folded constant changes a bias before it is sliced
+        b = mods.tensor(fold.bias).data
+        out[fold.bias] = b + torch.tensor(fold.delta, dtype=b.dtype, device=b.device)
     for name, dims in spec.slices.items():
-        t = mods.tensor(name).data
+        t = out[name] if name in out else mods.tensor(name).data
         for dim, kept in sorted(dims.items()):
             key = (tuple(kept), t.device)
             idx = index.get(key)

@@ -76,6 +76,21 @@ class MaskAddition:
 
 
 @dataclass
+class ConstantFold:
+    """Input channels of a consumer that carry one constant each (a zeroed
+    filter followed by a bias, a norm shift, ...): their contribution,
+    ``delta`` (one value per output channel of the consumer), is added to the
+    consumer's ``bias``, and the channels are removed. Exact: the consumer is
+    a linear map of its input, and a constant input adds a constant output."""
+
+    param: str  # the consumer weight
+    bias: str  # the bias parameter that absorbs the constants
+    channels: List[int]
+    values: List[float]
+    delta: List[float]
+
+
+@dataclass
 class LayerStat:
     name: str
     kind: str
@@ -113,6 +128,14 @@ class PruningSpec:
     requested: Dict[str, List[int]] = field(default_factory=dict)
     # input channels masked beyond the request, with the reason
     additions: List[MaskAddition] = field(default_factory=list)
+    # what the export is checked against: "request" (the original model with
+    # the requested channels and the additions zeroed), or "model" (the
+    # model as it is: its own zeros were found and removed)
+    reference: str = "request"
+    # constants folded into a consumer's bias (channels found zeroed)
+    folds: List[ConstantFold] = field(default_factory=list)
+    # zeroed channels that stay, with the reason
+    kept_zeros: List[str] = field(default_factory=list)
 
     def removed_inputs(self) -> Dict[str, List[int]]:
         """Consumer weight -> every input channel the export removes: the
@@ -173,7 +196,7 @@ class PruningSpec:
             kw["slices"] = {str(p): {int(dim): [int(i) for i in kept] for dim, kept in dims.items()} for p, dims in kw.get("slices", {}).items()}
             kw["requested"] = {str(p): [int(c) for c in chans] for p, chans in kw.get("requested", {}).items()}
             for name, typ in (("masks", MaskEntry), ("zeros", MaskEntry), ("subselections", Subselection), ("producers", LayerStat),
-                              ("consumers", LayerStat), ("additions", MaskAddition)):
+                              ("consumers", LayerStat), ("additions", MaskAddition), ("folds", ConstantFold)):
                 kw[name] = [e if isinstance(e, typ) else typ(**e) for e in kw.get(name, [])]
             kw["barriers"] = [tuple(b) for b in kw.get("barriers", [])]
         except (TypeError, AttributeError, ValueError) as exc:
@@ -193,10 +216,13 @@ class PruningSpec:
             n = sum(len(a.channels) for a in self.additions)
             lines.append(f"input channels removed beyond the request: {n} in {len({a.param for a in self.additions})} consumers")
             for a in self.additions[:max_rows]:
-                shown = ", ".join(map(str, a.channels[:8])) + (", ..." if len(a.channels) > 8 else "")
-                lines.append(f"  {a.param} [{shown}]: {a.reason}")
+                lines.append(f"  {a.param} {_short(a.channels)}: {a.reason}")
             if len(self.additions) > max_rows:
                 lines.append(f"  ... {len(self.additions) - max_rows} more")
+        for f in self.folds[:max_rows]:
+            lines.append(f"  constant inputs {_short(f.channels)} of {f.param} folded into {f.bias}")
+        for note in self.kept_zeros[:max_rows]:
+            lines.append(f"  kept: {note}")
         changed = [p for p in self.producers if p.after != p.before]
         lines.append(f"producers with removed outputs: {len(changed)} of {len(self.producers)}")
         w = max([len(p.name) for p in changed[:max_rows]] + [10])
@@ -220,3 +246,7 @@ class PruningSpec:
 
     def __str__(self) -> str:
         return self.summary()
+
+
+def _short(chans: List[int]) -> str:
+    return "[" + ", ".join(map(str, chans[:8])) + (", ...]" if len(chans) > 8 else "]")

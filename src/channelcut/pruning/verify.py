@@ -1,0 +1,176 @@
+"""Check an export against a reference that does not come from the plan.
+
+Start at :func:`reference_outputs` (run before pruning) and :func:`check`
+(after). The reference is the user's model, unpruned, run once on the
+example inputs:
+
+- when the export removes channels the model had zeroed itself
+  (``spec.reference == "model"``): the model as it is;
+- otherwise: the model with the requested input channels zeroed by hand in
+  the consumer weights.
+
+In both cases the channels the spec reports it removes beyond the request
+(:attr:`PruningSpec.additions`: constrained coupling, ``pruned_outputs``
+groups) are zeroed too. Columns are zeroed in place for the duration of that
+one run and restored bit for bit; they come from the request and the traced
+weight layout, never from ``spec.masks``, so a plan that removes a channel it
+does not report fails verification. No copy of the model is made (two
+forward passes in all: this one and the pruned model's).
+
+Reduced precision (bfloat16, float16): the reference also runs in float64
+(on a float64 copy), and the pruned model passes when its distance to the
+float64 result is within three times the distance of the unpruned model in
+its own dtype, plus four epsilons of the dtype times the output's scale: a
+bound derived from the dtype's rounding, with no absolute floor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from dataclasses import dataclass
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from .spec import PruningSpec
+from .trace import TracedGraph
+from .tracing import flatten_tensors, run_model
+from .utils import compare_outputs
+
+REDUCED = (torch.bfloat16, torch.float16)
+
+
+@dataclass
+class Reference:
+    """Outputs of the reference run: in the model's dtype and, for reduced
+    precision, in float64."""
+
+    outputs: Any
+    outputs64: Any = None
+
+
+def removed_columns(spec: PruningSpec) -> Dict[str, List[int]]:
+    """Consumer weight -> the input columns the reference zeroes: the
+    additions, plus the request unless the model's own zeros are the request."""
+    out: Dict[str, set] = {}
+    if spec.reference != "model":
+        for p, chans in spec.requested.items():
+            out.setdefault(p, set()).update(chans)
+    for a in spec.additions:
+        out.setdefault(a.param, set()).update(a.channels)
+    return {p: sorted(c) for p, c in out.items() if c}
+
+
+def _layout(graph: TracedGraph, param: str) -> Tuple[int, int]:
+    """(weight dim of the input channels, groups) of consumer weight ``param``."""
+    c = graph.consumers[graph.consumers_by_param[param][0]]
+    return c.weight_dim, c.groups
+
+
+def _zero_columns(w: torch.Tensor, dim: int, groups: int, chans: Sequence[int]) -> None:
+    """Zero input channels ``chans`` of a conv/linear weight, in place. A
+    grouped conv's weight is ``(groups * out_per_group, in_per_group, ...)``:
+    input channel ``c`` is column ``c % in_per_group`` of group
+    ``c // in_per_group``'s rows."""
+    if groups == 1:
+        w.index_fill_(dim, torch.tensor(list(chans), dtype=torch.long, device=w.device), 0)
+        return
+    per_group = w.view(groups, w.shape[0] // groups, *w.shape[1:])
+    k = w.shape[1]
+    for c in chans:
+        per_group[c // k, :, c % k] = 0
+
+
+@contextlib.contextmanager
+def columns_zeroed(model: nn.Module, graph: TracedGraph, removed: Dict[str, List[int]]) -> Iterator[None]:
+    """The model with ``removed`` consumer input columns zeroed, for the
+    duration of the block; every weight is restored bit for bit after."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    saved: List[Tuple[torch.Tensor, int, Optional[torch.Tensor], torch.Tensor]] = []  # (weight, dim, index, values)
+    try:
+        with torch.no_grad():
+            for param, chans in removed.items():
+                w = params[param].data
+                dim, groups = _layout(graph, param)
+                if groups == 1:  # keep only the columns it changes
+                    idx = torch.tensor(chans, dtype=torch.long, device=w.device)
+                    saved.append((w, dim, idx, w.index_select(dim, idx)))
+                else:
+                    saved.append((w, 0, None, w.clone()))
+                _zero_columns(w, dim, groups, chans)
+        yield
+    finally:
+        with torch.no_grad():
+            for w, dim, idx, old in reversed(saved):
+                if idx is None:
+                    w.copy_(old)
+                else:
+                    w.index_copy_(dim, idx, old)
+
+
+def run_deterministic(model: nn.Module, inputs: Any) -> Any:
+    """Run ``model`` for verification. A model in train mode is run in eval
+    mode (then put back): dropout and friends draw new random masks on every
+    call, so train-mode outputs can not be compared; per-channel layers such as
+    BatchNorm are exported the same way in both modes."""
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        with torch.no_grad():
+            return run_model(model, inputs)
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+def _to64(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.double() if obj.is_floating_point() else obj
+    if isinstance(obj, dict):
+        return {k: _to64(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to64(v) for v in obj)
+    return obj
+
+
+def reference_outputs(model: nn.Module, inputs: Any, spec: PruningSpec, graph: TracedGraph) -> Reference:
+    """Run the reference (see the module docstring); the model is unchanged."""
+    removed = removed_columns(spec)
+    with columns_zeroed(model, graph, removed):
+        ref = Reference(run_deterministic(model, inputs))
+    if any(t.dtype in REDUCED for t in flatten_tensors(ref.outputs)):
+        hi = copy.deepcopy(model).double()
+        with columns_zeroed(hi, graph, removed):
+            ref.outputs64 = run_deterministic(hi, _to64(inputs))
+        del hi
+    return ref
+
+
+def check(out: Any, ref: Reference, rtol: Optional[float] = None) -> Optional[str]:
+    """None if the pruned model's outputs ``out`` match the reference, else
+    what differs."""
+    if ref.outputs64 is None or rtol is not None:
+        return compare_outputs(out, ref.outputs, rtol=rtol)
+    a, lo, hi = flatten_tensors(out), flatten_tensors(ref.outputs), flatten_tensors(ref.outputs64)
+    if len(a) != len(hi):
+        return f"the pruned model returned {len(a)} tensors, the reference {len(hi)}"
+    for i, (x, y, z) in enumerate(zip(a, lo, hi)):
+        if x.shape != z.shape:
+            return f"output {i} has shape {tuple(x.shape)}, expected {tuple(z.shape)}"
+        if x.dtype not in REDUCED:
+            problem = compare_outputs(x, y)
+            if problem is not None:
+                return problem
+            continue
+        if not x.numel():
+            continue
+        scale = float(z.abs().max())
+        err = float((x.double() - z).abs().max())
+        budget = float((y.double() - z).abs().max())
+        tol = 3 * budget + 4 * torch.finfo(x.dtype).eps * scale
+        if not err <= tol:  # also catches NaN
+            return (f"output {i} ({x.dtype}) differs from the float64 reference by {err:.3g}; the unpruned model in "
+                    f"{x.dtype} differs by {budget:.3g} (max |y| = {scale:.3g}, allowed {tol:.3g})")
+    return None

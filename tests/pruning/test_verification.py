@@ -1,0 +1,120 @@
+"""``prune(verify=True)`` checks the export against a reference that does not
+come from the plan: the unpruned model with the request (and the additions
+the spec reports) zeroed by hand, in place, with no copy of the model; for
+bfloat16/float16 against a float64 run, at a tolerance derived from the
+dtype's epsilon."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from channelcut import ExportError, PruningManager
+from channelcut.pruning import manager as manager_mod
+from channelcut.pruning import pruner, verify
+
+
+def _net(dtype=torch.float64, seed=0) -> nn.Module:
+    torch.manual_seed(seed)
+    net = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1, groups=2), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 6, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(6, 5),
+    )
+    for m in net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            with torch.no_grad():
+                m.weight.uniform_(0.5, 1.5), m.bias.uniform_(-0.5, 0.5)
+                m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 2)
+    return net.to(dtype).eval()
+
+
+REQUEST = [("6.weight", 1), ("6.weight", 4), ("3.weight", 0), ("9.weight", 2)]
+
+
+def test_reference_is_the_request_zeroed_by_hand_and_leaves_the_model_as_it_was():
+    net = _net()
+    x = torch.rand(2, 3, 10, 10, dtype=torch.float64)
+    pm = PruningManager(net).compute([x], pruned_inputs=REQUEST)
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    ref = verify.reference_outputs(net, [x], pm.spec, pm.graph)
+    assert all(torch.equal(state[k], v) for k, v in net.state_dict().items())
+    hand = copy.deepcopy(net)
+    with torch.no_grad():
+        hand[6].weight[:, [1, 4]] = 0
+        hand[9].weight[:, 2] = 0
+        hand[3].weight[0:4, 0] = 0  # grouped conv: input 0 is column 0 of group 0's rows
+        assert torch.equal(ref.outputs, hand(x))
+
+
+def test_verification_makes_no_copy_of_the_model(monkeypatch):
+    net = _net()
+    x = torch.rand(2, 3, 10, 10, dtype=torch.float64)
+
+    def no_copy(*a, **k):
+        raise AssertionError("verification copied the model")
+
+    monkeypatch.setattr(manager_mod, "make_mock", no_copy)
+    monkeypatch.setattr(verify.copy, "deepcopy", no_copy)
+    PruningManager(net).compute([x], pruned_inputs=REQUEST).prune()
+    assert net[9].in_features == 5
+
+
+def test_an_unreported_extra_channel_fails_verification(monkeypatch):
+    """A resolve that removes a channel nobody asked for and does not report
+    it (so the mock agrees with the pruned model) is caught."""
+    real = manager_mod.resolve
+
+    def one_extra(graph, pruned_inputs, *a, **k):
+        spec = real(graph, list(pruned_inputs) + [("9.weight", 3)], *a, **k)
+        spec.requested = real(graph, pruned_inputs, *a, **k).requested
+        return spec
+
+    monkeypatch.setattr(manager_mod, "resolve", one_extra)
+    net = _net()
+    x = torch.rand(2, 3, 10, 10, dtype=torch.float64)
+    pm = PruningManager(net).compute([x], pruned_inputs=REQUEST)
+    y_mock = pm.get_mock_model()(x)
+    with pytest.raises(ExportError, match="verification failed"):
+        pm.prune()
+    assert net[9].in_features == 6  # restored
+    pm.prune(verify=False)
+    assert torch.allclose(net(x), y_mock, rtol=0, atol=1e-12)  # the mock would not have seen it
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_reduced_precision_is_checked_against_float64(dtype):
+    net = _net(torch.float32, seed=1).to(dtype)
+    x = torch.rand(2, 3, 10, 10).to(dtype)
+    pm = PruningManager(net).compute([x], pruned_inputs=REQUEST)
+    ref = verify.reference_outputs(net, [x], pm.spec, pm.graph)
+    assert ref.outputs.dtype == dtype and ref.outputs64.dtype == torch.float64
+    pm.prune()  # passes
+    assert net[9].in_features == 5
+    # the check has no absolute floor: an error of 30 epsilons of a small output fails
+    small = ref.outputs64 * 1e-3
+    wrong = verify.Reference(ref.outputs * 1e-3, small)
+    eps = torch.finfo(dtype).eps
+    assert verify.check((small + 30 * eps * small.abs().max()).to(dtype), wrong) is not None
+
+
+def test_a_wrong_bfloat16_model_fails_verification(monkeypatch):
+    """A pruner that slices a BatchNorm's statistics in the wrong order
+    (real, randomised statistics) is caught in bfloat16."""
+    real = pruner.new_tensors
+
+    def reversed_norm(model, spec, modules=None):
+        out = real(model, spec, modules)
+        out["1.running_mean"] = out["1.running_mean"].flip(0)
+        return out
+
+    monkeypatch.setattr(pruner, "new_tensors", reversed_norm)
+    net = _net(torch.float32, seed=2).to(torch.bfloat16)
+    x = torch.rand(2, 3, 10, 10).to(torch.bfloat16)
+    pm = PruningManager(net).compute([x], pruned_outputs=[("0.weight", 3)])
+    with pytest.raises(ExportError, match="float64 reference"):
+        pm.prune()
+    assert net[0].out_channels == 8
