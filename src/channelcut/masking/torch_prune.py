@@ -79,6 +79,16 @@ def from_torch_prune(model: nn.Module, remove: bool = True) -> TorchPruneMasks:
         a warning. Unstructured masks count only where they happen to zero a
         whole row or column. Grouped convs contribute output channels only.
 
+        To export exactly what the masked model computes, call
+        ``PruningManager(model).compute(inputs)`` with no lists after this
+        function: the zeros are found in the weights, a zeroed filter that a
+        BatchNorm shift, a bias or an activation turns into a non-zero
+        constant is folded into its reader's bias where that is exact (kept
+        and reported elsewhere), and ``prune()`` verifies against your model.
+        Passing ``pruned_outputs`` explicitly instead removes those channel
+        groups at every reader (the request's meaning), which differs from
+        the masked model wherever such a constant follows.
+
     Raises:
         ValueError: if the model has no ``torch.nn.utils.prune`` masks.
     """
