@@ -212,3 +212,32 @@ def test_bnscale_needs_a_trace_and_a_batchnorm():
         MaskingManager(net).importance(BNScale()).select(0.3)
     with pytest.raises(ValueError, match="no BatchNorm"):
         MaskingManager(net, [torch.randn(1, 3)]).importance(BNScale()).select(0.3)
+
+
+def test_bnscale_without_inputs_reads_the_sequential_structure():
+    """Where a Sequential says it unambiguously (conv, BatchNorm, activations,
+    consumer), BNScale needs no example inputs and agrees with the traced
+    scores; consumers it can not tie to one BatchNorm are not scored."""
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(6, 5, 3), nn.BatchNorm2d(5), nn.ReLU(), nn.Dropout(0.1),
+        nn.Conv2d(5, 4, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3),
+    ).double().eval()
+    with torch.no_grad():
+        for bn in (net[1], net[5]):
+            bn.weight.uniform_(-2, 2)
+    untraced = MaskingManager(net).importance(BNScale()).scores()
+    traced = MaskingManager(net, [torch.randn(1, 3, 12, 12, dtype=torch.float64)]).importance(BNScale()).scores()
+    assert sorted(untraced) == ["4.weight", "8.weight"]
+    for name, s in untraced.items():
+        assert torch.allclose(s, traced[name]), name
+    assert torch.equal(untraced["4.weight"], net[1].weight.detach().abs())
+
+
+def test_importance_with_no_argument_is_l1():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1))
+    a = MaskingManager(net).importance().select(0.25)
+    b = MaskingManager(net).importance(L1()).select(0.25)
+    assert a == b and a

@@ -498,21 +498,27 @@ class BNScale(Importance):
     nearly silent and can be removed. (The sparsity training is the user's;
     this heuristic only reads the scales.)
 
-    The BatchNorm is found through the trace, so the manager needs example
-    inputs. A channel normalised by several BatchNorms (a residual stream: each
-    block's last BatchNorm adds into it) gets the sum of their ``|gamma|``.
-    Consumers whose input channels meet no BatchNorm are not scored (and so
-    not pruned); a channel without one in an otherwise scored layer gets the
-    layer's largest score.
+    With example inputs the BatchNorm is found through the trace: a channel
+    normalised by several BatchNorms (a residual stream: each block's last
+    BatchNorm adds into it) gets the sum of their ``|gamma|``. Without them it
+    is read off the module structure where that is unambiguous: inside an
+    ``nn.Sequential``, a conv/linear, then a BatchNorm of its width, then only
+    activations, dropout or pooling, then the consumer. Consumers whose input
+    channels meet no BatchNorm are not scored (and so not pruned); a channel
+    without one in an otherwise scored layer gets the layer's largest score.
     """
 
     def score_inputs(self, ctx: ScoringContext) -> Dict[str, torch.Tensor]:
         g = ctx.graph
         if g is None:
-            raise ValueError(
-                "BNScale needs example inputs to find the BatchNorm that follows each channel: "
-                "MaskingManager(model, example_inputs=[x])"
-            )
+            out = _bn_scales_from_structure(ctx.model, ctx.consumers)
+            if not out:
+                raise ValueError(
+                    "BNScale found no consumer that directly follows a BatchNorm in an nn.Sequential; "
+                    "pass example inputs to find the BatchNorm of each channel through the trace: "
+                    "MaskingManager(model, example_inputs=[x])"
+                )
+            return out
         find = g.sources.find
         modules = dict(ctx.model.named_modules())
         params = dict(ctx.model.named_parameters(remove_duplicate=False))
@@ -547,3 +553,43 @@ class BNScale(Importance):
             top = max(known)
             out[name] = torch.tensor([top if v is None else v for v in vals], dtype=torch.float64)
         return out
+
+
+# modules that pass channels through one by one (between a BatchNorm and its reader)
+_PASS_THROUGH = (
+    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.GELU, nn.SiLU, nn.Mish, nn.Hardswish,
+    nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d,
+)
+
+
+def _bn_scales_from_structure(model: nn.Module, consumers: Dict[str, "LayerRef"]) -> Dict[str, torch.Tensor]:
+    """``|gamma|`` of the BatchNorm that a consumer reads, for consumers
+    whose input the module structure ties to one BatchNorm (see
+    :class:`BNScale`), by weight name."""
+    out: Dict[str, torch.Tensor] = {}
+    for prefix, seq in model.named_modules():
+        if not isinstance(seq, nn.Sequential):
+            continue
+        children = list(seq.named_children())
+        for i, (name, m) in enumerate(children):
+            if not isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)) or i < 2:
+                continue
+            j = i - 1
+            while j >= 0 and isinstance(children[j][1], _PASS_THROUGH):
+                j -= 1
+            if j < 1:
+                continue
+            bn, before = children[j][1], children[j - 1][1]
+            if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or bn.weight is None:
+                continue
+            if not isinstance(before, (nn.modules.conv._ConvNd, nn.Linear)):
+                continue
+            wname = f"{prefix}.{name}.weight" if prefix else f"{name}.weight"
+            ref = consumers.get(wname)
+            if ref is None or ref.groups != 1 or ref.channels != bn.num_features:
+                continue
+            out[wname] = bn.weight.detach().double().abs().clone()
+    return out

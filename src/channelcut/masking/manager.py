@@ -90,8 +90,11 @@ class MaskingManager:
         self._need_graph("segments()")
         return list(self._structure.segments)
 
-    def importance(self, heuristic: Importance) -> "MaskingManager":
-        """Set the heuristic that scores channels; returns ``self``."""
+    def importance(self, heuristic: Optional[Importance] = None) -> "MaskingManager":
+        """Set the heuristic that scores channels (default: L1 magnitude, as
+        in ``.importance().mask(0.3)``); returns ``self``."""
+        if heuristic is None:
+            heuristic = L1()
         if isinstance(heuristic, type) and issubclass(heuristic, Importance):
             raise TypeError(f"pass an instance, e.g. importance({heuristic.__name__}()), not the class")
         if not isinstance(heuristic, Importance):
