@@ -1,8 +1,11 @@
 """Apply a :class:`PruningSpec` to a model in place. Start at :func:`prune_model`.
 
-All new tensors are computed before anything changes; every change is recorded
-in a :class:`Rollback`, so a failure (or a failed verification) restores the
-model exactly: same parameter objects, same values, same attributes, no hooks.
+Parameters are sliced one at a time, in place: each old tensor is freed as
+its slice is made, so the memory an export needs beyond the model is about
+one layer's weights. Every change is recorded in a :class:`Rollback` (for a
+sliced tensor, only the values it removed), so a failure (or a failed
+verification) restores the model exactly: same parameter objects, same
+values, same attributes, no hooks.
 
 Consumers that read a subset of their input become Subselect layers
 (``modules.py``: an ``nn.Conv2d`` becomes a ``SubselectConv2d``, ...) that
@@ -24,7 +27,7 @@ from ..errors import ExportError
 from .attention import fix_multihead_attention
 from .mock import zero_input_channels
 from .modules import install_subselection
-from .spec import PruningSpec, Subselection
+from .spec import MaskEntry, PruningSpec, Subselection
 
 
 class Rollback:
@@ -35,6 +38,7 @@ class Rollback:
         self.attrs: List[Tuple[nn.Module, str, Any]] = []
         self.hooks: List[Any] = []
         self.undos: List[Callable[[], None]] = []  # e.g. class swaps of Subselect layers
+        self.shrinks: List[Callable[[], None]] = []  # rebuild a sliced tensor from what it removed
 
     def set_data(self, t: torch.Tensor, new: torch.Tensor) -> None:
         self.data.append((t, t.data, t.grad if isinstance(t, nn.Parameter) else None))
@@ -57,6 +61,9 @@ class Rollback:
             t.data = data
             if isinstance(t, nn.Parameter):
                 t.grad = grad
+        for rebuild in reversed(self.shrinks):
+            rebuild()
+        self.shrinks.clear()
         self.data.clear()
         self.attrs.clear()
         self.hooks.clear()
@@ -83,32 +90,68 @@ class _Modules:
         return t
 
 
-def new_tensors(model: nn.Module, spec: PruningSpec, modules: Optional[_Modules] = None) -> Dict[str, torch.Tensor]:
-    """Sliced (and zero-column) copies of every parameter the spec changes."""
-    mods = modules or _Modules(model)
-    out: Dict[str, torch.Tensor] = {}
-    index: Dict[Tuple[Tuple[int, ...], torch.device], torch.Tensor] = {}  # BN params share their kept lists
-    for fold in spec.folds:  # a folded constant changes a bias before it is sliced
-        b = mods.tensor(fold.bias).data
-        out[fold.bias] = b + torch.tensor(fold.delta, dtype=b.dtype, device=b.device)
-    for name, dims in spec.slices.items():
-        t = out[name] if name in out else mods.tensor(name).data
+def shrink(t: torch.Tensor, dims: Dict[int, List[int]], delta: Optional[List[float]], zeros: List[MaskEntry],
+           rb: Rollback, index: Optional[Dict[Any, torch.Tensor]] = None) -> None:
+    """Slice tensor ``t`` in place: add ``delta`` (a folded constant), keep
+    ``dims[d]`` (indices in their new order) along each dim ``d``, zero the
+    ``zeros`` columns. Only what it removes is kept, in ``rb``, to rebuild
+    the old tensor bit for bit."""
+    index = {} if index is None else index
+
+    def idx(values: List[int], device: torch.device) -> torch.Tensor:
+        key = (tuple(values), device)
+        i = index.get(key)
+        if i is None:
+            i = index[key] = torch.tensor(values, dtype=torch.long, device=device)
+        return i
+
+    old_grad = t.grad if isinstance(t, nn.Parameter) else None
+    old_bias = t.data if delta is not None else None  # one small vector
+    steps: List[Tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (dim, size, kept, removed at, values)
+    cleared: List[Tuple[int, Optional[torch.Tensor], torch.Tensor]] = []  # zeroed columns: (dim, index, values)
+    with torch.no_grad():
+        cur = t.data
+        if delta is not None:
+            cur = cur + torch.tensor(delta, dtype=cur.dtype, device=cur.device)
         for dim, kept in sorted(dims.items()):
-            key = (tuple(kept), t.device)
-            idx = index.get(key)
-            if idx is None:
-                idx = index[key] = torch.tensor(kept, dtype=torch.long, device=t.device)
-            t = t.index_select(dim, idx)
-        out[name] = t.contiguous()
-    for entry in spec.zeros:
-        t = out.get(entry.param)
-        if t is None:
-            t = mods.tensor(entry.param).data.clone()
-        elif t.data_ptr() == mods.tensor(entry.param).data.data_ptr():
-            t = t.clone()
-        zero_input_channels(t, entry)
-        out[entry.param] = t
-    return out
+            n = cur.shape[dim]
+            keep = set(kept)
+            gone = idx([i for i in range(n) if i not in keep], cur.device)
+            kept_i = idx(kept, cur.device)
+            steps.append((dim, n, kept_i, gone, cur.index_select(dim, gone)))
+            cur = cur.index_select(dim, kept_i)
+        for entry in zeros:
+            if entry.groups == 1:
+                at = idx(entry.channels, cur.device)
+                cleared.append((entry.weight_dim, at, cur.index_select(entry.weight_dim, at)))
+            else:  # a grouped conv's weight is small: keep it whole
+                cleared.append((-1, None, cur.clone()))
+            zero_input_channels(cur, entry)
+        t.data = cur.contiguous()
+    if isinstance(t, nn.Parameter):
+        t.grad = None
+
+    def rebuild() -> None:
+        with torch.no_grad():
+            cur = t.data
+            for dim, at, values in reversed(cleared):
+                if dim < 0:
+                    cur = values
+                else:
+                    cur.index_copy_(dim, at, values)
+            for dim, n, kept_i, gone, values in reversed(steps):
+                shape = list(cur.shape)
+                shape[dim] = n
+                full = cur.new_empty(shape)
+                full.index_copy_(dim, kept_i, cur)
+                if gone.numel():
+                    full.index_copy_(dim, gone, values)
+                cur = full
+            t.data = old_bias if old_bias is not None else cur
+        if isinstance(t, nn.Parameter):
+            t.grad = old_grad
+
+    rb.shrinks.append(rebuild)
 
 
 def _fix_attributes(m: nn.Module, rb: Rollback) -> None:
@@ -155,17 +198,19 @@ def prune_model(model: nn.Module, spec: PruningSpec) -> Rollback:
 
     Raises :class:`ExportError` (with the model restored) if anything fails.
     """
-    try:
-        mods = _Modules(model)
-        tensors = new_tensors(model, spec, mods)
-    except Exception as exc:
-        raise ExportError(f"could not compute the pruned parameters: {exc}") from exc
     rb = Rollback()
     try:
+        mods = _Modules(model)
+        deltas = {f.bias: f.delta for f in spec.folds}
+        zeros: Dict[str, List[MaskEntry]] = {}
+        for entry in spec.zeros:
+            zeros.setdefault(entry.param, []).append(entry)
+        names = list(dict.fromkeys([*deltas, *spec.slices, *zeros]))
+        before = {name: tuple(mods.tensor(name).shape) for name in names}
         touched = {}
-        before = {name: tuple(mods.tensor(name).shape) for name in tensors}
-        for name, t in tensors.items():
-            rb.set_data(mods.tensor(name), t)
+        index: Dict[Any, torch.Tensor] = {}  # BN params share their kept lists
+        for name in names:
+            shrink(mods.tensor(name), spec.slices.get(name, {}), deltas.get(name), zeros.get(name, []), rb, index)
             mod_name = name.rpartition(".")[0]
             touched[mod_name] = mods.module(mod_name)
         for m in touched.values():
