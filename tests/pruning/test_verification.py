@@ -118,3 +118,23 @@ def test_a_wrong_bfloat16_model_fails_verification(monkeypatch):
     with pytest.raises(ExportError, match="float64 reference"):
         pm.prune()
     assert net[0].out_channels == 8
+
+
+@pytest.mark.parametrize("kind", ["inputs", "outputs", "constrained", "superset"])
+def test_undo_rebuilds_every_tensor_bit_for_bit(kind):
+    """The pruner keeps only the removed values; undo (and a failed
+    verification) rebuilds the model exactly: values, objects, attributes."""
+    from export_props import assert_unchanged, snapshot
+
+    net = _net()
+    x = torch.rand(2, 3, 10, 10, dtype=torch.float64)
+    kw = {"inputs": dict(pruned_inputs=REQUEST), "outputs": dict(pruned_outputs=[("0.weight", 3), ("6.weight", 2)]),
+          "constrained": dict(pruned_inputs=REQUEST, constrained=True),
+          "superset": dict(pruned_inputs=[("9.weight", 1), ("9.weight", 3)], copy_cost=1e12)}[kind]
+    before = snapshot(net)
+    y0 = net(x)
+    pm = PruningManager(net).compute([x], **kw).prune()
+    assert pm.spec.slices
+    pm.undo()
+    assert_unchanged(net, before, "after undo")
+    assert torch.equal(net(x), y0)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import weakref
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -90,64 +90,99 @@ class _Modules:
         return t
 
 
-def shrink(t: torch.Tensor, dims: Dict[int, List[int]], delta: Optional[List[float]], zeros: List[MaskEntry],
-           rb: Rollback, index: Optional[Dict[Any, torch.Tensor]] = None) -> None:
-    """Slice tensor ``t`` in place: add ``delta`` (a folded constant), keep
-    ``dims[d]`` (indices in their new order) along each dim ``d``, zero the
-    ``zeros`` columns. Only what it removes is kept, in ``rb``, to rebuild
-    the old tensor bit for bit."""
+IndexCache = Dict[Tuple[Tuple[int, ...], torch.device], torch.Tensor]
+
+
+def _index(values: List[int], device: torch.device, cache: IndexCache) -> torch.Tensor:
+    key = (tuple(values), device)
+    i = cache.get(key)
+    if i is None:
+        i = cache[key] = torch.tensor(values, dtype=torch.long, device=device)
+    return i
+
+
+def sliced(t: torch.Tensor, dims: Dict[int, List[int]], delta: Optional[List[float]] = None,
+           zeros: Sequence[MaskEntry] = (), index: Optional[IndexCache] = None,
+           on_slice: Optional[Callable[[int, torch.Tensor, torch.Tensor], None]] = None) -> torch.Tensor:
+    """What tensor ``t`` of the unpruned model becomes: ``delta`` added (a
+    folded constant), ``dims[d]`` kept (indices in their new order) along each
+    dim ``d``, the ``zeros`` columns zeroed. ``t`` itself is not changed; the
+    result is a new contiguous tensor (or ``t`` when nothing applies). The one
+    definition of a pruned tensor: the in-place pruner and the streaming
+    checkpoint writer both use it. ``on_slice(dim, before, kept)`` sees each
+    slicing step."""
     index = {} if index is None else index
-
-    def idx(values: List[int], device: torch.device) -> torch.Tensor:
-        key = (tuple(values), device)
-        i = index.get(key)
-        if i is None:
-            i = index[key] = torch.tensor(values, dtype=torch.long, device=device)
-        return i
-
-    old_grad = t.grad if isinstance(t, nn.Parameter) else None
-    old_bias = t.data if delta is not None else None  # one small vector
-    steps: List[Tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (dim, size, kept, removed at, values)
-    cleared: List[Tuple[int, Optional[torch.Tensor], torch.Tensor]] = []  # zeroed columns: (dim, index, values)
+    cur = t
     with torch.no_grad():
-        cur = t.data
         if delta is not None:
             cur = cur + torch.tensor(delta, dtype=cur.dtype, device=cur.device)
         for dim, kept in sorted(dims.items()):
-            n = cur.shape[dim]
-            keep = set(kept)
-            gone = idx([i for i in range(n) if i not in keep], cur.device)
-            kept_i = idx(kept, cur.device)
-            steps.append((dim, n, kept_i, gone, cur.index_select(dim, gone)))
+            kept_i = _index(kept, cur.device, index)
+            if on_slice is not None:
+                on_slice(dim, cur, kept_i)
             cur = cur.index_select(dim, kept_i)
-        for entry in zeros:
-            if entry.groups == 1:
-                at = idx(entry.channels, cur.device)
-                cleared.append((entry.weight_dim, at, cur.index_select(entry.weight_dim, at)))
-            else:  # a grouped conv's weight is small: keep it whole
-                cleared.append((-1, None, cur.clone()))
-            zero_input_channels(cur, entry)
-        t.data = cur.contiguous()
+        if zeros:
+            if cur is t:
+                cur = cur.clone()
+            for entry in zeros:
+                zero_input_channels(cur, entry)
+    return cur if cur is t else cur.contiguous()
+
+
+def shrink(t: torch.Tensor, dims: Dict[int, List[int]], delta: Optional[List[float]], zeros: List[MaskEntry],
+           rb: Rollback, index: Optional[IndexCache] = None) -> None:
+    """Replace tensor ``t``'s data by :func:`sliced` (the old data is freed
+    as the slice is made); ``rb`` keeps only what was removed, to rebuild it
+    bit for bit."""
+    index = {} if index is None else index
+    old_grad = t.grad if isinstance(t, nn.Parameter) else None
+    old: Optional[torch.Tensor] = t.data
+    steps: List[Tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (dim, size, kept, gone, values)
+    cleared: List[Tuple[int, Optional[torch.Tensor], torch.Tensor]] = []  # zeroed columns: (dim, index, values)
+
+    def record(dim: int, before: torch.Tensor, kept_i: torch.Tensor) -> None:
+        n = before.shape[dim]
+        keep = set(kept_i.tolist())
+        gone = _index([i for i in range(n) if i not in keep], before.device, index)
+        steps.append((dim, n, kept_i, gone, before.index_select(dim, gone)))
+
+    if delta is not None or not dims:  # a bias (small), or zero columns only: the old tensor stays whole
+        t.data = sliced(old, dims, delta, zeros, index)
+    else:
+        new = sliced(old, dims, None, (), index, on_slice=record)
+        with torch.no_grad():
+            for e in zeros:
+                if e.groups == 1:
+                    at = _index(e.channels, new.device, index)
+                    cleared.append((e.weight_dim, at, new.index_select(e.weight_dim, at)))
+                else:  # a grouped conv's weight: small, kept whole
+                    cleared.append((0, None, new.clone()))
+                zero_input_channels(new, e)
+        t.data = new
+        old = None
     if isinstance(t, nn.Parameter):
         t.grad = None
 
     def rebuild() -> None:
         with torch.no_grad():
-            cur = t.data
-            for dim, at, values in reversed(cleared):
-                if dim < 0:
-                    cur = values
-                else:
-                    cur.index_copy_(dim, at, values)
-            for dim, n, kept_i, gone, values in reversed(steps):
-                shape = list(cur.shape)
-                shape[dim] = n
-                full = cur.new_empty(shape)
-                full.index_copy_(dim, kept_i, cur)
-                if gone.numel():
-                    full.index_copy_(dim, gone, values)
-                cur = full
-            t.data = old_bias if old_bias is not None else cur
+            if old is not None:
+                t.data = old
+            else:
+                cur = t.data
+                for dim, at, values in reversed(cleared):
+                    if at is None:
+                        cur = values
+                    else:
+                        cur.index_copy_(dim, at, values)
+                for dim, n, kept_i, gone, values in reversed(steps):
+                    shape = list(cur.shape)
+                    shape[dim] = n
+                    full = cur.new_empty(shape)
+                    full.index_copy_(dim, kept_i, cur)
+                    if gone.numel():
+                        full.index_copy_(dim, gone, values)
+                    cur = full
+                t.data = cur
         if isinstance(t, nn.Parameter):
             t.grad = old_grad
 
