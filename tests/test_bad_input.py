@@ -29,13 +29,14 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from channelcut import (ChannelcutError, EmptyLayerError, ExportError, NotPrunableError, PruningManager,
-                        StateError, TracingError)
+from channelcut import (ChannelcutError, ChannelRangeError, EmptyLayerError, ExportError, NotPrunableError,
+                        PruningManager, RequestError, StateError, TracingError, UnknownParameterError)
 from export_props import compare, diff_snapshot, n_params, raises_unchanged, snapshot
 
 D = torch.float64
@@ -560,3 +561,111 @@ def test_undo_then_prune_again():
     assert diff_snapshot(net, before) == []
     m.prune()
     assert net[3].in_channels == 5
+
+
+# ---------------------------------------------------------------------------
+# issue #14, "inputs users really pass": each case exports exactly (float64:
+# the pruned model equals the original with exactly the requested weight
+# columns zeroed by hand) or raises a clear ChannelcutError, model unchanged
+# ---------------------------------------------------------------------------
+
+
+def export_exact(make, xs, zero, wrap=None, **req):
+    """Export ``make()`` (through ``wrap``, e.g. nn.DataParallel, if given)
+    with ``req`` and compare it with another ``make()`` whose input columns
+    ``zero`` ({weight name: [channels]}) are zeroed by hand: float64, 1e-10.
+    Returns (pruned model, manager)."""
+    net, ref = make(), make()
+    m = PruningManager(wrap(net) if wrap else net).compute(xs, **req)
+    m.prune(verify=True)
+    with torch.no_grad():
+        for name, cols in zero.items():
+            ref.get_parameter(name)[:, cols] = 0
+        y, y_ref = net(*xs), ref(*xs)
+    assert compare(y, y_ref, rtol=1e-10) is None, compare(y, y_ref, rtol=1e-10)
+    return net, m
+
+
+# -- 1. request forms: dicts, one pair, numpy integers, channel lists --------
+
+
+SEQ_X = [_x(2, 3, 5, 5)]
+SAME_AS_1_4 = {  # every form names input channels 1 and 4 of '3.weight'
+    "list of pairs": [("3.weight", 1), ("3.weight", 4)],
+    "dict of lists": {"3.weight": [1, 4]},
+    "dict of tuple": {"3.weight": (4, 1)},
+    "dict of range": {"3.weight": range(1, 5, 3)},
+    "dict of numpy array": {"3.weight": np.array([1, 4])},
+    "dict of tensor": {"3.weight": torch.tensor([4, 1])},
+    "dict, module name": {"3": [1, 4]},
+    "numpy integers": [("3.weight", np.int64(1)), ("3.weight", np.int32(4))],
+    "0-d array and tensor": [("3.weight", np.array(1)), ("3.weight", torch.tensor(4))],
+    "pair of a list": ("3.weight", [1, 4]),
+    "lists, not tuples": [["3.weight", 1], ["3.weight", 4]],
+    "duplicates": [("3.weight", 1), ("3.weight", 4), ("3.weight", 1), ("3", np.int64(4)), ("3.weight", [1, 1])],
+    "generator": (("3.weight", c) for c in (1, 4)),
+}
+
+
+@pytest.mark.parametrize("form", list(SAME_AS_1_4))
+def test_request_forms_name_the_same_channels(form):
+    """A dict, one pair, numpy integers, 0-d arrays/tensors, a list of
+    channels per name and duplicates all mean the list of pairs."""
+    want = PruningManager(seq().eval()).compute(SEQ_X, pruned_inputs=[("3.weight", 1), ("3.weight", 4)])
+    got = PruningManager(seq().eval()).compute(SEQ_X, pruned_inputs=SAME_AS_1_4[form])
+    assert _spec_key(got) == _spec_key(want)
+
+
+@pytest.mark.parametrize("req", [
+    dict(pruned_inputs=("3.weight", 1)),
+    dict(pruned_inputs={"3.weight": np.int64(1)}),
+    dict(pruned_outputs={"0.weight": 1}),
+    dict(pruned_outputs=("0.weight", torch.tensor(1))),
+    dict(pruned_outputs=[("0.weight", np.int16(1)), ("0.weight", 1)], pruned_inputs={"3.weight": [1]}),
+], ids=["input pair", "input dict", "output dict", "output pair", "both, duplicated"])
+def test_request_forms_export_exactly(req):
+    """Each means input channel 1 of '3.weight' (the only reader of output
+    channel 1 of '0.weight'): equal to zeroing that column by hand."""
+    net, _ = export_exact(lambda: seq().eval(), SEQ_X, {"3.weight": [1]}, **req)
+    assert net[0].out_channels == 5 and net[3].in_channels == 5
+
+
+@pytest.mark.parametrize("req, words", [
+    ("3.weight", ["pruned_inputs is the string '3.weight'", "pairs", "{'fc.weight': [3, 5]}"]),
+    (3, ["pruned_inputs must be a list of (parameter name, channel) pairs or a dict, got int 3"]),
+    (["3.weight"], ["pruned_inputs[0] is '3.weight'", "(parameter name, channel) pair"]),
+    (["3.weight", "0.weight"], ["pruned_inputs[0] is '3.weight'"]),
+    ([("3.weight", 1), "3.weight"], ["pruned_inputs[1] is '3.weight'"]),
+    ([("3.weight", 1, 2)], ["pruned_inputs[0] is ('3.weight', 1, 2)"]),
+    ([(1, "3.weight")], ["pruned_inputs[0] is (1, '3.weight')"]),
+    ({3: 1}, ["pruned_inputs key 3 is a int, not a parameter name", "model.named_parameters()"]),
+    ({"3.weight": np.zeros((2, 2), dtype=int)}, ["channels for '3.weight' are a 2-d array", "1-d list"]),
+], ids=["string", "int", "bare name", "two names", "one bad entry", "triple", "swapped", "int key", "2-d array"])
+def test_malformed_requests(req, words):
+    """Malformed requests: RequestError (a ChannelcutError, and a TypeError and
+    ValueError as before) saying what is expected, before anything runs."""
+    net = seq().eval()
+    err = raises_unchanged(net, RequestError, lambda: PruningManager(net).compute(SEQ_X, pruned_inputs=req), *words)
+    assert isinstance(err, TypeError) and isinstance(err, ValueError)
+
+
+@pytest.mark.parametrize("channel", [torch.tensor(1.5), torch.tensor(True), np.float64(1.0), [1.5], np.array([1.0])],
+                         ids=["float tensor", "bool tensor", "numpy float", "list of float", "float array"])
+def test_channels_that_are_not_integers_in_any_form(channel):
+    """(A float 0-d tensor used to be truncated to channel 1.)"""
+    net = seq().eval()
+    raises_unchanged(net, ChannelRangeError,
+                     lambda: PruningManager(net).compute(SEQ_X, pruned_inputs={"3.weight": channel}),
+                     "'3.weight'", "not an integer", "0..5")
+
+
+# -- 2. contradicting options ------------------------------------------------------
+
+
+def test_constrained_and_baseline_together():
+    """Used to export constrained silently."""
+    net = seq().eval()
+    err = raises_unchanged(net, RequestError, lambda: PruningManager(net).compute(
+        SEQ_X, pruned_inputs=[("3.weight", 1)], constrained=True, baseline=True),
+        "constrained=True and baseline=True", "pick one")
+    assert isinstance(err, ValueError)

@@ -26,6 +26,7 @@ from torch import nn
 from ..errors import ExportError, StateError, TracingError
 from .mock import make_mock
 from .pruner import Rollback, prune_model
+from .request import export_mode, normalize_request
 from .resolve import DEFAULT_COPY_COST, resolve
 from .spec import PruningSpec
 from .trace import TracedGraph
@@ -92,7 +93,9 @@ class PruningManager:
         Args:
             inputs: example inputs: a list/tuple of positional arguments, or a
                 dict of keyword arguments.
-            pruned_inputs: ``(consumer weight name, input channel)`` pairs.
+            pruned_inputs: ``(consumer weight name, input channel)`` pairs;
+                also a dict ``{name: channels}``, one pair, or pairs holding a
+                list of channels (see :mod:`channelcut.pruning.request`).
             pruned_outputs: ``(producer weight name, output channel)`` pairs;
                 removes that channel group everywhere it flows.
             constrained: grow the pruned set until consumers of each channel
@@ -114,10 +117,12 @@ class PruningManager:
         """
         if self._pruned:
             raise StateError("this model was already pruned by this manager; create a new PruningManager to prune it again")
+        mode = export_mode(constrained, baseline)
+        pruned_inputs = normalize_request(pruned_inputs, "pruned_inputs")
+        pruned_outputs = normalize_request(pruned_outputs, "pruned_outputs")
         graph = self.trace(inputs, shapes_only=shapes_only)
         if pruned_inputs is None and pruned_outputs is None:
             pruned_inputs, pruned_outputs = find_zero_channels(self.net, graph)
-        mode = "constrained" if constrained else ("baseline" if baseline else "unconstrained")
         self.spec = resolve(
             graph,
             list(pruned_inputs or ()),

@@ -18,7 +18,8 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Dict, Iterable, List, Mapping, Optional, Set, Tuple
 
-from ..errors import ChannelRangeError, EmptyLayerError, ExportError, NotPrunableError, UnknownParameterError
+from ..errors import (ChannelRangeError, EmptyLayerError, ExportError, NotPrunableError, RequestError,
+                      UnknownParameterError)
 from .reorder import LEFT, RIGHT, GroupVectors, Layout, find_segments, free_segments, one_segment, order_segment
 from .spec import LayerStat, MaskAddition, MaskEntry, PruningSpec, Subselection
 from .trace import TracedGraph
@@ -59,8 +60,8 @@ def _check_channel(name: str, ch: object, n: int, what: str) -> int:
 
             if isinstance(ch, numbers.Integral):
                 ch = int(ch)
-            elif hasattr(ch, "item") and hasattr(ch, "numel") and ch.numel() == 1:  # 0-d tensor
-                ch = int(ch.item())
+            elif getattr(ch, "ndim", None) == 0 and hasattr(ch, "item") and type(ch.item()) is int:  # 0-d tensor
+                ch = ch.item()
             else:
                 raise TypeError
         except TypeError:
@@ -513,5 +514,5 @@ def _hopeless(gs: List[int], dropped: Set[int], absent: Set[int], seg_of: Dict[i
 
 def _pair(item: object, what: str) -> Tuple[str, int]:
     if not isinstance(item, (tuple, list)) or len(item) != 2 or not isinstance(item[0], str):
-        raise TypeError(f"each entry of {what} must be a (parameter name, channel index) pair, got {item!r}")
+        raise RequestError(f"each entry of {what} must be a (parameter name, channel index) pair, got {item!r}")
     return item[0], item[1]  # type: ignore[return-value]
