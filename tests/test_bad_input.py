@@ -669,3 +669,45 @@ def test_constrained_and_baseline_together():
         SEQ_X, pruned_inputs=[("3.weight", 1)], constrained=True, baseline=True),
         "constrained=True and baseline=True", "pick one")
     assert isinstance(err, ValueError)
+
+
+# -- 3. dtype and device of the inputs -------------------------------------------------
+
+
+@pytest.mark.parametrize("model_dtype, input_dtype", [(D, torch.float32), (torch.float32, D)])
+def test_inputs_in_another_dtype_name_both_and_the_fix(model_dtype, input_dtype):
+    net = seq(dtype=model_dtype).eval()
+    raises_unchanged(net, TracingError, lambda: PruningManager(net).compute(
+        [_x(2, 3, 5, 5, dtype=input_dtype)], pruned_inputs=[("3.weight", 1)]),
+        "the model raised", f"inputs are {input_dtype}", f"parameters are {model_dtype}", f"x.to({model_dtype})")
+
+
+def test_inputs_on_another_device_name_both_and_the_fix():
+    """Simulated with a model on the meta device traced for real (CPU-only
+    machine); the hint is only given when the model fails."""
+    net = seq().to("meta")
+    params = [(k, v, v.shape) for k, v in net.state_dict(keep_vars=True).items()]
+    with pytest.raises(TracingError) as info:  # (snapshot() can not compare meta tensors)
+        PruningManager(net).compute(SEQ_X, pruned_inputs=[("3.weight", 1)], shapes_only=False)
+    for words in ("the model raised", "inputs are on cpu", "model is on meta", "x.to('meta')"):
+        assert words in str(info.value)
+    assert [(k, v, v.shape) for k, v in net.state_dict(keep_vars=True).items()] == params
+
+
+class CastsItsInput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 6)
+        self.b = nn.Linear(6, 2)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x.to(self.a.weight.dtype))))
+
+
+def test_model_that_casts_its_inputs_exports():
+    def make():
+        torch.manual_seed(0)
+        return CastsItsInput().to(D).eval()
+
+    net, _ = export_exact(make, [_x(3, 4, dtype=torch.float32)], {"b.weight": [2]}, pruned_inputs=[("b.weight", 2)])
+    assert net.a.out_features == 5

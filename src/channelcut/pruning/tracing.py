@@ -466,6 +466,31 @@ def preserve_buffers(model: torch.nn.Module) -> Iterator[None]:
                     b.copy_(v)
 
 
+def mismatch_hint(model: torch.nn.Module, inputs: Sequence[Any] | Dict[str, Any]) -> Optional[str]:
+    """For a model that failed on ``inputs``: what to change when its floating
+    point inputs have another dtype than its parameters, or its inputs are on
+    another device; None when they agree (the failure is something else)."""
+    leaves = list(inputs.values()) if isinstance(inputs, dict) else list(inputs)
+    xs = flatten_tensors(leaves)
+    ps = list(model.parameters()) or list(model.buffers())
+    pf = sorted({str(p.dtype) for p in ps if p.is_floating_point()})
+    xf = sorted({str(x.dtype) for x in xs if x.is_floating_point()})
+    pd = sorted({str(p.device) for p in ps})
+    xd = sorted({str(x.device) for x in xs})
+    hints = []
+    if len(pf) == 1 and xf and xf != pf:
+        hints.append(f"the example inputs are {' and '.join(xf)} but the model's parameters are {pf[0]}: "
+                     f"pass inputs of the model's dtype, e.g. x.to({pf[0]}) (or convert the model, "
+                     f"model.to({xf[0]}))")
+    if len(pd) == 1 and xd and xd != pd:
+        hints.append(f"the example inputs are on {' and '.join(xd)} but the model is on {pd[0]}: "
+                     f"move them to the model's device, e.g. x.to({pd[0]!r}) (or model.to({xd[0]!r}))")
+    if not hints:
+        return None
+    text = "; ".join(hints)
+    return text[0].upper() + text[1:] + "."
+
+
 def _mark_head_counts(model: torch.nn.Module) -> List[Tuple[torch.nn.Module, str, int]]:
     """Replace every module's head-count attribute by an :class:`AttrInt`
     for the traced pass; return what to put back."""
@@ -537,9 +562,10 @@ def _trace_once(model: torch.nn.Module, inputs: Sequence[Any] | Dict[str, Any], 
     except (TracingError, meta.NeedsValues):
         raise
     except Exception as exc:  # the model itself failed on these inputs
+        hint = mismatch_hint(model, inputs)
         raise TracingError(
             f"the model raised {type(exc).__name__} on the example inputs: {exc}. "
-            "Pass inputs that run the model, e.g. compute([torch.rand(1, 3, 224, 224)])."
+            + (hint or "Pass inputs that run the model, e.g. compute([torch.rand(1, 3, 224, 224)]).")
         ) from exc
     finally:
         for h in hooks:
