@@ -711,3 +711,63 @@ def test_model_that_casts_its_inputs_exports():
 
     net, _ = export_exact(make, [_x(3, 4, dtype=torch.float32)], {"b.weight": [2]}, pruned_inputs=[("b.weight", 2)])
     assert net.a.out_features == 5
+
+
+# -- 4. channels_last --------------------------------------------------------------------
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, c_in, c, stride=1):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(c_in, c, 3, stride, 1, bias=False), nn.BatchNorm2d(c)
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, 1, 1, bias=False), nn.BatchNorm2d(c)
+        self.down = None
+        if stride != 1 or c_in != c:
+            self.down = nn.Sequential(nn.Conv2d(c_in, c, 1, stride, bias=False), nn.BatchNorm2d(c))
+
+    def forward(self, x):
+        y = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        return F.relu(y + (x if self.down is None else self.down(x)))
+
+
+class TinyResNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.bn = nn.Conv2d(3, 8, 3, 1, 1, bias=False), nn.BatchNorm2d(8)
+        self.layer1 = BasicBlock(8, 8)
+        self.layer2 = BasicBlock(8, 12, stride=2)
+        self.fc = nn.Linear(12, 5)
+
+    def forward(self, x):
+        x = self.layer2(self.layer1(F.relu(self.bn(self.stem(x)))))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+def tiny_resnet(memory_format=torch.contiguous_format):
+    torch.manual_seed(0)
+    net = TinyResNet().to(D)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5), m.bias.uniform_(-0.5, 0.5)
+                m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 1.5)
+    return net.to(memory_format=memory_format).eval()
+
+
+@pytest.mark.parametrize("req, zero", [
+    (dict(pruned_inputs=[("layer1.conv2.weight", 2), ("layer2.conv2.weight", 7)]),
+     {"layer1.conv2.weight": [2], "layer2.conv2.weight": [7]}),
+    (dict(pruned_inputs=[("fc.weight", 3), ("layer2.conv1.weight", 5)]), {"fc.weight": [3], "layer2.conv1.weight": [5]}),
+    (dict(pruned_outputs=[("layer1.conv1.weight", 4)]), {"layer1.conv2.weight": [4]}),
+    (dict(pruned_inputs=[("fc.weight", 3), ("layer2.conv1.weight", 5)], constrained=True), None),
+], ids=["block inputs", "stream subsets", "block output", "constrained"])
+def test_channels_last_models_export_exactly(req, zero):
+    x = _x(2, 3, 8, 8).to(memory_format=torch.channels_last)
+    if zero is None:  # constrained: the reference zeroes what the spec reports as removed
+        m = PruningManager(tiny_resnet(torch.channels_last)).compute([x], **req)
+        zero = m.spec.removed_inputs()
+    net, _ = export_exact(lambda: tiny_resnet(torch.channels_last), [x], zero, **req)
+    with torch.no_grad():  # still runs on channels_last and on contiguous inputs, with the same result
+        y_cl, y = net(x), net(x.contiguous())
+    assert compare(y_cl, y, rtol=1e-12) is None
+    assert n_params(net) < n_params(tiny_resnet())
