@@ -15,7 +15,9 @@ live in ``tests/pruning/test_errors.py``. Here:
   makes verification meaningless -> must not pass silently;
 - models in float32 / bfloat16 / float16: exported in their dtype;
 - tied weights (one Parameter in two layers): both layers drop the same
-  columns; the parameter is named by its first name;
+  columns; the parameter is listed under its first name, and any of its names
+  (``b.weight`` tied to ``a.weight``, an LM head tied to the embedding, a
+  module registered twice) means the same channels;
 - one module called twice in a forward: both calls drop the same columns;
 - in-place ops (relu_, +=, mul_, clamp_, F.relu(inplace=True), x[...] = v);
 - buffers sized by the channel count: sliced with the channels;
@@ -261,18 +263,24 @@ def _tied():
 
 
 def test_tied_weights_are_listed_once_under_their_first_name():
+    """consumers()/producers() list a tied weight under its first name; its
+    other names are aliases that mean the same channels (until issue #14 an
+    alias was refused: NotPrunableError 'not one of the consumers')."""
     m = PruningManager(_tied())
     m.trace([_x(3, 4)])
     assert "a.weight" in m.consumers() and "b.weight" not in m.consumers()
-    net = _tied()
-    raises_unchanged(net, NotPrunableError,
-                     lambda: PruningManager(net).compute([_x(3, 4)], pruned_inputs=[("b.weight", 1)]), "a.weight")
+    assert m.graph.param_aliases == {"b.weight": "a.weight"}
+    by_alias = PruningManager(_tied()).compute([_x(3, 4)], pruned_inputs=[("b.weight", 1)])
+    by_name = PruningManager(_tied()).compute([_x(3, 4)], pruned_inputs=[("a.weight", 1)])
+    assert _spec_key(by_alias) == _spec_key(by_name)
+    export_ok(_tied(), [_x(3, 4)], pruned_inputs=[("b.weight", 1)], pruned_outputs=[("b.weight", 2)])
 
 
 def test_tied_weights_prune_output_rows_in_both_layers():
     net = _tied()
     export_ok(net, [_x(3, 4)], pruned_outputs=[("a.weight", 1)])
     assert net.a.weight is net.b.weight and net.a.weight.shape == (5, 4)
+    assert net.a.out_features == net.b.out_features == 5
     assert net.a.bias.shape == net.b.bias.shape == (5,)
     assert net.head.weight.shape == (2, 10)
 
@@ -771,3 +779,158 @@ def test_channels_last_models_export_exactly(req, zero):
         y_cl, y = net(x), net(x.contiguous())
     assert compare(y_cl, y, rtol=1e-12) is None
     assert n_params(net) < n_params(tiny_resnet())
+
+
+# -- 9. tied weights by any name ------------------------------------------------------------
+
+
+class TinyLM(nn.Module):
+    """HF-style: ``lm_head.weight`` is the Parameter ``model.embed_tokens.weight``."""
+
+    class Body(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed_tokens = nn.Embedding(11, 8)
+            self.up = nn.Linear(8, 12)
+            self.down = nn.Linear(12, 8)
+
+        def forward(self, ids):
+            h = self.embed_tokens(ids)
+            return h + self.down(F.gelu(self.up(h)))
+
+    def __init__(self):
+        super().__init__()
+        self.model = TinyLM.Body()
+        self.lm_head = nn.Linear(8, 11, bias=False)
+        self.lm_head.weight = self.model.embed_tokens.weight
+
+    def forward(self, ids):
+        return self.lm_head(self.model(ids))
+
+
+def tiny_lm():
+    torch.manual_seed(0)
+    return TinyLM().to(D).eval()
+
+
+LM_IDS = [torch.randint(0, 11, (2, 5), generator=torch.Generator().manual_seed(0))]
+
+
+def test_tied_lm_head_names_are_aliases():
+    m = PruningManager(tiny_lm())
+    graph = m.trace(LM_IDS)
+    assert graph.param_aliases == {"lm_head.weight": "model.embed_tokens.weight"}
+    assert "lm_head.weight" not in m.consumers() and "model.embed_tokens.weight" in m.consumers()  # canonical
+
+
+@pytest.mark.parametrize("name", ["lm_head.weight", "lm_head", "model.embed_tokens.weight"])
+def test_tied_lm_head_input_channels_by_any_name(name):
+    """Input column 3 of the LM head (= column 3 of the embedding table, the
+    same tensor): every name means the same channel and the same spec."""
+    want = PruningManager(tiny_lm()).compute(LM_IDS, pruned_inputs=[("model.embed_tokens.weight", 3)])
+    got = PruningManager(tiny_lm()).compute(LM_IDS, pruned_inputs=[(name, 3)])
+    assert _spec_key(got) == _spec_key(want)
+    net, _ = export_exact(tiny_lm, LM_IDS, {"lm_head.weight": [3]}, pruned_inputs={name: 3})
+    assert net.lm_head.weight is net.model.embed_tokens.weight
+
+
+def test_tied_lm_head_output_channels_follow_the_named_layer():
+    """A tensor tied across an embedding and a linear layer has different
+    output channels in each: 'model.embed_tokens.weight' names a hidden
+    channel (removed everywhere it flows, both uses of the table sliced),
+    'lm_head.weight' a vocabulary logit (reaches the model output: refused)."""
+    net, _ = export_exact(tiny_lm, LM_IDS, {"lm_head.weight": [3], "model.up.weight": [3]},
+                          pruned_outputs=[("model.embed_tokens.weight", 3)])
+    assert net.lm_head.weight is net.model.embed_tokens.weight and net.lm_head.weight.shape == (11, 7)
+    assert net.model.embed_tokens.embedding_dim == 7 and net.lm_head.in_features == 7
+    assert net.model.up.in_features == 7 and net.model.down.out_features == 7
+    lm = tiny_lm()
+    raises_unchanged(lm, NotPrunableError,
+                     lambda: PruningManager(lm).compute(LM_IDS, pruned_outputs=[("lm_head.weight", 3)]),
+                     "'lm_head.weight'", "reaches the model output")
+
+
+def test_tied_alias_that_is_not_a_consumer_names_its_first_name():
+    lm = tiny_lm()
+    raises_unchanged(lm, UnknownParameterError,
+                     lambda: PruningManager(lm).compute(LM_IDS, pruned_inputs=[("lm_head.wieght", 3)]),
+                     "'lm_head.wieght'", "model.embed_tokens.weight")
+
+
+class RegisteredTwice(nn.Module):
+    """One conv registered under two names (``self.a = self.b = conv``), called twice."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 1)
+        conv = nn.Conv2d(4, 4, 1)
+        self.a = conv
+        self.b = conv
+        self.head = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        return self.head(F.relu(self.b(F.relu(self.a(self.stem(x))))))
+
+
+def registered_twice():
+    torch.manual_seed(0)
+    return RegisteredTwice().to(D).eval()
+
+
+@pytest.mark.parametrize("req, canonical", [
+    (dict(pruned_inputs=[("b.weight", 1)]), dict(pruned_inputs=[("a.weight", 1)])),
+    (dict(pruned_inputs={"b": [1, 2]}), dict(pruned_inputs={"a.weight": [1, 2]})),
+    (dict(pruned_outputs=[("b.weight", 1)]), dict(pruned_outputs=[("a.weight", 1)])),
+], ids=["input", "module name", "output"])
+def test_module_registered_twice_by_either_name(req, canonical):
+    x = [_x(2, 3, 4, 4)]
+    m = PruningManager(registered_twice())
+    m.trace(x)
+    assert m.graph.param_aliases == {"b.weight": "a.weight", "b.bias": "a.bias"}
+    assert set(m.consumers()) == {"stem.weight", "a.weight", "head.weight"}
+    got = PruningManager(registered_twice()).compute(x, **req)
+    want = PruningManager(registered_twice()).compute(x, **canonical)
+    assert _spec_key(got) == _spec_key(want)
+    zero = {"a.weight": [1, 2]} if "module name" in str(req) or "[1, 2]" in str(req) else {"a.weight": [1]}
+    if "pruned_outputs" in req:
+        zero = {"a.weight": [1], "head.weight": [1]}  # channel 1 of the conv: read by itself and by head
+    export_exact(registered_twice, x, zero, **req)
+
+
+def test_alias_of_a_non_consumer_says_what_it_is():
+    net = registered_twice()
+    raises_unchanged(net, NotPrunableError,
+                     lambda: PruningManager(net).compute([_x(2, 3, 4, 4)], pruned_inputs=[("b.bias", 1)]),
+                     "'b.bias' (the same tensor as 'a.bias') is not one of the consumers", "a.weight")
+
+
+def test_tied_gpt2_lm_head_by_alias():
+    """A tiny transformers GPT-2 (``lm_head.weight`` tied to
+    ``transformer.wte.weight``): the alias means the canonical channels and
+    the export equals zeroing that column by hand."""
+    transformers = pytest.importorskip("transformers")
+
+    def make():
+        torch.manual_seed(0)
+        cfg = transformers.GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=1, n_head=2,
+                                      bos_token_id=0, eos_token_id=0)
+        return transformers.GPT2LMHeadModel(cfg).to(D).eval()
+
+    class Logits(nn.Module):
+        def __init__(self, lm):
+            super().__init__()
+            self.lm = lm
+
+        def forward(self, ids):
+            return self.lm(input_ids=ids).logits
+
+    ids = [torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(0))]
+    net = make()
+    assert net.lm_head.weight is net.transformer.wte.weight
+    m = PruningManager(net)
+    m.trace(ids)
+    assert m.graph.param_aliases["lm_head.weight"] == "transformer.wte.weight"
+    got = PruningManager(make()).compute(ids, pruned_inputs={"lm_head.weight": [3, 7]})
+    want = PruningManager(make()).compute(ids, pruned_inputs={"transformer.wte.weight": [3, 7]})
+    assert _spec_key(got) == _spec_key(want)
+    export_exact(lambda: Logits(make()), ids, {"lm.lm_head.weight": [3, 7]}, pruned_inputs={"lm.lm_head.weight": [3, 7]})

@@ -75,6 +75,17 @@ class _Modules:
         m = self.by_name.get(name)
         return m if m is not None else (self.model.get_submodule(name) if name else self.model)
 
+    def holders(self) -> Dict[int, List[str]]:
+        """Tensor identity -> the names of the modules holding it as a
+        parameter or buffer (several for a tied weight)."""
+        out: Dict[int, List[str]] = {}
+        for mod_name, m in self.by_name.items():
+            for table in (m._parameters, m._buffers):
+                for t in table.values():
+                    if t is not None and mod_name not in out.setdefault(id(t), []):
+                        out[id(t)].append(mod_name)
+        return out
+
     def tensor(self, name: str) -> torch.Tensor:
         mod_name, _, attr = name.rpartition(".")
         t = getattr(self.module(mod_name), attr)
@@ -161,10 +172,12 @@ def prune_model(model: nn.Module, spec: PruningSpec) -> Rollback:
     try:
         touched = {}
         before = {name: tuple(mods.tensor(name).shape) for name in tensors}
+        holders = mods.holders()
         for name, t in tensors.items():
-            rb.set_data(mods.tensor(name), t)
-            mod_name = name.rpartition(".")[0]
-            touched[mod_name] = mods.module(mod_name)
+            held = mods.tensor(name)
+            rb.set_data(held, t)
+            for mod_name in holders.get(id(held), [name.rpartition(".")[0]]):  # a tied weight: all its modules
+                touched[mod_name] = mods.module(mod_name)
         for m in touched.values():
             _fix_attributes(m, rb)
         for mod_name, m in mods.by_name.items():

@@ -29,23 +29,43 @@ MODES = ("unconstrained", "constrained", "baseline")
 DEFAULT_COPY_COST = 4.0
 
 
-def _lookup(name: str, by_param: Dict[str, List[str]], ops: Mapping[str, object]) -> Optional[List[str]]:
-    if name in by_param:
-        return by_param[name]
+def _lookup(name: str, by_param: Dict[str, List[str]], ops: Mapping[str, object],
+            aliases: Mapping[str, str]) -> Optional[List[str]]:
+    """The op ids that ``name`` means: a weight by any of its names (a tied
+    weight's alias means its first name), an op id, or a module's name."""
+    canonical = aliases.get(name, name)
+    if canonical in by_param:
+        return by_param[canonical]
     if name in ops:
         return [name]
-    if name + ".weight" in by_param:
-        return by_param[name + ".weight"]
+    weight = aliases.get(name + ".weight", name + ".weight")
+    if weight in by_param:
+        return by_param[weight]
     return None
+
+
+def _in_its_role(graph: TracedGraph, name: str, ops: List[str]) -> List[str]:
+    """A weight tied between layers of different kinds (an embedding table
+    that is also the LM head) produces different channels in each: its output
+    channels are those of the layer that ``name`` belongs to."""
+    if len(ops) < 2 or len({graph.producers[op].kind for op in ops}) < 2:
+        return ops
+    module = graph.param_modules.get(name, graph.param_modules.get(name + ".weight"))
+    where = {r.op: r.module for r in graph.ops}
+    return [op for op in ops if where.get(op) == module] or ops
 
 
 def _not_found(graph: TracedGraph, name: str, role: str) -> Exception:
     valid = list(graph.consumers_by_param) if role == "consumer" else list(graph.producers_by_param)
     other = graph.producers_by_param if role == "consumer" else graph.consumers_by_param
+    aliases = graph.param_aliases
+    canonical = aliases.get(name) or aliases.get(name + ".weight")
+    shown = repr(name) + (f" (the same tensor as {canonical!r})" if canonical else "")
+    name = canonical or name
     if name in graph.param_shapes or name in other or name + ".weight" in other:
         kinds = "consumers (conv/linear layers whose input channels can be cut)" if role == "consumer" else "producers (conv/linear/embedding layers whose output channels can be cut)"
         return NotPrunableError(
-            f"{name!r} is not one of the {kinds}. Valid names include: "
+            f"{shown} is not one of the {kinds}. Valid names include: "
             + ", ".join(sorted(valid)[:8]) + (", ..." if len(valid) > 8 else "")
         )
     return UnknownParameterError(name, valid, what=f"{role} parameter")
@@ -107,7 +127,7 @@ def resolve(
         name, ch = _pair(item, "pruned_inputs")
         hit = by_name.get(name)
         if hit is None:
-            ops = _lookup(name, graph.consumers_by_param, graph.consumers)
+            ops = _lookup(name, graph.consumers_by_param, graph.consumers, graph.param_aliases)
             if ops is None:
                 raise _not_found(graph, name, "consumer")
             hit = by_name[name] = (ops, len(graph.consumers[ops[0]].in_ids))
@@ -123,9 +143,10 @@ def resolve(
     for item in pruned_outputs:
         name, ch = _pair(item, "pruned_outputs")
         requested_outputs.append(f"{name}[{ch}]")
-        ops = _lookup(name, graph.producers_by_param, graph.producers)
+        ops = _lookup(name, graph.producers_by_param, graph.producers, graph.param_aliases)
         if ops is None:
             raise _not_found(graph, name, "producer")
+        ops = _in_its_role(graph, name, ops)
         for op in ops:
             out_ids = graph.producers[op].out_ids
             ch = _check_channel(name, ch, len(out_ids), "output")

@@ -114,7 +114,8 @@ class Tracer(TorchFunctionMode):
         self.module_size_ids: Dict[Tuple[Optional[str], str], List[int]] = {}
         self.module_names: Dict[int, str] = {}
         # one walk over the modules: names of modules, parameters and buffers
-        # (the first name of a shared one), shapes and owners for the graph
+        # (the first name of a shared one; the others are its aliases),
+        # shapes and owners for the graph
         for mname, m in model.named_modules(remove_duplicate=False):
             self.module_names[id(m)] = mname
             for table in (m._parameters, m._buffers):
@@ -124,7 +125,9 @@ class Tracer(TorchFunctionMode):
                     full = f"{mname}.{pname}" if mname else pname
                     graph.param_shapes[full] = tuple(p.shape)
                     graph.param_modules[full] = mname
-                    self.param_names.setdefault(id(p), full)
+                    first = self.param_names.setdefault(id(p), full)
+                    if first != full:
+                        graph.param_aliases[full] = first
         self.module_stack: List[Optional[str]] = []
         self.op_counts: Dict[str, int] = {}
         self.warned: set = set()
