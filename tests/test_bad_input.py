@@ -781,6 +781,146 @@ def test_channels_last_models_export_exactly(req, zero):
     assert n_params(net) < n_params(tiny_resnet())
 
 
+# -- 5. DataParallel and torch.compile wrappers ------------------------------------------
+
+
+def mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 2)).to(D).eval()
+
+
+@pytest.mark.parametrize("req", [
+    dict(pruned_inputs=[("module.2.weight", 1), ("4.weight", 3)]),
+    dict(pruned_inputs={"module.2": 1, "4": [3]}),
+    dict(pruned_inputs=[("2.weight", 1)], pruned_outputs=[("module.2.weight", 3)]),
+], ids=["mixed names", "module names", "outputs"])
+def test_data_parallel_is_unwrapped(req):
+    """The module inside is traced and pruned in place (the wrapper keeps
+    holding it); names work with and without the wrapper's 'module.' prefix;
+    consumers() lists the inner names."""
+    holder = {}
+
+    def wrap(inner):
+        holder["dp"] = nn.DataParallel(inner)
+        return holder["dp"]
+
+    net, m = export_exact(mlp, [_x(3, 4)], {"2.weight": [1], "4.weight": [3]}, wrap=wrap, **req)
+    assert m.net is net and holder["dp"].module is net
+    assert set(m.consumers()) == {"0.weight", "2.weight", "4.weight"}
+    assert net[2].in_features == 5 and net[2].out_features == 4
+    with torch.no_grad():
+        assert torch.equal(holder["dp"](_x(3, 4)), net(_x(3, 4)))
+
+
+def test_unknown_name_through_a_wrapper():
+    dp = nn.DataParallel(mlp())
+    raises_unchanged(dp, UnknownParameterError,
+                     lambda: PruningManager(dp).compute([_x(3, 4)], pruned_inputs=[("module.2.wieght", 1)]),
+                     "'module.2.wieght'", "2.weight")
+
+
+def test_torch_compile_is_unwrapped_and_recompiles():
+    """``torch.compile(model)`` returns an OptimizedModule around the model:
+    the model inside is pruned, and the compiled wrapper, already run once,
+    recompiles on its next call (dynamo guards on the parameter shapes) and
+    gives the pruned outputs."""
+    x = _x(3, 4)
+    inner = mlp()
+    compiled = torch.compile(inner)
+    with torch.no_grad():
+        compiled(x)
+    m = PruningManager(compiled).compute([x], pruned_inputs=[("_orig_mod.2.weight", 1)], pruned_outputs={"2.weight": 3})
+    assert m.net is inner
+    m.prune()
+    ref = mlp()
+    with torch.no_grad():
+        ref[2].weight[:, 1] = 0
+        ref[4].weight[:, 3] = 0
+        y_ref, y_eager, y_compiled = ref(x), inner(x), compiled(x)
+    assert inner[2].weight.shape == (4, 5)
+    assert compare(y_eager, y_ref) is None
+    assert compare(y_compiled, y_ref) is None
+
+
+def test_module_compiled_in_place_is_refused():
+    net = mlp()
+    net[2].compile()
+    raises_unchanged(net, TracingError, lambda: PruningManager(net).compute([_x(3, 4)], pruned_inputs=[("2.weight", 1)]),
+                     "compiled in place", "2", "prune before calling .compile()", "torch.compile(model)")
+
+
+# -- 6. weights computed on every call (parametrize, weight_norm hooks) ---------------------
+
+
+class Double(nn.Module):
+    def forward(self, w):
+        return 2 * w
+
+
+def _reparametrize(how):
+    from torch.nn.utils import parametrizations, parametrize
+
+    net = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 2)).to(D).eval()
+    if how == "parametrizations.weight_norm":
+        parametrizations.weight_norm(net[2])
+    elif how == "orthogonal":
+        parametrizations.orthogonal(net[2])
+    elif how == "custom":
+        parametrize.register_parametrization(net[2], "weight", Double())
+    elif how == "old weight_norm":
+        torch.nn.utils.weight_norm(net[2])
+    elif how == "old spectral_norm":
+        torch.nn.utils.spectral_norm(net[2])
+    return net
+
+
+@pytest.mark.parametrize("how, words", [
+    ("parametrizations.weight_norm", ["2.weight (_WeightNorm)", "remove_parametrizations(module, 'weight')"]),
+    ("orthogonal", ["2.weight (_Orthogonal)", "remove_parametrizations(module, 'weight')"]),
+    ("custom", ["2.weight (Double)", "remove_parametrizations(module, 'weight')"]),
+    ("old weight_norm", ["2.weight (WeightNorm)", "torch.nn.utils.remove_weight_norm(module)"]),
+    ("old spectral_norm", ["2.weight (SpectralNorm)", "torch.nn.utils.remove_spectral_norm(module)"]),
+])
+def test_reparametrized_weights_are_refused(how, words):
+    """Such weights are recomputed from other tensors on every call: export
+    can not slice them (found before: the layer was silently no consumer,
+    'unknown consumer parameter'). Refused up front, naming the tensors and
+    how to bake them into plain weights; after that the model exports."""
+    torch.manual_seed(0)
+    net = _reparametrize(how)
+    x = _x(3, 4)
+    raises_unchanged(net, TracingError, lambda: PruningManager(net).compute([x], pruned_inputs=[("0.weight", 1)]),
+                     "can not export this model as it is", *words)
+    if how.startswith("old"):
+        (torch.nn.utils.remove_weight_norm if "weight" in how else torch.nn.utils.remove_spectral_norm)(net[2])
+    else:
+        torch.nn.utils.parametrize.remove_parametrizations(net[2], "weight")
+    baked = {k: v.detach().clone() for k, v in net.state_dict().items()}
+
+    def make():
+        n = _reparametrize("")
+        n.load_state_dict(baked)
+        return n
+
+    export_exact(make, [x], {"2.weight": [3]}, pruned_inputs=[("2.weight", 3)])
+
+
+# -- 8. torch.nn.utils.prune masks still on the model -----------------------------------------
+
+
+def test_torch_prune_masks_are_refused():
+    """``torch.nn.utils.prune`` recomputes ``weight`` from ``weight_orig *
+    weight_mask`` in a hook: refused, naming the weights and the conversion."""
+    from torch.nn.utils import prune as tprune
+
+    net = seq().eval()
+    tprune.ln_structured(net[3], "weight", amount=0.5, n=1, dim=1)
+    tprune.l1_unstructured(net[0], "weight", amount=0.2)
+    raises_unchanged(net, TracingError, lambda: PruningManager(net).compute(SEQ_X),
+                     "torch.nn.utils.prune masks (0.weight, 3.weight)", "channelcut.masking.from_torch_prune(model)",
+                     "torch.nn.utils.prune.remove")
+
+
 # -- 9. tied weights by any name ------------------------------------------------------------
 
 

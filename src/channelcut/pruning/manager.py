@@ -25,6 +25,7 @@ from torch import nn
 
 from ..errors import ExportError, StateError, TracingError
 from .mock import make_mock
+from .prepare import add_prefix_aliases, check_weight_reparametrizations, unwrap_model
 from .pruner import Rollback, prune_model
 from .request import export_mode, normalize_request
 from .resolve import DEFAULT_COPY_COST, resolve
@@ -50,13 +51,16 @@ class PruningManager:
     """Export channel-pruned models: trace once, resolve a spec, mock or prune.
 
     Args:
-        net: the model to prune. It is only modified by :meth:`prune`.
+        net: the model to prune. It is only modified by :meth:`prune`. A
+            DataParallel or ``torch.compile`` wrapper is unwrapped: the module
+            inside is ``self.net``, traced and pruned in place (the wrapper
+            keeps holding it), and names with the wrapper's prefix work too.
     """
 
     def __init__(self, net: nn.Module) -> None:
         if not isinstance(net, nn.Module):
             raise TypeError(f"PruningManager needs a torch.nn.Module, got {type(net).__name__}")
-        self.net = net
+        self.net, self._name_prefix = unwrap_model(net)
         self.graph: Optional[TracedGraph] = None
         self.spec: Optional[PruningSpec] = None
         self._inputs: Optional[Inputs] = None
@@ -73,7 +77,9 @@ class PruningManager:
         see real activations). The graph is the same."""
         inputs = _check_inputs(inputs)
         _check_torch_prune(self.net)
+        check_weight_reparametrizations(self.net)
         self.graph, _ = trace(self.net, inputs, shapes_only=shapes_only)
+        add_prefix_aliases(self.graph, self._name_prefix)
         self._inputs = inputs
         return self.graph
 
