@@ -905,6 +905,88 @@ def test_reparametrized_weights_are_refused(how, words):
     export_exact(make, [x], {"2.weight": [3]}, pruned_inputs=[("2.weight", 3)])
 
 
+# -- 7. buffers written during forward ---------------------------------------------------------
+
+
+class WritesBuffers(nn.Module):
+    """Counts its calls and keeps a per-channel running mean of ``a``'s output,
+    written in place or by rebinding the buffer, used in the output or not."""
+
+    def __init__(self, how: str):
+        super().__init__()
+        self.how = how
+        self.a = nn.Conv2d(3, 4, 1)
+        self.head = nn.Conv2d(4, 2, 1)
+        self.register_buffer("count", torch.zeros((), dtype=torch.long))
+        self.register_buffer("running", torch.linspace(-1, 1, 4))
+
+    def forward(self, x):
+        y = self.a(x)
+        mean = y.detach().mean((0, 2, 3))
+        if self.how == "count +=":
+            self.count += 1
+        elif self.how == "count = count + 1":
+            self.count = self.count + 1
+        elif self.how == "running in place":
+            self.running.mul_(0.9).add_(0.1 * mean)
+        elif self.how == "running rebound":
+            self.running = 0.9 * self.running + 0.1 * mean
+        elif self.how == "running in place, used":
+            self.running.mul_(0.9).add_(0.1 * mean)
+            y = y - self.running.view(1, -1, 1, 1)
+        return self.head(torch.relu(y)) * (1 + self.count)
+
+
+BUFFER_CASES = ["count +=", "count = count + 1", "running in place", "running rebound", "running in place, used"]
+
+
+@pytest.mark.parametrize("how", BUFFER_CASES)
+def test_buffers_written_in_forward(how):
+    """compute/mock/prune leave the buffers as they were (values and the
+    tensor objects, also when forward rebinds them); the per-channel buffer
+    is sliced with the channels of ``a``; the export is exact."""
+    def make():
+        torch.manual_seed(0)
+        return WritesBuffers(how).to(D).eval()
+
+    x = _x(2, 3, 4, 4)
+    net = make()
+    before = snapshot(net)
+    m = PruningManager(net).compute([x], pruned_outputs=[("a.weight", 1)])
+    m.get_mock_model()
+    assert diff_snapshot(net, before) == []
+    net, m = export_exact(make, [x], {"head.weight": [1]}, pruned_outputs=[("a.weight", 1)])
+    assert net.a.out_channels == 3
+    ref = make()  # export_exact ran the pruned model once: run the reference once too
+    with torch.no_grad():
+        ref(x)
+    assert torch.equal(net.count, ref.count)
+    if how.startswith("running"):
+        assert torch.allclose(net.running, ref.running[[0, 2, 3]], rtol=1e-12, atol=1e-15)
+    else:  # not aligned with anything traced: left alone
+        assert torch.equal(net.running, ref.running)
+
+
+def test_batchnorm_in_train_mode_exports_exactly_and_keeps_its_statistics():
+    """Train mode: batch statistics are per channel, so the export is exact;
+    compute and prune do not update the running statistics; they are sliced."""
+    def make():
+        return seq(train=True)
+
+    x = _x(4, 3, 5, 5)
+    stats = {k: v.clone() for k, v in make().state_dict().items()}
+    net, _ = export_exact(make, [x], {"3.weight": [2, 5]}, pruned_outputs=[("0.weight", 2)], pruned_inputs={"3.weight": 5})
+    assert net.training
+    # export_exact ran net once in train mode: compare with a reference run once too
+    ref = make()
+    with torch.no_grad():
+        ref(x)
+    keep = [0, 1, 3, 4]
+    assert torch.allclose(net[1].running_mean, ref[1].running_mean[keep], rtol=1e-12, atol=0)
+    assert torch.allclose(net[1].running_var, ref[1].running_var[keep], rtol=1e-12, atol=0)
+    assert int(net[1].num_batches_tracked) == int(stats["1.num_batches_tracked"]) + 1
+
+
 # -- 8. torch.nn.utils.prune masks still on the model -----------------------------------------
 
 

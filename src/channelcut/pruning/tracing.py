@@ -457,12 +457,18 @@ def flatten_tensors(obj: Any) -> List[torch.Tensor]:
 
 @contextlib.contextmanager
 def preserve_buffers(model: torch.nn.Module) -> Iterator[None]:
-    """Restore every buffer's value afterwards (a forward pass in train mode
-    updates BatchNorm running statistics; tracing must not)."""
+    """Restore every buffer afterwards: its value (a forward pass in train mode
+    updates BatchNorm running statistics; tracing must not) and which tensor
+    the module holds (``self.buf = new_tensor`` in forward replaces it)."""
     saved = [(b, b.detach().clone()) for b in model.buffers()]
+    held = [(m, dict(m._buffers)) for m in model.modules()]
     try:
         yield
     finally:
+        for m, buffers in held:
+            if m._buffers.keys() != buffers.keys() or any(m._buffers[k] is not v for k, v in buffers.items()):
+                m._buffers.clear()
+                m._buffers.update(buffers)
         with torch.no_grad():
             for b, v in saved:
                 if b.shape == v.shape:
