@@ -646,7 +646,7 @@ def test_request_forms_export_exactly(req):
     ([("3.weight", 1), "3.weight"], ["pruned_inputs[1] is '3.weight'"]),
     ([("3.weight", 1, 2)], ["pruned_inputs[0] is ('3.weight', 1, 2)"]),
     ([(1, "3.weight")], ["pruned_inputs[0] is (1, '3.weight')"]),
-    ({3: 1}, ["pruned_inputs key 3 is a int, not a parameter name", "model.named_parameters()"]),
+    ({3: 1}, ["pruned_inputs key 3 is not a parameter name (int)", "model.named_parameters()"]),
     ({"3.weight": np.zeros((2, 2), dtype=int)}, ["channels for '3.weight' are a 2-d array", "1-d list"]),
 ], ids=["string", "int", "bare name", "two names", "one bad entry", "triple", "swapped", "int key", "2-d array"])
 def test_malformed_requests(req, words):

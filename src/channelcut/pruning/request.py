@@ -88,7 +88,7 @@ def _is_pair(x: Any) -> bool:
 
 def _name(name: Any, where: str) -> str:
     if not isinstance(name, str):
-        raise RequestError(f"{where} is a {type(name).__name__}, not a parameter name; use the names "
+        raise RequestError(f"{where} is not a parameter name ({type(name).__name__}); use the names "
                            f"of model.named_parameters(), {_EXAMPLE}")
     return name
 
