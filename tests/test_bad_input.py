@@ -1156,3 +1156,37 @@ def test_tied_gpt2_lm_head_by_alias():
     want = PruningManager(make()).compute(ids, pruned_inputs={"transformer.wte.weight": [3, 7]})
     assert _spec_key(got) == _spec_key(want)
     export_exact(lambda: Logits(make()), ids, {"lm.lm_head.weight": [3, 7]}, pruned_inputs={"lm.lm_head.weight": [3, 7]})
+
+
+# -- an op without a rule ------------------------------------------------------------------------
+
+
+class Unsupported(nn.Module):
+    """``torch.fft.fft`` over the channels has no rule: a barrier."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 1)
+        self.b = nn.Conv2d(4, 4, 1)
+        self.head = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        return self.head(torch.fft.fft(self.b(torch.relu(self.a(x))), dim=1).real)
+
+
+def test_unsupported_op_is_a_barrier_warned_about_and_named():
+    """Channels flowing into an op without a rule are kept: a request to
+    remove one names the op; channels before it still export exactly."""
+    def make():
+        torch.manual_seed(0)
+        return Unsupported().to(D).eval()
+
+    x = [_x(2, 3, 4, 4)]
+    net = make()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        raises_unchanged(net, NotPrunableError,
+                         lambda: PruningManager(net).compute(x, pruned_outputs=[("b.weight", 1)]),
+                         "output channel 1 of 'b.weight'", "unsupported op 'fft_fft'")
+    assert any("fft_fft" in str(w.message) and "barrier" in str(w.message) for w in caught)
+    export_exact(make, x, {"b.weight": [2]}, pruned_inputs=[("b.weight", 2)])
