@@ -17,6 +17,13 @@ class TracingError(ChannelcutError):
     """The model could not be run or traced on the example inputs."""
 
 
+class RequestError(ChannelcutError, TypeError, ValueError):
+    """A request that is malformed as such: ``pruned_inputs`` / ``pruned_outputs``
+    not made of (parameter name, channel) pairs, or options that contradict
+    each other. A TypeError and a ValueError too, for code written against
+    the plain Python errors raised before."""
+
+
 class UnknownParameterError(ChannelcutError, KeyError):
     """A parameter name (or op id) that the traced model does not have."""
 

@@ -25,7 +25,9 @@ from torch import nn
 
 from ..errors import ExportError, StateError, TracingError
 from .mock import make_mock
+from .prepare import add_prefix_aliases, check_weight_reparametrizations, unwrap_model
 from .pruner import Rollback, prune_model
+from .request import export_mode, normalize_request
 from .resolve import DEFAULT_COPY_COST, resolve
 from .spec import PruningSpec
 from .trace import TracedGraph
@@ -50,13 +52,16 @@ class PruningManager:
     """Export channel-pruned models: trace once, resolve a spec, mock or prune.
 
     Args:
-        net: the model to prune. It is only modified by :meth:`prune`.
+        net: the model to prune. It is only modified by :meth:`prune`. A
+            DataParallel or ``torch.compile`` wrapper is unwrapped: the module
+            inside is ``self.net``, traced and pruned in place (the wrapper
+            keeps holding it), and names with the wrapper's prefix work too.
     """
 
     def __init__(self, net: nn.Module) -> None:
         if not isinstance(net, nn.Module):
             raise TypeError(f"PruningManager needs a torch.nn.Module, got {type(net).__name__}")
-        self.net = net
+        self.net, self._name_prefix = unwrap_model(net)
         self.graph: Optional[TracedGraph] = None
         self.spec: Optional[PruningSpec] = None
         self._inputs: Optional[Inputs] = None
@@ -73,7 +78,9 @@ class PruningManager:
         see real activations). The graph is the same."""
         inputs = _check_inputs(inputs)
         _check_torch_prune(self.net)
+        check_weight_reparametrizations(self.net)
         self.graph, _ = trace(self.net, inputs, shapes_only=shapes_only)
+        add_prefix_aliases(self.graph, self._name_prefix)
         self._inputs = inputs
         return self.graph
 
@@ -93,7 +100,9 @@ class PruningManager:
         Args:
             inputs: example inputs: a list/tuple of positional arguments, or a
                 dict of keyword arguments.
-            pruned_inputs: ``(consumer weight name, input channel)`` pairs.
+            pruned_inputs: ``(consumer weight name, input channel)`` pairs;
+                also a dict ``{name: channels}``, one pair, or pairs holding a
+                list of channels (see :mod:`channelcut.pruning.request`).
             pruned_outputs: ``(producer weight name, output channel)`` pairs;
                 removes that channel group everywhere it flows.
             constrained: grow the pruned set until consumers of each channel
@@ -118,12 +127,14 @@ class PruningManager:
         """
         if self._pruned:
             raise StateError("this model was already pruned by this manager; create a new PruningManager to prune it again")
+        mode = export_mode(constrained, baseline)
+        pruned_inputs = normalize_request(pruned_inputs, "pruned_inputs")
+        pruned_outputs = normalize_request(pruned_outputs, "pruned_outputs")
         graph = self.trace(inputs, shapes_only=shapes_only)
         zeros = None
         if pruned_inputs is None and pruned_outputs is None:
             zeros = find_zero_channels(self.net, graph, self._inputs)
             pruned_inputs = zeros.pruned_inputs
-        mode = "constrained" if constrained else ("baseline" if baseline else "unconstrained")
         spec = resolve(
             graph,
             list(pruned_inputs or ()),

@@ -82,6 +82,17 @@ class _Modules:
         m = self.by_name.get(name)
         return m if m is not None else (self.model.get_submodule(name) if name else self.model)
 
+    def holders(self) -> Dict[int, List[str]]:
+        """Tensor identity -> the names of the modules holding it as a
+        parameter or buffer (several for a tied weight)."""
+        out: Dict[int, List[str]] = {}
+        for mod_name, m in self.by_name.items():
+            for table in (m._parameters, m._buffers):
+                for t in table.values():
+                    if t is not None and mod_name not in out.setdefault(id(t), []):
+                        out[id(t)].append(mod_name)
+        return out
+
     def tensor(self, name: str) -> torch.Tensor:
         mod_name, _, attr = name.rpartition(".")
         t = getattr(self.module(mod_name), attr)
@@ -243,11 +254,13 @@ def prune_model(model: nn.Module, spec: PruningSpec) -> Rollback:
         names = list(dict.fromkeys([*deltas, *spec.slices, *zeros]))
         before = {name: tuple(mods.tensor(name).shape) for name in names}
         touched = {}
-        index: Dict[Any, torch.Tensor] = {}  # BN params share their kept lists
+        index: IndexCache = {}  # BN params share their kept lists
+        holders = mods.holders()
         for name in names:
-            shrink(mods.tensor(name), spec.slices.get(name, {}), deltas.get(name), zeros.get(name, []), rb, index)
-            mod_name = name.rpartition(".")[0]
-            touched[mod_name] = mods.module(mod_name)
+            held = mods.tensor(name)
+            shrink(held, spec.slices.get(name, {}), deltas.get(name), zeros.get(name, []), rb, index)
+            for mod_name in holders.get(id(held), [name.rpartition(".")[0]]):  # a tied weight: all its modules
+                touched[mod_name] = mods.module(mod_name)
         for m in touched.values():
             _fix_attributes(m, rb)
         for mod_name, m in mods.by_name.items():

@@ -18,7 +18,8 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Dict, Iterable, List, Mapping, Optional, Set, Tuple
 
-from ..errors import ChannelRangeError, EmptyLayerError, ExportError, NotPrunableError, UnknownParameterError
+from ..errors import (ChannelRangeError, EmptyLayerError, ExportError, NotPrunableError, RequestError,
+                      UnknownParameterError)
 from .reorder import LEFT, RIGHT, GroupVectors, Layout, find_segments, free_segments, one_segment, order_segment
 from .spec import LayerStat, MaskAddition, MaskEntry, PruningSpec, Subselection
 from .trace import TracedGraph
@@ -28,23 +29,43 @@ MODES = ("unconstrained", "constrained", "baseline")
 DEFAULT_COPY_COST = 4.0
 
 
-def _lookup(name: str, by_param: Dict[str, List[str]], ops: Mapping[str, object]) -> Optional[List[str]]:
-    if name in by_param:
-        return by_param[name]
+def _lookup(name: str, by_param: Dict[str, List[str]], ops: Mapping[str, object],
+            aliases: Mapping[str, str]) -> Optional[List[str]]:
+    """The op ids that ``name`` means: a weight by any of its names (a tied
+    weight's alias means its first name), an op id, or a module's name."""
+    canonical = aliases.get(name, name)
+    if canonical in by_param:
+        return by_param[canonical]
     if name in ops:
         return [name]
-    if name + ".weight" in by_param:
-        return by_param[name + ".weight"]
+    weight = aliases.get(name + ".weight", name + ".weight")
+    if weight in by_param:
+        return by_param[weight]
     return None
+
+
+def _in_its_role(graph: TracedGraph, name: str, ops: List[str]) -> List[str]:
+    """A weight tied between layers of different kinds (an embedding table
+    that is also the LM head) produces different channels in each: its output
+    channels are those of the layer that ``name`` belongs to."""
+    if len(ops) < 2 or len({graph.producers[op].kind for op in ops}) < 2:
+        return ops
+    module = graph.param_modules.get(name, graph.param_modules.get(name + ".weight"))
+    where = {r.op: r.module for r in graph.ops}
+    return [op for op in ops if where.get(op) == module] or ops
 
 
 def _not_found(graph: TracedGraph, name: str, role: str) -> Exception:
     valid = list(graph.consumers_by_param) if role == "consumer" else list(graph.producers_by_param)
     other = graph.producers_by_param if role == "consumer" else graph.consumers_by_param
+    aliases = graph.param_aliases
+    canonical = aliases.get(name) or aliases.get(name + ".weight")
+    shown = repr(name) + (f" (the same tensor as {canonical!r})" if canonical else "")
+    name = canonical or name
     if name in graph.param_shapes or name in other or name + ".weight" in other:
         kinds = "consumers (conv/linear layers whose input channels can be cut)" if role == "consumer" else "producers (conv/linear/embedding layers whose output channels can be cut)"
         return NotPrunableError(
-            f"{name!r} is not one of the {kinds}. Valid names include: "
+            f"{shown} is not one of the {kinds}. Valid names include: "
             + ", ".join(sorted(valid)[:8]) + (", ..." if len(valid) > 8 else "")
         )
     return UnknownParameterError(name, valid, what=f"{role} parameter")
@@ -59,8 +80,8 @@ def _check_channel(name: str, ch: object, n: int, what: str) -> int:
 
             if isinstance(ch, numbers.Integral):
                 ch = int(ch)
-            elif hasattr(ch, "item") and hasattr(ch, "numel") and ch.numel() == 1:  # 0-d tensor
-                ch = int(ch.item())
+            elif getattr(ch, "ndim", None) == 0 and hasattr(ch, "item") and type(ch.item()) is int:  # 0-d tensor
+                ch = ch.item()
             else:
                 raise TypeError
         except TypeError:
@@ -106,7 +127,7 @@ def resolve(
         name, ch = _pair(item, "pruned_inputs")
         hit = by_name.get(name)
         if hit is None:
-            ops = _lookup(name, graph.consumers_by_param, graph.consumers)
+            ops = _lookup(name, graph.consumers_by_param, graph.consumers, graph.param_aliases)
             if ops is None:
                 raise _not_found(graph, name, "consumer")
             hit = by_name[name] = (ops, len(graph.consumers[ops[0]].in_ids))
@@ -122,9 +143,10 @@ def resolve(
     for item in pruned_outputs:
         name, ch = _pair(item, "pruned_outputs")
         requested_outputs.append(f"{name}[{ch}]")
-        ops = _lookup(name, graph.producers_by_param, graph.producers)
+        ops = _lookup(name, graph.producers_by_param, graph.producers, graph.param_aliases)
         if ops is None:
             raise _not_found(graph, name, "producer")
+        ops = _in_its_role(graph, name, ops)
         for op in ops:
             out_ids = graph.producers[op].out_ids
             ch = _check_channel(name, ch, len(out_ids), "output")
@@ -513,5 +535,5 @@ def _hopeless(gs: List[int], dropped: Set[int], absent: Set[int], seg_of: Dict[i
 
 def _pair(item: object, what: str) -> Tuple[str, int]:
     if not isinstance(item, (tuple, list)) or len(item) != 2 or not isinstance(item[0], str):
-        raise TypeError(f"each entry of {what} must be a (parameter name, channel index) pair, got {item!r}")
+        raise RequestError(f"each entry of {what} must be a (parameter name, channel index) pair, got {item!r}")
     return item[0], item[1]  # type: ignore[return-value]

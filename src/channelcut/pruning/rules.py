@@ -328,7 +328,7 @@ def _elementwise_into(tr: Tracer, what: str, tensors: List[torch.Tensor], target
         vd = res.vdim
         if vd is not None:
             for x in tensors:
-                if tr.get(x) is None and x is not target:
+                if _aligned_operand(tr, x, target):
                     tr.align_operand(x, ndim, vd, res.ids, what)
         return
     vd = next(iter(vdims)) if vdims else None
@@ -372,9 +372,16 @@ def _elementwise_into(tr: Tracer, what: str, tensors: List[torch.Tensor], target
     if merged.numel() != target.shape[vd]:
         raise _Unsupported("broadcast along the channel dim")
     for x in tensors:
-        if tr.get(x) is None and x is not target:
+        if _aligned_operand(tr, x, target):
             tr.align_operand(x, ndim, vd, merged, what)
     tr.set(target, Tr.along(merged, vd, ndim))
+
+
+def _aligned_operand(tr: Tracer, x: torch.Tensor, target: torch.Tensor) -> bool:
+    """An untracked operand that is sliced with the output's channels: any
+    but the output itself, unless the op writes into a parameter or buffer in
+    place (``self.running.add_(y.mean((0, 2, 3)))``): then that is."""
+    return tr.get(x) is None and (x is not target or tr.param_name(x) is not None)
 
 
 @rule(*SAME_SHAPE)

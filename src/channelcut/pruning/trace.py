@@ -227,6 +227,9 @@ class TracedGraph:
     param_shapes: Dict[str, Tuple[int, ...]] = field(default_factory=dict)
     # parameter name -> owning module name
     param_modules: Dict[str, str] = field(default_factory=dict)
+    # every other name of a shared parameter or buffer (a tied weight, a module
+    # registered twice, a wrapper's prefix) -> the name the graph uses for it
+    param_aliases: Dict[str, str] = field(default_factory=dict)
     # weight parameter name -> op ids of consumers / producers using it
     consumers_by_param: Dict[str, List[str]] = field(default_factory=dict)
     producers_by_param: Dict[str, List[str]] = field(default_factory=dict)

@@ -114,7 +114,8 @@ class Tracer(TorchFunctionMode):
         self.module_size_ids: Dict[Tuple[Optional[str], str], List[int]] = {}
         self.module_names: Dict[int, str] = {}
         # one walk over the modules: names of modules, parameters and buffers
-        # (the first name of a shared one), shapes and owners for the graph
+        # (the first name of a shared one; the others are its aliases),
+        # shapes and owners for the graph
         for mname, m in model.named_modules(remove_duplicate=False):
             self.module_names[id(m)] = mname
             for table in (m._parameters, m._buffers):
@@ -124,7 +125,9 @@ class Tracer(TorchFunctionMode):
                     full = f"{mname}.{pname}" if mname else pname
                     graph.param_shapes[full] = tuple(p.shape)
                     graph.param_modules[full] = mname
-                    self.param_names.setdefault(id(p), full)
+                    first = self.param_names.setdefault(id(p), full)
+                    if first != full:
+                        graph.param_aliases[full] = first
         self.module_stack: List[Optional[str]] = []
         self.op_counts: Dict[str, int] = {}
         self.warned: set = set()
@@ -454,16 +457,47 @@ def flatten_tensors(obj: Any) -> List[torch.Tensor]:
 
 @contextlib.contextmanager
 def preserve_buffers(model: torch.nn.Module) -> Iterator[None]:
-    """Restore every buffer's value afterwards (a forward pass in train mode
-    updates BatchNorm running statistics; tracing must not)."""
+    """Restore every buffer afterwards: its value (a forward pass in train mode
+    updates BatchNorm running statistics; tracing must not) and which tensor
+    the module holds (``self.buf = new_tensor`` in forward replaces it)."""
     saved = [(b, b.detach().clone()) for b in model.buffers()]
+    held = [(m, dict(m._buffers)) for m in model.modules()]
     try:
         yield
     finally:
+        for m, buffers in held:
+            if m._buffers.keys() != buffers.keys() or any(m._buffers[k] is not v for k, v in buffers.items()):
+                m._buffers.clear()
+                m._buffers.update(buffers)
         with torch.no_grad():
             for b, v in saved:
                 if b.shape == v.shape:
                     b.copy_(v)
+
+
+def mismatch_hint(model: torch.nn.Module, inputs: Sequence[Any] | Dict[str, Any]) -> Optional[str]:
+    """For a model that failed on ``inputs``: what to change when its floating
+    point inputs have another dtype than its parameters, or its inputs are on
+    another device; None when they agree (the failure is something else)."""
+    leaves = list(inputs.values()) if isinstance(inputs, dict) else list(inputs)
+    xs = flatten_tensors(leaves)
+    ps = list(model.parameters()) or list(model.buffers())
+    pf = sorted({str(p.dtype) for p in ps if p.is_floating_point()})
+    xf = sorted({str(x.dtype) for x in xs if x.is_floating_point()})
+    pd = sorted({str(p.device) for p in ps})
+    xd = sorted({str(x.device) for x in xs})
+    hints = []
+    if len(pf) == 1 and xf and xf != pf:
+        hints.append(f"the example inputs are {' and '.join(xf)} but the model's parameters are {pf[0]}: "
+                     f"pass inputs of the model's dtype, e.g. x.to({pf[0]}) (or convert the model, "
+                     f"model.to({xf[0]}))")
+    if len(pd) == 1 and xd and xd != pd:
+        hints.append(f"the example inputs are on {' and '.join(xd)} but the model is on {pd[0]}: "
+                     f"move them to the model's device, e.g. x.to({pd[0]!r}) (or model.to({xd[0]!r}))")
+    if not hints:
+        return None
+    text = "; ".join(hints)
+    return text[0].upper() + text[1:] + "."
 
 
 def _mark_head_counts(model: torch.nn.Module) -> List[Tuple[torch.nn.Module, str, int]]:
@@ -537,9 +571,10 @@ def _trace_once(model: torch.nn.Module, inputs: Sequence[Any] | Dict[str, Any], 
     except (TracingError, meta.NeedsValues):
         raise
     except Exception as exc:  # the model itself failed on these inputs
+        hint = mismatch_hint(model, inputs)
         raise TracingError(
             f"the model raised {type(exc).__name__} on the example inputs: {exc}. "
-            "Pass inputs that run the model, e.g. compute([torch.rand(1, 3, 224, 224)])."
+            + (hint or "Pass inputs that run the model, e.g. compute([torch.rand(1, 3, 224, 224)]).")
         ) from exc
     finally:
         for h in hooks:
