@@ -875,22 +875,25 @@ def _reparametrize(how):
 
 
 @pytest.mark.parametrize("how, words", [
-    ("parametrizations.weight_norm", ["2.weight (_WeightNorm)", "remove_parametrizations(module, 'weight')"]),
-    ("orthogonal", ["2.weight (_Orthogonal)", "remove_parametrizations(module, 'weight')"]),
-    ("custom", ["2.weight (Double)", "remove_parametrizations(module, 'weight')"]),
-    ("old weight_norm", ["2.weight (WeightNorm)", "torch.nn.utils.remove_weight_norm(module)"]),
-    ("old spectral_norm", ["2.weight (SpectralNorm)", "torch.nn.utils.remove_spectral_norm(module)"]),
+    ("parametrizations.weight_norm", ["2.weight (parametrized: _WeightNorm)", "remove_parametrizations(module, 'weight')"]),
+    ("orthogonal", ["2.weight (parametrized: _Orthogonal)", "remove_parametrizations(module, 'weight')"]),
+    ("custom", ["2.weight (parametrized: Double)", "remove_parametrizations(module, 'weight')"]),
+    ("old weight_norm", ["2.weight (WeightNorm hook)", "torch.nn.utils.remove_weight_norm(module)"]),
+    ("old spectral_norm", ["2.weight (SpectralNorm hook)", "torch.nn.utils.remove_spectral_norm(module)"]),
 ])
-def test_reparametrized_weights_are_refused(how, words):
+def test_reparametrized_weights_are_kept_and_named_requests_refused(how, words):
     """Such weights are recomputed from other tensors on every call: export
-    can not slice them (found before: the layer was silently no consumer,
-    'unknown consumer parameter'). Refused up front, naming the tensors and
-    how to bake them into plain weights; after that the model exports."""
+    can not slice them. Their layers keep their channels (with a warning) and
+    the rest of the model exports; a request that names one is refused, naming
+    the tensor and how to bake it into a plain weight; after that it exports."""
     torch.manual_seed(0)
     net = _reparametrize(how)
     x = _x(3, 4)
-    raises_unchanged(net, TracingError, lambda: PruningManager(net).compute([x], pruned_inputs=[("0.weight", 1)]),
-                     "can not export this model as it is", *words)
+    raises_unchanged(net, NotPrunableError, lambda: PruningManager(net).compute([x], pruned_inputs=[("2.weight", 1)]),
+                     "recomputed on every call", *words)
+    with pytest.warns(UserWarning, match="recomputed on every call"):
+        export_exact(lambda: (torch.manual_seed(0), _reparametrize(how))[1], [x], {"0.weight": [1]},
+                     pruned_inputs=[("0.weight", 1)])
     if how.startswith("old"):
         (torch.nn.utils.remove_weight_norm if "weight" in how else torch.nn.utils.remove_spectral_norm)(net[2])
     else:

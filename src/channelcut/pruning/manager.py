@@ -17,6 +17,7 @@ True
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
@@ -25,7 +26,7 @@ from torch import nn
 
 from ..errors import ExportError, StateError, TracingError
 from .mock import make_mock
-from .prepare import add_prefix_aliases, check_weight_reparametrizations, unwrap_model
+from .prepare import add_prefix_aliases, refuse_reparametrized, reparametrized_weights, unwrap_model
 from .pruner import Rollback, prune_model
 from .request import export_mode, normalize_request
 from .resolve import DEFAULT_COPY_COST, resolve
@@ -78,7 +79,13 @@ class PruningManager:
         see real activations). The graph is the same."""
         inputs = _check_inputs(inputs)
         _check_torch_prune(self.net)
-        check_weight_reparametrizations(self.net)
+        recomputed = reparametrized_weights(self.net)
+        if recomputed:
+            warnings.warn(
+                f"channelcut: {len(set(recomputed.values()))} weight(s) are recomputed on every call "
+                f"({next(iter(recomputed.values()))}, ...): their layers keep their channels. Remove the "
+                "parametrization (torch.nn.utils.parametrize.remove_parametrizations) to prune them.",
+                stacklevel=2)
         self.graph, _ = trace(self.net, inputs, shapes_only=shapes_only)
         add_prefix_aliases(self.graph, self._name_prefix)
         self._inputs = inputs
@@ -130,6 +137,8 @@ class PruningManager:
         mode = export_mode(constrained, baseline)
         pruned_inputs = normalize_request(pruned_inputs, "pruned_inputs")
         pruned_outputs = normalize_request(pruned_outputs, "pruned_outputs")
+        named = [n for n, _ in (pruned_inputs or []) + (pruned_outputs or [])]
+        refuse_reparametrized(reparametrized_weights(self.net), [n[len(self._name_prefix):] if n.startswith(self._name_prefix) else n for n in named])
         graph = self.trace(inputs, shapes_only=shapes_only)
         zeros = None
         if pruned_inputs is None and pruned_outputs is None:

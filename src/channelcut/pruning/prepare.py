@@ -6,19 +6,21 @@
   recompiles on its next call: dynamo guards on parameter shapes).
   :func:`add_prefix_aliases` lets requests name parameters with the
   wrapper's prefix (``module.`` / ``_orig_mod.``) too.
-- :func:`check_weight_reparametrizations`: weights computed on every call
+- :func:`reparametrized_weights`: weights computed on every call
   (``torch.nn.utils.parametrize``, the hook-based ``weight_norm`` /
-  ``spectral_norm``) or modules compiled in place (``module.compile()``) are
-  refused with what to do instead.
+  ``spectral_norm``) are kept as they are (their layers keep their channels,
+  with a warning); a request that names one is refused with what to do
+  instead (:func:`refuse_reparametrized`). Modules compiled in place
+  (``module.compile()``) are refused.
 """
 
 from __future__ import annotations
 
-from typing import List, Tuple
+from typing import Dict, List, Tuple
 
 from torch import nn
 
-from ..errors import TracingError
+from ..errors import NotPrunableError, TracingError
 from .trace import TracedGraph
 
 
@@ -51,45 +53,53 @@ def add_prefix_aliases(graph: TracedGraph, prefix: str) -> None:
         graph.param_aliases.setdefault(prefix + name, graph.param_aliases.get(name, name))
 
 
-def check_weight_reparametrizations(net: nn.Module) -> None:
-    """Refuse weights that are recomputed on every call, and modules compiled
-    in place: export slices plain parameters, and must run the eager module."""
+def reparametrized_weights(net: nn.Module) -> Dict[str, str]:
+    """Weights recomputed on every call (``torch.nn.utils.parametrize``, the
+    hook-based ``weight_norm`` / ``spectral_norm``): every name a request
+    could use for one (``conv.weight``, ``conv.parametrizations.weight.original0``,
+    ``conv.weight_g``, ...) -> a description of it. Export can not slice such
+    a weight: its layer reads a computed weight, so its channels are kept.
+
+    Refuses modules compiled in place (``module.compile()``), which export
+    can not run eagerly."""
     from torch.nn.utils import parametrize
     from torch.nn.utils.spectral_norm import SpectralNorm
     from torch.nn.utils.weight_norm import WeightNorm
 
-    found: List[str] = []
-    hooks: List[str] = []
+    found: Dict[str, str] = {}
     compiled: List[str] = []
     for name, m in net.named_modules():
-        where = name or "<model>"
+        prefix = f"{name}." if name else ""
         if parametrize.is_parametrized(m):
             for tensor, plist in m.parametrizations.items():
-                kinds = ", ".join(type(p).__name__ for p in plist)
-                found.append(f"{where}.{tensor} ({kinds})")
+                what = f"{prefix}{tensor} (parametrized: {', '.join(type(p).__name__ for p in plist)})"
+                found[prefix + tensor] = what
+                for pname, _ in plist.named_parameters():
+                    found[f"{prefix}parametrizations.{tensor}.{pname}"] = what
         for hook in m._forward_pre_hooks.values():
             if isinstance(hook, (WeightNorm, SpectralNorm)):
-                hooks.append(f"{where}.{hook.name} ({type(hook).__name__})")
+                what = f"{prefix}{hook.name} ({type(hook).__name__} hook)"
+                for suffix in ("", "_g", "_v", "_orig", "_u", "_v"):
+                    found[f"{prefix}{hook.name}{suffix}"] = what
         if getattr(m, "_compiled_call_impl", None) is not None:
-            compiled.append(where)
-    problems = []
-    if found:
-        problems.append(
-            f"weights parametrised with torch.nn.utils.parametrize: {_listed(found)}. Bake them into plain "
-            "weights first: torch.nn.utils.parametrize.remove_parametrizations(module, 'weight') for each "
-            "(it keeps the current values)")
-    if hooks:
-        problems.append(
-            f"weights recomputed by the hook-based weight_norm / spectral_norm: {_listed(hooks)}. Remove them "
-            "first: torch.nn.utils.remove_weight_norm(module) / torch.nn.utils.remove_spectral_norm(module) "
-            "(they keep the current values)")
+            compiled.append(name or "<model>")
     if compiled:
-        problems.append(
-            f"modules compiled in place with module.compile(): {_listed(compiled)}. Export must run them "
-            "eagerly: prune before calling .compile(), or compile a wrapper, torch.compile(model), which "
-            "channelcut unwraps")
-    if problems:
-        raise TracingError("channelcut can not export this model as it is: " + "; ".join(problems) + ".")
+        raise TracingError(
+            f"channelcut can not export this model as it is: modules compiled in place with module.compile(): "
+            f"{_listed(compiled)}. Export must run them eagerly: prune before calling .compile(), or compile a "
+            "wrapper, torch.compile(model), which channelcut unwraps.")
+    return found
+
+
+def refuse_reparametrized(found: Dict[str, str], names: List[str]) -> None:
+    """A request that names a recomputed weight gets what to do instead."""
+    hit = sorted({found[n] for n in names if n in found})
+    if hit:
+        raise NotPrunableError(
+            f"{_listed(hit)} is recomputed on every call, so export can not slice it. Bake it into a plain "
+            "weight first (it keeps the current values): torch.nn.utils.parametrize.remove_parametrizations("
+            "module, 'weight'), torch.nn.utils.remove_weight_norm(module) or "
+            "torch.nn.utils.remove_spectral_norm(module)")
 
 
 def _listed(names: List[str]) -> str:
