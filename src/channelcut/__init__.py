@@ -7,13 +7,19 @@ from .errors import (
     ChannelcutError,
     ChannelRangeError,
     EmptyLayerError,
+    ExportCheckError,
     ExportError,
+    MissingTensorError,
+    NotExpressibleError,
     NotPrunableError,
+    PlanError,
+    PlanFormatError,
+    PlanMismatchError,
     StateError,
     TracingError,
     UnknownParameterError,
 )
-from .io import MissingTensorError, PlanError, PlanFormatError, PlanMismatchError, load, save
+from .io import load, save
 from .pruning import ChannelGroup, PruningManager, PruningSpec, Subselection
 from .masking import MaskingManager
 
@@ -35,6 +41,8 @@ __all__ = [
     "ChannelRangeError",
     "EmptyLayerError",
     "ExportError",
+    "ExportCheckError",
+    "NotExpressibleError",
     "NotPrunableError",
     "StateError",
     "TracingError",
