@@ -38,8 +38,7 @@ from typing import Any, Callable, ContextManager, Dict, Iterator, List, Mapping,
 import torch
 from torch import nn
 
-from .pruning import PruningManager
-from .pruning.spec import PruningSpec
+from .pruning import PruningManager, PruningSpec
 from .stats import LatencyStats, compare_latency, count_copies, count_macs, count_parameters
 
 __all__ = [
