@@ -218,14 +218,14 @@ def test_console_script():
 
 
 # -- in-process helpers ------------------------------------------------------------
-def test_local_l1_fallback_without_importance(monkeypatch):
-    import channelcut.importance  # noqa: F401  (already imported: the fallback must still be taken)
+def test_l1_choice_is_channelcut_importance():
+    from channelcut.importance import L1
 
-    monkeypatch.setitem(sys.modules, "channelcut.importance", None)
     model = build_tiny()
     x = [torch.rand(2, 3, 8, 8)]
     pairs, how = cli.choose_channels(model, x, 0.25, "l1", constrained=False)
-    assert "fallback" in how
+    assert how == "L1 via channelcut.importance"
+    assert pairs == channelcut.MaskingManager(model, x).importance(L1()).select(0.25)
     by_layer = {}
     for name, c in pairs:
         by_layer.setdefault(name, []).append(c)
@@ -233,7 +233,7 @@ def test_local_l1_fallback_without_importance(monkeypatch):
     w = model.a.weight.detach().abs().sum((0, 2, 3))
     assert sorted(by_layer["a.weight"]) == sorted(torch.argsort(w)[:4].tolist())
     with pytest.raises(cli.CLIError) as err:
-        cli.choose_channels(model, x, 0.25, "lamp", constrained=False)
+        cli.choose_channels(model, x, 0.25, "nope", constrained=False)
     assert err.value.code == 2
 
 

@@ -7,14 +7,20 @@ from .errors import (
     ChannelcutError,
     ChannelRangeError,
     EmptyLayerError,
+    ExportCheckError,
     ExportError,
+    MissingTensorError,
+    NotExpressibleError,
     NotPrunableError,
+    PlanError,
+    PlanFormatError,
+    PlanMismatchError,
     RequestError,
     StateError,
     TracingError,
     UnknownParameterError,
 )
-from .io import MissingTensorError, PlanError, PlanFormatError, PlanMismatchError, load, save
+from .io import load, save
 from .pruning import ChannelGroup, PruningManager, PruningSpec, Subselection
 from .masking import MaskingManager
 
@@ -36,6 +42,8 @@ __all__ = [
     "ChannelRangeError",
     "EmptyLayerError",
     "ExportError",
+    "ExportCheckError",
+    "NotExpressibleError",
     "NotPrunableError",
     "RequestError",
     "StateError",

@@ -4,8 +4,10 @@ Run it with ``python -m channelcut demo`` (``--small`` for a quick resnet18
 run). Start reading at :func:`run`: it
 
 1. builds a randomly initialised resnet50 (resnet18 with ``--small``),
-2. picks, for every consumer (conv / linear weight), the ``--ratio`` fraction
-   of its input channels with the smallest L1 weight magnitude,
+2. picks, for every consumer (conv / linear weight) but the stem that reads
+   the image, the ``--ratio`` fraction (rounded to the nearest channel) of its
+   input channels with the smallest L1 weight magnitude
+   (:class:`channelcut.importance.L1` through :class:`channelcut.MaskingManager`),
 3. exports that choice three times, each on a fresh copy of the model:
    *unconstrained* (exactly the requested channels, reordered to avoid
    copies), *constrained* (grown until consumers agree: zero copies) and
@@ -23,12 +25,15 @@ import copy
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
+from .cli.progress import Progress
 from .errors import ChannelcutError
+from .importance import L1
+from .masking import MaskingManager
 from .pruning import PruningManager
 from .stats import LatencyStats, compare_latency, count_macs, count_parameters
 
@@ -41,83 +46,6 @@ VARIANTS: Tuple[Tuple[str, Dict[str, bool]], ...] = (
 # pruned vs mock, relative to the output's largest magnitude: float32 rounding
 # differences (a few 1e-7) pass, a wrongly pruned channel does not
 VERIFY_RTOL = 1e-4
-
-
-# ----------------------------------------------------------------------------
-# channel choice (a deliberately tiny stand-in for a real importance module)
-# ----------------------------------------------------------------------------
-def l1_input_channel_importance(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
-    """L1 norm of each input channel's weight column (``in_channels`` values).
-
-    Handles dense and grouped convolutions / linear layers: for a weight of
-    shape ``(out, in / groups, *kernel)``, input channel ``c`` is read by the
-    output channels of group ``c // (in / groups)`` at column ``c % (in / groups)``.
-    """
-    w = weight.detach().abs()
-    if w.dim() < 2:
-        raise ValueError(f"expected a weight with at least 2 dims (out, in, ...), got shape {tuple(w.shape)}")
-    per_group = w.shape[1]
-    if in_channels % per_group or w.shape[0] % (in_channels // per_group):
-        raise ValueError(
-            f"weight of shape {tuple(w.shape)} does not read {in_channels} input channels "
-            "(neither dense nor grouped)"
-        )
-    groups = in_channels // per_group
-    w = w.reshape(groups, w.shape[0] // groups, per_group, -1)
-    return w.sum(dim=(1, 3)).reshape(in_channels)
-
-
-def pick_lowest_l1(model: nn.Module, consumers: Dict[str, int], ratio: float) -> List[Tuple[str, int]]:
-    """``(consumer weight name, input channel)`` pairs: the ``floor(ratio * n)``
-    input channels of each consumer with the smallest L1 weight magnitude."""
-    if not 0.0 <= ratio < 1.0:
-        raise ValueError(f"ratio must be in [0, 1), got {ratio}")
-    params = dict(model.named_parameters())
-    pruned: List[Tuple[str, int]] = []
-    for name, n in consumers.items():
-        k = int(ratio * n)
-        if k == 0:
-            continue
-        if name not in params:
-            raise ValueError(f"consumer {name!r} is not a parameter of the model")
-        importance = l1_input_channel_importance(params[name], n)
-        pruned.extend((name, int(c)) for c in torch.argsort(importance, stable=True)[:k].tolist())
-    return pruned
-
-
-# ----------------------------------------------------------------------------
-# progress (tqdm when installed, plain lines otherwise; both on stderr)
-# ----------------------------------------------------------------------------
-class _Progress:
-    def __init__(self, total: int, enabled: bool = True) -> None:
-        self.enabled = enabled
-        self.total = total
-        self.done = 0
-        self._bar: Any = None
-        if enabled:
-            try:
-                from tqdm import tqdm  # optional dependency
-            except ImportError:
-                tqdm = None
-            if tqdm is not None:
-                self._bar = tqdm(total=total, file=sys.stderr, leave=False, bar_format="{l_bar}{bar:20}| {n}/{total} [{elapsed}]")
-
-    def step(self, what: str) -> None:
-        """Announce the next step (call before doing it)."""
-        if not self.enabled:
-            return
-        if self._bar is not None:
-            if self.done:
-                self._bar.update(1)
-            self._bar.set_description_str(what)
-        else:
-            print(f"[{self.done + 1}/{self.total}] {what} ...", file=sys.stderr, flush=True)
-        self.done += 1
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.update(1)
-            self._bar.close()
 
 
 # ----------------------------------------------------------------------------
@@ -214,41 +142,42 @@ def run(args: argparse.Namespace) -> int:
     if args.threads < 1:
         print(f"--threads must be >= 1, got {args.threads}", file=sys.stderr)
         return 2
+    if not 0.0 <= args.ratio < 1.0:
+        print(f"--ratio must be in [0, 1), got {args.ratio}", file=sys.stderr)
+        return 2
     arch, size = ("resnet18", 128) if args.small else ("resnet50", 224)
     repeats = args.repeats if args.repeats is not None else (30 if args.small else 15)
 
     start = time.perf_counter()
-    progress = _Progress(total=3 + len(VARIANTS) + 1, enabled=not args.no_progress)
-    progress.step(f"building {arch}")
-    torch.manual_seed(args.seed)
-    dense = getattr(torchvision.models, arch)(weights=None).eval()
-    x = torch.rand(1, 3, size, size)
-    dense_params, dense_macs = count_parameters(dense), count_macs(dense, [x])
+    progress = Progress(total=3 + len(VARIANTS), enabled=not args.no_progress)
+    with progress.step(f"building {arch}"):
+        torch.manual_seed(args.seed)
+        dense = getattr(torchvision.models, arch)(weights=None).eval()
+        x = torch.rand(1, 3, size, size)
+        dense_params, dense_macs = count_parameters(dense), count_macs(dense, [x])
 
-    progress.step("tracing, choosing channels by L1 magnitude")
-    probe = PruningManager(dense)
-    probe.trace([x])
-    consumers = probe.consumers()
-    pruned_inputs = pick_lowest_l1(dense, consumers, args.ratio)
-    del probe
+    with progress.step("tracing, choosing channels by L1 magnitude"):
+        masking = MaskingManager(dense, [x]).importance(L1())
+        pruned_inputs = masking.select(args.ratio, ignore=[])  # ignore=[]: the classifier's inputs too
+        layers = len(masking.selection.layers) if masking.selection is not None else 0
 
     results: List[VariantResult] = []
     for name, options in VARIANTS:
-        progress.step(f"{name} export")
-        results.append(export_variant(dense, x, pruned_inputs, name, options))
+        with progress.step(f"{name} export"):
+            results.append(export_variant(dense, x, pruned_inputs, name, options))
 
-    progress.step(f"timing {1 + sum(r.error is None for r in results)} models x {repeats} rounds")
-    models = {"dense": dense}
-    models.update({r.name: r.model for r in results if r.model is not None})
-    latency = compare_latency(models, [x], repeats=repeats, warmup=args.warmup, threads=args.threads)
-    for r in results:
-        r.latency = latency.get(r.name)
+    with progress.step(f"timing {1 + sum(r.error is None for r in results)} models x {repeats} rounds"):
+        models = {"dense": dense}
+        models.update({r.name: r.model for r in results if r.model is not None})
+        latency = compare_latency(models, [x], repeats=repeats, warmup=args.warmup, threads=args.threads)
+        for r in results:
+            r.latency = latency.get(r.name)
     progress.close()
 
     header = (
         f"channelcut demo: {arch} (random init), input 1x3x{size}x{size}, float32, torch {torch.__version__}\n"
-        f"request: {len(pruned_inputs)} input channels = {args.ratio:.0%} (floor) of each of {len(consumers)} "
-        f"consumers, lowest L1 weight magnitude\n"
+        f"request: {len(pruned_inputs)} input channels = {args.ratio:.0%} (rounded) of each of {layers} "
+        f"consumers (all but the stem), lowest L1 weight magnitude\n"
         f"latency: batch 1, {args.threads} thread(s), {repeats} rounds interleaved round-robin "
         f"(after {args.warmup} warm-up)"
     )

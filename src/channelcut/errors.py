@@ -1,6 +1,23 @@
-"""The exceptions channelcut raises. All derive from :class:`ChannelcutError`.
+"""Every public exception channelcut raises. All derive from :class:`ChannelcutError`.
 
-Each message says what is wrong and what would be valid instead.
+Each message says what is wrong and what would be valid instead. Catch
+:class:`ChannelcutError` for "anything channelcut refused"; the subclasses say
+which step refused:
+
+- tracing and the request: :class:`TracingError`, :class:`UnknownParameterError`,
+  :class:`ChannelRangeError`, :class:`NotPrunableError`, :class:`EmptyLayerError`,
+  :class:`StateError`;
+- applying the plan: :class:`ExportError`;
+- saved models (:mod:`channelcut.io`): :class:`PlanError` and its subclasses
+  :class:`PlanFormatError`, :class:`PlanMismatchError`, :class:`MissingTensorError`;
+- exported artifacts (:mod:`channelcut.export`): :class:`ExportCheckError`;
+- Hugging Face checkpoints (:mod:`channelcut.hf`): :class:`NotExpressibleError`.
+
+They are importable from ``channelcut`` and, for the last three groups, from
+the module that raises them as well.
+
+>>> issubclass(PlanMismatchError, PlanError) and issubclass(PlanError, ChannelcutError)
+True
 """
 
 from __future__ import annotations
@@ -60,3 +77,42 @@ class StateError(ChannelcutError, RuntimeError):
 
 class ExportError(ChannelcutError, RuntimeError):
     """Applying the spec failed; the model was restored to its previous state."""
+
+
+# ----------------------------------------------------------------------------
+# saved models (channelcut.io)
+# ----------------------------------------------------------------------------
+class PlanError(ChannelcutError):
+    """A saved pruned model could not be read or does not fit the given model
+    (:func:`channelcut.load`); the model passed in is left untouched."""
+
+
+class PlanFormatError(PlanError, ValueError):
+    """The plan file is missing, not a channelcut plan, or of an unknown version."""
+
+
+class PlanMismatchError(PlanError, ValueError):
+    """The plan does not fit the model: a parameter or module it names is
+    missing, or has another shape (the model was built differently)."""
+
+
+class MissingTensorError(PlanError, KeyError):
+    """The weights file lacks tensors the pruned model needs."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0])
+
+
+# ----------------------------------------------------------------------------
+# exported artifacts (channelcut.export) and Hugging Face checkpoints (channelcut.hf)
+# ----------------------------------------------------------------------------
+class ExportCheckError(ChannelcutError, RuntimeError):
+    """An exported model (ONNX, TorchScript, ``torch.export``) does not compute
+    what the eager model computes: another number of outputs, another shape,
+    or values beyond the tolerance."""
+
+
+class NotExpressibleError(ChannelcutError, ValueError):
+    """The pruned model's widths do not fit one Hugging Face config (per-layer
+    widths, heads a BERT/GPT-2 config can not hold, or layers that read a
+    channel subset); save it with :func:`channelcut.save` instead."""

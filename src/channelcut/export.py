@@ -35,7 +35,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .errors import ChannelcutError
+from .errors import ExportCheckError  # defined in errors.py; re-exported here
 
 __all__ = [
     "BACKENDS",
@@ -49,10 +49,6 @@ __all__ = [
 
 PathLike = Union[str, "os.PathLike[str]"]
 DEFAULT_RTOL = 1e-4
-
-
-class ExportCheckError(ChannelcutError, RuntimeError):
-    """An exported model does not compute what the eager model computes."""
 
 
 @dataclass

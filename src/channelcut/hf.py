@@ -48,14 +48,10 @@ from typing import Any, Dict, List, Optional, Union
 import torch
 from torch import nn
 
-from .errors import ChannelcutError
+from .errors import NotExpressibleError  # defined in errors.py; re-exported here
 from .pruning.modules import is_subselect
 
 __all__ = ["NotExpressibleError", "pruned_config", "save_pretrained"]
-
-
-class NotExpressibleError(ChannelcutError, ValueError):
-    """The pruned model's widths do not fit one Hugging Face config."""
 
 
 # names (suffixes) of the layers whose output width is the config's MLP width

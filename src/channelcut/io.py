@@ -48,7 +48,14 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 import torch
 from torch import nn
 
-from .errors import ChannelcutError, ExportError, StateError
+from .errors import (  # the plan errors live in errors.py; re-exported here for older imports
+    ExportError,
+    MissingTensorError,
+    PlanError,
+    PlanFormatError,
+    PlanMismatchError,
+    StateError,
+)
 from .pruning.modules import subselection_of
 from .pruning.pruner import Rollback, applied_specs, prune_model
 from .pruning.spec import PruningSpec, Subselection
@@ -74,26 +81,6 @@ TORCH_FILE = "weights.pt"
 
 PathLike = Union[str, "os.PathLike[str]"]
 ModelOrFactory = Union[nn.Module, Callable[[], nn.Module]]
-
-
-class PlanError(ChannelcutError):
-    """A saved pruned model could not be read or does not fit the given model."""
-
-
-class PlanFormatError(PlanError, ValueError):
-    """The plan file is missing, not a channelcut plan, or of an unknown version."""
-
-
-class PlanMismatchError(PlanError, ValueError):
-    """The plan does not fit the model: a parameter or module it names is
-    missing, or has another shape (the model was built differently)."""
-
-
-class MissingTensorError(PlanError, KeyError):
-    """The weights file lacks tensors the pruned model needs."""
-
-    def __str__(self) -> str:  # KeyError would repr() the message
-        return str(self.args[0])
 
 
 # ----------------------------------------------------------------------------

@@ -1,10 +1,11 @@
-"""Model statistics: parameter counts, MACs and CPU latency.
+"""Model statistics: parameter counts, MACs, copies per inference and CPU latency.
 
 Start at :func:`compare_latency` if you want to know whether a pruned model is
 faster: it times several models round-robin in one process, so that drift in
 the machine's speed (other jobs, thermal state) hits every variant alike.
 :func:`measure_latency` times a single model; :func:`count_parameters` and
-:func:`count_macs` give the static size of a model.
+:func:`count_macs` give the static size of a model, :func:`count_copies` the
+channels a pruned model gathers per inference.
 
 Inputs are passed the way :class:`channelcut.PruningManager` takes them: a
 list/tuple of positional arguments or a dict of keyword arguments (a bare
@@ -25,17 +26,21 @@ import contextlib
 import math
 import statistics
 import time
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, TypedDict, Union
+from typing import Any, Dict, Iterator, List, Mapping, NamedTuple, Optional, Sequence, TypedDict, Union
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
+
+from .pruning.modules import subselection_of
 
 __all__ = [
     "Inputs",
     "LatencyStats",
     "count_parameters",
     "count_macs",
+    "CopyCount",
+    "count_copies",
     "measure_latency",
     "compare_latency",
 ]
@@ -91,6 +96,29 @@ def count_macs(model: nn.Module, inputs: Inputs) -> int:
     with torch.no_grad(), _no_mha_fastpath(), counter:
         model(*args, **kwargs)
     return int(counter.get_total_flops()) // 2
+
+
+class CopyCount(NamedTuple):
+    """How the layers of a pruned model that read a subset of their input read it."""
+
+    views: int  #: layers reading a contiguous range (a free view)
+    copies: int  #: layers gathering their channels (a copy per inference)
+    copied_channels: int  #: channels those gathers copy per inference
+
+
+def count_copies(model: nn.Module) -> CopyCount:
+    """Views, gathers and channels gathered per inference by the Subselect
+    layers of a pruned (or loaded) model; all zero for a model channelcut did
+    not prune. For an export at hand, ``PruningSpec.copied_channels`` holds the
+    same numbers.
+
+    >>> count_copies(nn.Linear(4, 2))
+    CopyCount(views=0, copies=0, copied_channels=0)
+    """
+    _check_module(model, "count_copies")
+    reads = [s for m in model.modules() if (s := subselection_of(m)) is not None]
+    gathers = [s for s in reads if not s["contiguous"]]
+    return CopyCount(len(reads) - len(gathers), len(gathers), sum(len(s["indices"]) for s in gathers))
 
 
 @contextlib.contextmanager
