@@ -106,7 +106,7 @@ def _export_once(tool: str, model: torch.nn.Module, x: torch.Tensor, pairs: List
     if tool == "channelcut":
         from channelcut import PruningManager
 
-        PruningManager(model).compute([x], pruned_inputs=pairs).prune(verify=False)
+        PruningManager(model).compute([x], pruned_inputs=pairs).prune()  # the default path, verified
     elif tool == "apple-upscale":
         from upscale.pruning import PruningManager as UpscaleManager
 
@@ -246,7 +246,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         masks, head = V.select_masks(model, x, args.amount_list)
         bar.update()
         res: Dict[str, Any] = {"head": head, "image_size": size, "amounts": {}, "export_runs": {}}
-        runs: Dict[str, List[float]] = {"channelcut": [], "channelcut_prune": [], "apple-upscale": [], "apple-upscale_prune": [], "torch-pruning": []}
+        runs: Dict[str, List[float]] = {"channelcut": [], "channelcut_prune": [], "channelcut_default": [], "apple-upscale": [],
+                                        "apple-upscale_prune": [], "torch-pruning": []}
         for a in args.amount_list:
             bar.set_description(f"{name} @{a}: export")
             models, info = V.build_variants(name, model, x, masks[a], head, peers=not args.no_peers, log=bar.write)
@@ -269,10 +270,11 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
             gc.collect()
         # more export runs at the middle amount, if asked for
         bar.set_description(f"{name}: export runs")
-        while len(runs["channelcut"]) < args.export_runs:
+        while len(runs["channelcut"]) < args.export_runs or len(runs["channelcut_default"]) < args.export_runs:
             e = V.export_channelcut(model, x, masks[mid], "unconstrained")
             runs["channelcut"].append(e.compute_s)
             runs["channelcut_prune"].append(e.prune_s)
+            runs["channelcut_default"].append(V.time_channelcut_default(model, x, masks[mid]))
             if not args.no_peers and "error" not in res["amounts"][str(mid)]["info"].get("upscale", {"error": 1}):
                 e = V.export_upscale(model, x, masks[mid])
                 runs["apple-upscale"].append(e.compute_s)
@@ -353,8 +355,10 @@ def summarise(results: Dict[str, Any]) -> Dict[str, Any]:
         cc, ccp = med(runs["channelcut"]), med(runs["channelcut_prune"])
         up, upp = med(runs["apple-upscale"]), med(runs["apple-upscale_prune"])
         tp = med(runs["torch-pruning"])
+        ccd = med(runs.get("channelcut_default", []))
         m: Dict[str, Any] = {
-            "cc_compute": cc, "cc_prune": ccp, "up_compute": up, "up_prune": upp, "tp": tp,
+            "cc_compute": cc, "cc_prune": ccp, "cc_default": ccd, "up_compute": up, "up_prune": upp, "tp": tp,
+            "tp_over_cc_default": ratio(tp, ccd), "up_total_over_cc_default": ratio((up or 0) + (upp or 0) if up else None, ccd),
             "up_over_cc": ratio(up, cc), "up_total_over_cc_total": ratio((up or 0) + (upp or 0) if up else None, (cc or 0) + (ccp or 0)),
             "tp_over_cc_total": ratio(tp, (cc or 0) + (ccp or 0)), "tp_over_cc": ratio(tp, cc),
             "up_error": res["amounts"][ref]["info"].get("upscale", {}).get("error"),
@@ -438,6 +442,16 @@ def write_report(results: Dict[str, Any], out: str) -> str:
     if tps:
         add(f"- export: channelcut's compute + prune vs torch-pruning's graph + init + step: **{min(tps):.2f}x-{max(tps):.2f}x** "
             f"(median {statistics.median(tps):.2f}x; above 1 = channelcut faster) on {len(tps)} models")
+    tpd = [(n, m["tp_over_cc_default"]) for n, m in s["models"].items() if m.get("tp_over_cc_default")]
+    if tpd:
+        slower = [n for n, r in tpd if r < 1]
+        add(f"- export, channelcut's **default path** (compute + verified prune) vs torch-pruning's graph + init + step: "
+            f"**{min(r for _, r in tpd):.2f}x-{max(r for _, r in tpd):.2f}x** (median {statistics.median(r for _, r in tpd):.2f}x) "
+            f"on {len(tpd)} models" + (f"; slower on {', '.join(slower)}" if slower else "; faster on every one"))
+    upd = [(n, m["up_total_over_cc_default"]) for n, m in s["models"].items() if m.get("up_total_over_cc_default")]
+    if upd:
+        add(f"- export, channelcut's default path vs apple-upscale's compute + prune: "
+            + ", ".join(f"{n} {r:.1f}x" for n, r in upd))
     for b in batches:
         vi = [(n, m["latency"][b]["vs_ideal_median"]) for n, m in s["models"].items() if b in m["latency"]]
         vu = [(n, m["latency"][b]["vs_upscale_median"]) for n, m in s["models"].items() if b in m["latency"] and m["latency"][b]["vs_upscale_median"]]
@@ -472,20 +486,25 @@ def write_report(results: Dict[str, Any], out: str) -> str:
         "the time includes the tools' tracing forward pass at the export input size (channelcut's runs on meta "
         "tensors: shapes only, no arithmetic; the peers compute theirs for real). "
         "apple-upscale / channelcut compares `compute` with `compute`; torch-pruning (graph + pruner init + step, "
-        "which prunes the model) is compared with channelcut's compute + `prune(verify=False)` (no tool verifies "
-        "here; channelcut's default `prune()` adds two forward passes that compare the pruned model with the mock).\n")
-    add("| model | channelcut compute | channelcut prune | apple-upscale compute | apple-upscale prune | torch-pruning | "
-        "apple-upscale / channelcut (compute) | torch-pruning / channelcut (compute + prune) | torch-pruning / channelcut (compute) |")
-    add("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+        "which prunes the model) is compared with channelcut's compute + `prune(verify=False)`, and with channelcut's "
+        "**default path**: compute + `prune()`, which verifies the export against the unpruned model with the request "
+        "zeroed (two forward passes; no peer verifies anything), timed on its own copies at the middle amount.\n")
+    add("| model | channelcut compute | channelcut prune | channelcut default (compute + verified prune) | "
+        "apple-upscale compute | apple-upscale prune | torch-pruning | "
+        "apple-upscale / channelcut (compute) | torch-pruning / channelcut (compute + prune) | "
+        "torch-pruning / channelcut default | apple-upscale (compute + prune) / channelcut default |")
+    add("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for n, m in s["models"].items():
         upc = fmt(m["up_compute"], 3) if m["up_compute"] else _err(m["up_error"])
         tpc = fmt(m["tp"], 3) if m["tp"] else _err(m["tp_error"])
-        add(f"| {n} | {fmt(m['cc_compute'], 3)} | {fmt(m['cc_prune'], 3)} | {upc} | {fmt(m['up_prune'], 3)} | {tpc} | "
-            f"{fmt(m['up_over_cc'], 1, 'x')} | {fmt(m['tp_over_cc_total'], 2, 'x')} | {fmt(m['tp_over_cc'], 2, 'x')} |")
+        add(f"| {n} | {fmt(m['cc_compute'], 3)} | {fmt(m['cc_prune'], 3)} | {fmt(m.get('cc_default'), 3)} | {upc} | "
+            f"{fmt(m['up_prune'], 3)} | {tpc} | "
+            f"{fmt(m['up_over_cc'], 1, 'x')} | {fmt(m['tp_over_cc_total'], 2, 'x')} | "
+            f"{fmt(m.get('tp_over_cc_default'), 2, 'x')} | {fmt(m.get('up_total_over_cc_default'), 1, 'x')} |")
     add("")
     if any("memory" in r for r in results["models"].values()):
         add("## Export memory\n")
-        add(f"One export (compute + prune; torch-pruning: graph + init + step) at amount {ref} in a fresh subprocess per tool, "
+        add(f"One export (channelcut: the default path, compute + verified prune; torch-pruning: graph + init + step) at amount {ref} in a fresh subprocess per tool, "
             "the model already built: peak resident set during the export minus the resident set before it (MiB; the peak "
             "is reset through `/proc/self/clear_refs` first). It includes the tracing forward pass's activations. "
             "With `--heap`, also the peak of Python-heap allocations in a second export (`tracemalloc`).\n")

@@ -142,6 +142,16 @@ def export_channelcut(
     )
 
 
+def time_channelcut_default(model: nn.Module, x: torch.Tensor, pairs: List[Pair]) -> float:
+    """Seconds for channelcut's default path on a copy of ``model``:
+    ``compute`` then ``prune()`` with its verification (the reference run and
+    the pruned model's run)."""
+    net = copy.deepcopy(model)
+    t0 = time.perf_counter()
+    PruningManager(net).compute([x], pruned_inputs=pairs).prune()
+    return time.perf_counter() - t0
+
+
 def have_upscale() -> bool:
     try:
         import upscale.pruning  # noqa: F401
