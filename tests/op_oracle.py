@@ -51,7 +51,7 @@ from torch.utils._pytree import tree_flatten
 from channelcut.pruning import rules
 from channelcut.pruning.mock import zero_input_channels
 from channelcut.pruning.spec import MaskEntry
-from channelcut.pruning.trace import NO_SOURCE, TracedGraph
+from channelcut.pruning.graph import NO_SOURCE, TracedGraph
 from channelcut.pruning.tracing import Tr, Tracer, _module_hooks
 
 D = torch.float64

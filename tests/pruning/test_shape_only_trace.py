@@ -1,4 +1,4 @@
-"""The shape-only trace (``channelcut.pruning.meta``): ops on meta tensors.
+"""The shape-only trace (``channelcut.pruning.shape_only``): ops on meta tensors.
 
 It must give the very graph a pass with real values gives, or hand over to a
 real pass; never leave anything on the model; and warn once. The random
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from channelcut import PruningManager
-from channelcut.pruning import meta
+from channelcut.pruning import shape_only as meta
 from channelcut.pruning.tracing import _trace_once, trace
 
 from ._helpers import assert_unchanged, prepare, snapshot

@@ -27,9 +27,10 @@ from ..errors import ExportError, StateError, TracingError
 from .mock import make_mock
 from .pruner import Rollback, prune_model
 from .resolve import DEFAULT_COPY_COST, resolve
+from .graph import TracedGraph
+from .model_run import flatten_tensors
 from .spec import PruningSpec
-from .trace import TracedGraph
-from .tracing import flatten_tensors, run_model, trace
+from .tracing import trace
 from .verify import check, reference_outputs, run_deterministic
 from .zeros import find_zero_channels
 

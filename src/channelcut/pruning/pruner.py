@@ -26,8 +26,8 @@ from torch import nn
 from ..errors import ExportError
 from .attention import fix_multihead_attention
 from .mock import zero_input_channels
-from .modules import install_subselection
 from .spec import MaskEntry, PruningSpec, Subselection
+from .subselect import install_subselection
 
 
 class Rollback:

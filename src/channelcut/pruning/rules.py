@@ -19,11 +19,11 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .meta import NeedsValues
-from .trace import NO_SOURCE, Consumer, Producer
-from .reorder import is_tiling
-from .sizes import AttrInt, SizeInt
-from .tracing import Tr, Tracer, _TooBig, flatten_tensors
+from .counts import ChannelCount, HeadCount
+from .graph import NO_SOURCE, Consumer, Producer, is_tiling
+from .model_run import flatten_tensors
+from .shape_only import NeedsValues
+from .tracing import Tr, Tracer, _TooBig
 
 Rule = Callable[[Tracer, Any, tuple, dict, Any], None]
 RULES: Dict[str, Rule] = {}
@@ -151,7 +151,7 @@ def _sized_like_channels(tr: Tracer, args, kwargs, out) -> bool:
             sizes.extend(a)
         elif isinstance(a, int):
             sizes.append(a)
-    if not isinstance(out, torch.Tensor) or not any(isinstance(v, SizeInt) for v in sizes):
+    if not isinstance(out, torch.Tensor) or not any(isinstance(v, ChannelCount) for v in sizes):
         return False
     sizes = [v for v in sizes if isinstance(v, int) and not isinstance(v, bool)]
     if len(sizes) != out.dim():
@@ -159,7 +159,7 @@ def _sized_like_channels(tr: Tracer, args, kwargs, out) -> bool:
     if len(sizes) != out.dim():
         return False
     for d, v in enumerate(sizes):
-        if isinstance(v, SizeInt) and v.base is not None and len(v.base) == out.shape[d] and out.shape[d] > 1:
+        if isinstance(v, ChannelCount) and v.base is not None and len(v.base) == out.shape[d] and out.shape[d] > 1:
             tr.set(out, Tr.along(torch.tensor(v.base, dtype=torch.long), d, out.dim()))
             return True
     return False
@@ -734,9 +734,9 @@ def conv(tr: Tracer, func, args, kwargs, out) -> None:
         if module is None or _current_module(tr, torch.nn.modules.conv._ConvNd) != module:
             # a functional depthwise conv: its group count must follow the channels
             names = _int_attrs_equal(tr, groups)
-            if len(names) == 1 and not isinstance(groups, SizeInt):
+            if len(names) == 1 and not isinstance(groups, ChannelCount):
                 tr.add_module_size((tr.module, names[0], in_ids.tolist(), 1))
-            elif not isinstance(groups, SizeInt):
+            elif not isinstance(groups, ChannelCount):
                 tr.pin_ids(in_ids, f"depthwise {name} with a fixed group count ({tr.module or '<model>'})")
     elif not transposed:  # grouped conv: keep groups uniform
         k = cin // groups
@@ -1023,7 +1023,7 @@ def _fast_movement(tr: Tracer, name: str, func, args, kwargs, outs) -> bool:
             return False
         req = _requested_shape(tr, name, x, args, kwargs)
         size = req[vd] if req is not None and len(req) == y.dim() else -1
-        if not (size == -1 or isinstance(size, SizeInt) and _follows(tr, size, t.ids)):
+        if not (size == -1 or isinstance(size, ChannelCount) and _follows(tr, size, t.ids)):
             tr.pin_ids(t.ids, f"'{name}' to a hard-coded channel count ({tr.module or '<model>'})")
         tr.set(y, Tr.along(t.ids, vd, y.dim()))
         return True
@@ -1077,14 +1077,14 @@ def _cat_fast(tr: Tracer, name: str, args, kwargs, y: torch.Tensor) -> bool:
 
 def _requested_shape(tr: Tracer, name: str, x: torch.Tensor, args, kwargs) -> Optional[List[Any]]:
     """The shape arguments of reshape/view/unflatten as the model wrote them
-    (ints, -1, or channel-carrying :class:`SizeInt`), aligned to output dims."""
+    (ints, -1, or channel-carrying :class:`ChannelCount`), aligned to output dims."""
     if name in ("view_as", "reshape_as", "expand_as"):
         other = _arg(args, kwargs, 1, "other")
         if not isinstance(other, torch.Tensor):
             return None
         t = tr.get(other)
         base = tuple(t.ids.tolist()) if t is not None and t.vdim is not None else None
-        return [SizeInt(v, base) if t is not None and d == t.vdim else int(v) for d, v in enumerate(other.shape)]
+        return [ChannelCount(v, base) if t is not None and d == t.vdim else int(v) for d, v in enumerate(other.shape)]
     if name in ("reshape", "view", "expand", "broadcast_to"):
         shape = kwargs.get("shape", kwargs.get("size"))
         if shape is None:
@@ -1137,14 +1137,14 @@ def _reshape_fast(tr: Tracer, t: Tr, x: torch.Tensor, y: torch.Tensor, requested
         if t.vdim not in gi:
             continue
         if requested is not None and len(requested) == len(s_out):
-            adaptive = [d for d in gj if isinstance(requested[d], SizeInt) or (requested[d] == -1 and not isinstance(requested[d], bool))]
+            adaptive = [d for d in gj if isinstance(requested[d], ChannelCount) or (requested[d] == -1 and not isinstance(requested[d], bool))]
         else:
             adaptive = [d for d in gj if s_out[d] != 1]
             if not adaptive:
                 adaptive = gj[:1]
         attr_update = None
         if not adaptive and requested is not None and len(requested) == len(s_out):
-            heads = [d for d in gj if isinstance(requested[d], AttrInt)]
+            heads = [d for d in gj if isinstance(requested[d], HeadCount)]
             if len(heads) == 1:
                 # (..., self.num_heads, self.head_dim): whole heads go, and
                 # the head count is rewritten when pruning
@@ -1166,13 +1166,13 @@ def _reshape_fast(tr: Tracer, t: Tr, x: torch.Tensor, y: torch.Tensor, requested
         a = adaptive[0]
         if attr_update is None and requested is not None and len(requested) == len(s_out):
             sz = requested[a]
-            if isinstance(sz, int) and not isinstance(sz, SizeInt) and sz == -1 and len(gj) > 1:
+            if isinstance(sz, int) and not isinstance(sz, ChannelCount) and sz == -1 and len(gj) > 1:
                 # view(..., -1, self.head_size) in a module that counts its
                 # heads (BERT's num_attention_heads): keep the count true
                 heads = _head_count_attrs(tr, s_out[a])
                 if len(heads) == 1:
                     attr_update = (tr.module, heads[0])
-            if isinstance(sz, SizeInt) and sz.base is not None and len(sz.base) != sz:
+            if isinstance(sz, ChannelCount) and sz.base is not None and len(sz.base) != sz:
                 retry = _split_heads_of(tr, t, gj, requested)
                 if retry is not None:
                     # reshape(B, N, 3, self.num_heads, C // self.num_heads):
@@ -1195,7 +1195,7 @@ def _reshape_fast(tr: Tracer, t: Tr, x: torch.Tensor, y: torch.Tensor, requested
         else:
             ids = block.clone()
         size = requested[a] if requested is not None and len(requested) == len(s_out) else None
-        if isinstance(size, SizeInt) and not _follows(tr, size, ids):
+        if isinstance(size, ChannelCount) and not _follows(tr, size, ids):
             where = tr.module or "<model>"
             tr.pin_ids(t.ids, f"'{name}' with a size computed from another tensor's channel count ({where})")
             base = [a for a in (size.base or ()) if a >= 0]
@@ -1216,13 +1216,13 @@ def _reshape_fast(tr: Tracer, t: Tr, x: torch.Tensor, y: torch.Tensor, requested
 
 def _split_heads_of(tr: Tracer, t: Tr, gj: List[int], requested: List[Any]) -> Optional[List[Any]]:
     """For a channel split ``(..., heads, C // heads)`` whose head count is a
-    module attribute (:class:`AttrInt`) and whose head size is computed from
+    module attribute (:class:`HeadCount`) and whose head size is computed from
     another tensor's ``C`` channels: couple every C-block of the split
     channels with those C channels position by position (their counts stay
     equal) and return the sizes with the head size as a plain int, so that
     the heads dim is the one that shrinks. None when they do not fit."""
-    heads = [d for d in gj if isinstance(requested[d], AttrInt)]
-    sized = [d for d in gj if isinstance(requested[d], SizeInt)]
+    heads = [d for d in gj if isinstance(requested[d], HeadCount)]
+    sized = [d for d in gj if isinstance(requested[d], ChannelCount)]
     if len(heads) != 1 or len(sized) != 1:
         return None
     base = [a for a in (requested[sized[0]].base or ())]
@@ -1237,16 +1237,16 @@ def _split_heads_of(tr: Tracer, t: Tr, gj: List[int], requested: List[Any]) -> O
 
 
 def _head_count_attrs(tr: Tracer, value: int) -> List[str]:
-    """Head-count attributes (:class:`AttrInt`) of the running module equal to ``value``."""
+    """Head-count attributes (:class:`HeadCount`) of the running module equal to ``value``."""
     m = _current_module_object(tr)
     if m is None:
         return []
-    return [k for k, v in vars(m).items() if isinstance(v, AttrInt) and v == value]
+    return [k for k, v in vars(m).items() if isinstance(v, HeadCount) and v == value]
 
 
 def _int_attrs_equal(tr: Tracer, value: Any) -> List[str]:
     """Plain int attributes of the running module equal to ``value``."""
-    if not isinstance(value, int) or isinstance(value, (bool, SizeInt)) or value <= 1:
+    if not isinstance(value, int) or isinstance(value, (bool, ChannelCount)) or value <= 1:
         return []
     m = _current_module_object(tr)
     if m is None:
@@ -1254,7 +1254,7 @@ def _int_attrs_equal(tr: Tracer, value: Any) -> List[str]:
     return [k for k, v in vars(m).items() if type(v) is int and v == value and not k.startswith("_")]
 
 
-def _follows(tr: Tracer, size: SizeInt, ids: torch.Tensor) -> bool:
+def _follows(tr: Tracer, size: ChannelCount, ids: torch.Tensor) -> bool:
     """Will ``size`` (read from some tensor's channel dim) still equal the
     number of channels ``ids`` after pruning? True when it was read from the
     same channels, or (same length) once the two are coupled."""
@@ -1449,7 +1449,7 @@ def _chunk_fast(tr: Tracer, name: str, args, kwargs, outs) -> bool:
         size = _arg(args, kwargs, 1, "split_size_or_sections", _arg(args, kwargs, 1, "split_size"))
         if not isinstance(size, int) or isinstance(size, bool) or size <= 0 or c % size:
             return False
-        if not isinstance(size, SizeInt):
+        if not isinstance(size, ChannelCount):
             # split(self.split_size) (GPT-2): the attribute is rewritten to
             # the kept count of each (equal) part
             names = _int_attrs_equal(tr, size)
@@ -1516,7 +1516,7 @@ def _split_sections_fast(tr: Tracer, name: str, args, kwargs, outs) -> bool:
     else:
         followed = False
         for i, v in enumerate(sections):
-            names = [v.attr] if isinstance(v, AttrInt) else _int_attrs_equal(tr, v)
+            names = [v.attr] if isinstance(v, HeadCount) else _int_attrs_equal(tr, v)
             if len(names) == 1:  # (add_module_size couples sections of one attribute)
                 tr.add_module_size((tr.module, names[0], parts[i].tolist(), 1))
                 followed = True
@@ -1538,7 +1538,7 @@ def _current_module_object(tr: Tracer) -> Optional[torch.nn.Module]:
         return None
 
 
-def _follows_part(tr: Tracer, size: SizeInt, ids: torch.Tensor, n: int) -> bool:
+def _follows_part(tr: Tracer, size: ChannelCount, ids: torch.Tensor, n: int) -> bool:
     """``size`` was computed from these very channels (e.g. ``C // 2``)."""
     if size.base is None or len(size.base) != ids.numel():
         return False

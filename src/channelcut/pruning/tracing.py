@@ -4,7 +4,7 @@ A :class:`torch.overrides.TorchFunctionMode` sees every torch function the
 model calls. Tensors stay ordinary tensors: their traces live in a side table
 keyed by tensor identity, so nothing is ever attached to the user's model, its
 parameters or its activations. Each call is computed (on ``meta`` tensors when
-shapes are all the pass needs, see ``meta.py``; else for real), then the op's
+shapes are all the pass needs, see ``shape_only.py``; else for real), then the op's
 rule (``rules.py``) derives the output traces from the input traces.
 
 Inside the tracer a trace is a :class:`Tr`: an int64 tensor with the same
@@ -16,20 +16,19 @@ the pruned model rectangular.
 
 from __future__ import annotations
 
-import contextlib
 import warnings
 import weakref
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_flatten
 
 from ..errors import TracingError
-from . import meta
-from .sizes import HEAD_COUNT_ATTRS, AttrInt, SizeInt
-from .trace import NO_SOURCE, SourceTable, TracedGraph
+from . import shape_only
+from .counts import HEAD_COUNT_ATTRS, ChannelCount, HeadCount
+from .graph import NO_SOURCE, SourceTable, TracedGraph
+from .model_run import call_model, flatten_tensors, preserve_buffers
 
 
 class IdTable:
@@ -102,7 +101,7 @@ class Tracer(TorchFunctionMode):
         super().__init__()
         self.model = model
         self.graph = graph
-        #: compute ops on meta tensors (see ``meta.py``)
+        #: compute ops on meta tensors (see ``shape_only.py``)
         self.shapes_only = shapes_only
         self.meta_cache: Dict[int, Tuple[torch.Tensor, torch.Tensor]] = {}
         first = next(model.parameters(), None)
@@ -144,7 +143,7 @@ class Tracer(TorchFunctionMode):
         n = self.op_counts.get(base, 0)
         self.op_counts[base] = n + 1
         op = base if n == 0 else f"{base}#{n + 1}"
-        from .trace import OpRecord
+        from .graph import OpRecord
 
         self.graph.ops.append(OpRecord(op, func_name, self.module))
         return op
@@ -292,7 +291,7 @@ class Tracer(TorchFunctionMode):
     def record_param_use(self, name: str, dim: int, positions: List[int], ids: torch.Tensor | List[int]) -> None:
         """Parameter ``name`` is sliced along ``dim`` with the channels ``ids``
         (a tensor or a list of atoms, one per entry of ``positions``)."""
-        from .trace import ParamUse
+        from .graph import ParamUse
 
         ids_l = ids if isinstance(ids, list) else ids.tolist()
         positions = list(positions)
@@ -382,7 +381,7 @@ class Tracer(TorchFunctionMode):
 
         name = rules.func_name(func)
         if self.shapes_only:
-            out = meta.run(func, name, args, kwargs, self.meta_cache, self.device)
+            out = shape_only.run(func, name, args, kwargs, self.meta_cache, self.device)
         else:
             out = func(*args, **kwargs)
 
@@ -408,10 +407,10 @@ class Tracer(TorchFunctionMode):
             return out
         base = tuple(t.ids.tolist())
         if isinstance(out, torch.Size):
-            return torch.Size([SizeInt(v, base) if d == t.vdim else v for d, v in enumerate(out)])
+            return torch.Size([ChannelCount(v, base) if d == t.vdim else v for d, v in enumerate(out)])
         d = kwargs.get("dim", args[1] if len(args) > 1 else None)
         if isinstance(d, int) and d % args[0].dim() == t.vdim:
-            return SizeInt(out, base)
+            return ChannelCount(out, base)
         return out
 
 
@@ -432,42 +431,8 @@ def _module_hooks(tracer: Tracer):
     return h1, h2
 
 
-def flatten_tensors(obj: Any) -> List[torch.Tensor]:
-    """All tensors in a (nested) container, in order."""
-    if isinstance(obj, torch.Tensor):
-        return [obj]
-    if isinstance(obj, (list, tuple)) and all(isinstance(o, (torch.Tensor, int, float, bool, str, type(None), torch.dtype, torch.device)) for o in obj):
-        return [o for o in obj if isinstance(o, torch.Tensor)]
-    leaves, _ = tree_flatten(obj)
-    out = []
-    for leaf in leaves:
-        if isinstance(leaf, torch.Tensor):
-            out.append(leaf)
-        elif hasattr(leaf, "items") or hasattr(leaf, "__dict__"):
-            # e.g. HF ModelOutput already flattens as dict; dataclass-like: look inside
-            try:
-                out.extend(v for v in vars(leaf).values() if isinstance(v, torch.Tensor))
-            except TypeError:
-                pass
-    return out
-
-
-@contextlib.contextmanager
-def preserve_buffers(model: torch.nn.Module) -> Iterator[None]:
-    """Restore every buffer's value afterwards (a forward pass in train mode
-    updates BatchNorm running statistics; tracing must not)."""
-    saved = [(b, b.detach().clone()) for b in model.buffers()]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for b, v in saved:
-                if b.shape == v.shape:
-                    b.copy_(v)
-
-
 def _mark_head_counts(model: torch.nn.Module) -> List[Tuple[torch.nn.Module, str, int]]:
-    """Replace every module's head-count attribute by an :class:`AttrInt`
+    """Replace every module's head-count attribute by an :class:`HeadCount`
     for the traced pass; return what to put back."""
     marked: List[Tuple[torch.nn.Module, str, int]] = []
     for name, m in model.named_modules():
@@ -475,19 +440,8 @@ def _mark_head_counts(model: torch.nn.Module) -> List[Tuple[torch.nn.Module, str
             v = m.__dict__.get(attr)
             if type(v) is int and v > 1:
                 marked.append((m, attr, v))
-                m.__dict__[attr] = AttrInt(v, name, attr)
+                m.__dict__[attr] = HeadCount(v, name, attr)
     return marked
-
-
-def call_model(model: torch.nn.Module, inputs: Sequence[Any] | Dict[str, Any]) -> Any:
-    """Call the model on positional (list/tuple) or keyword (dict) inputs."""
-    return model(**inputs) if isinstance(inputs, dict) else model(*inputs)
-
-
-def run_model(model: torch.nn.Module, inputs: Sequence[Any] | Dict[str, Any]) -> Any:
-    """:func:`call_model`, leaving the model's buffers unchanged."""
-    with preserve_buffers(model):
-        return call_model(model, inputs)
 
 
 def trace(
@@ -498,18 +452,18 @@ def trace(
 
     With ``shapes_only`` (the default) the pass first runs on meta tensors,
     which costs no arithmetic and no activation memory; if the model turns out
-    to need real values (see ``meta.py``), that pass is discarded and the model
+    to need real values (see ``shape_only.py``), that pass is discarded and the model
     is traced again for real. The graph is the same either way; the output is
     then a meta tensor, or meta tensors."""
     if shapes_only:
-        state = meta.snapshot_state(model)
+        state = shape_only.snapshot_state(model)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             try:
                 result: Optional[Tuple[TracedGraph, Any]] = _trace_once(model, inputs, True)
             except Exception:  # needs values, or fails: the real pass decides
                 result = None
-        if meta.restore_state(state):  # the model changed itself: trace it for real
+        if shape_only.restore_state(state):  # the model changed itself: trace it for real
             result = None
         if result is not None:
             for w in caught:
@@ -522,7 +476,7 @@ def _trace_once(model: torch.nn.Module, inputs: Sequence[Any] | Dict[str, Any], 
     graph = TracedGraph()
     tracer = Tracer(model, graph, shapes_only)
     if shapes_only:
-        inputs = meta.inputs_to_meta(inputs)
+        inputs = shape_only.inputs_to_meta(inputs)
     leaves = list(inputs.values()) if isinstance(inputs, dict) else list(inputs)
     for i, x in enumerate(flatten_tensors(leaves)):
         if tracer.get(x) is None:
@@ -534,7 +488,7 @@ def _trace_once(model: torch.nn.Module, inputs: Sequence[Any] | Dict[str, Any], 
         # not the model's ops
         with preserve_buffers(model), torch.no_grad(), tracer:
             out = call_model(model, inputs)
-    except (TracingError, meta.NeedsValues):
+    except (TracingError, shape_only.NeedsValues):
         raise
     except Exception as exc:  # the model itself failed on these inputs
         raise TracingError(

@@ -267,14 +267,22 @@ class TracedGraph:
             self.producers_by_param.setdefault(p.param, []).append(p.op)
 
 
-def collapse_runs(seq: Sequence[int]) -> List[int]:
-    """Drop consecutive duplicates.
+def is_tiling(out: Sequence[int], base: Sequence[int]) -> bool:
+    """``out`` is ``base`` with every entry repeated m times, tiled k times.
 
-    >>> collapse_runs([4, 4, 4, 7, 7, 4])
-    [4, 7, 4]
+    >>> is_tiling([1, 1, 2, 2, 1, 1, 2, 2], [1, 2])
+    True
+    >>> is_tiling([2, 1], [1, 2])
+    False
     """
-    out: List[int] = []
-    for x in seq:
-        if not out or out[-1] != x:
-            out.append(x)
-    return out
+    n = len(base)
+    if n == 0 or len(out) % n:
+        return False
+    out = list(out)
+    for m in range(1, len(out) // n + 1):
+        if (len(out) // n) % m:
+            continue
+        unit = [g for g in base for _ in range(m)]
+        if unit * (len(out) // len(unit)) == out:
+            return True
+    return False
