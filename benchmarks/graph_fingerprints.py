@@ -7,7 +7,9 @@ gave, and the resolved spec (``spec.to_dict()``) of a fixed seeded request,
 or the error it raised. The models: ``--nets`` random networks
 (``tests/randnet.py``, with the request of ``export_props.make_request``) and
 a dozen zoo models of ``tests/test_zoo.py`` (30% of every consumer's inputs,
-unconstrained and constrained).
+unconstrained and constrained), and every op-rule case of
+``tests/test_op_rules.py`` (the graph, the atom of every output element and
+the rules that ran: each rule's path, barriers and reasons included).
 
 A refactoring of the engine must leave this file byte for byte the same::
 
@@ -105,17 +107,41 @@ def zoo_models(names: List[str]) -> Dict[str, Any]:
     return out
 
 
+def op_cases() -> Dict[str, Any]:
+    from export_props import graph_fingerprint
+    from op_oracle import trace_case
+    from test_op_rules import CASES
+
+    out = {}
+    for case in CASES:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                t = trace_case(case)
+            except Exception as exc:
+                out[f"op-{case.id}"] = {"error": f"{type(exc).__name__}: {exc}"}
+                continue
+        out[f"op-{case.id}"] = {
+            "graph": graph_fingerprint(t.graph), "claims": [c.tolist() for c in t.claims], "vdims": t.vdims,
+            "rules": sorted(t.hits), "warnings": [str(w.message) for w in caught],
+        }
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--tests", default=os.path.join(HERE, "..", "tests"), help="the test helpers' folder")
     ap.add_argument("--nets", type=int, default=300, help="random networks (seeds 0..N-1)")
     ap.add_argument("--zoo", default=",".join(ZOO), help="comma-separated test_zoo model ids ('' for none)")
+    ap.add_argument("--no-ops", action="store_true", help="leave out the op-rule cases")
     ap.add_argument("-o", "--out", default="graph_fingerprints.json")
     a = ap.parse_args()
     sys.path.insert(0, os.path.abspath(a.tests))
     torch.set_num_threads(1)
     result = random_nets(a.nets)
     result.update(zoo_models([z for z in a.zoo.split(",") if z]))
+    if not a.no_ops:
+        result.update(op_cases())
     with open(a.out, "w") as f:
         json.dump(result, f, default=_plain, separators=(",", ":"))
     print(f"{len(result)} models -> {a.out}")

@@ -17,6 +17,9 @@ rectangular tensor. One representative atom per channel is therefore enough.
 
 Groups that must never be removed are **pinned** (model outputs, barrier ops,
 slicing with literal bounds, ...); the reason is kept for the report.
+
+:func:`is_tiling` tells whether one trace repeats another's channels (as a
+``flatten`` or ``repeat`` does), which the rules and the reordering both ask.
 """
 
 from __future__ import annotations
