@@ -533,6 +533,8 @@ mv("channel_shuffle", lambda m, x: F.channel_shuffle(x, 2), In((1, 2, 2, 2), 1),
 mv("native_channel_shuffle", lambda m, x: torch.native_channel_shuffle(x, 3), In((1, 6, 2, 2), 1))
 mv("unfold", lambda m, x: x.unfold(2, 2, 1), img(), note="Tensor.unfold over a spatial dim")
 mv("unfold", lambda m, x: F.unfold(x, 2), In((1, 3, 3, 3), 1), note="F.unfold (im2col)")
+mv("fold", lambda m, x: F.fold(x, (3, 3), 2), In((1, 12, 4), 1), note="F.fold (col2im): 3 channels of 2x2 blocks")
+mv("fold", lambda m, x: F.fold(x, (3, 4), 2, stride=(1, 2)), In((8, 4), 0), note="unbatched, 2 channels, channel dim 0")
 mv("atleast_1d", lambda m, x: torch.atleast_1d(x), img())
 mv("atleast_2d", lambda m, x: torch.atleast_2d(x), In((4,), 0))
 mv("atleast_3d", lambda m, x: torch.atleast_3d(x), In((3, 4), 1))

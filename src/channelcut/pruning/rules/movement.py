@@ -336,3 +336,17 @@ def unfold(rec: Recorder, call: OpCall) -> None:
     ids = rec.ids_along(x, 1)
     k = out.shape[1] // max(ids.numel(), 1)
     rec.set(out, CompactTrace.along(ids.repeat_interleave(k), 1, out.dim()))
+
+
+@rule("fold")
+def fold(rec: Recorder, call: OpCall) -> None:
+    """``F.fold`` (col2im, the inverse of ``F.unfold``): input rows
+    ``c*k .. c*k+k-1`` (one per kernel position) are summed into output
+    channel ``c``, so they are coupled."""
+    x, out = call.args[0], call.out
+    cdim = x.dim() - 2  # (N, C*k, L), or unbatched (C*k, L)
+    ids = rec.ids_along(x, cdim)
+    c = out.shape[cdim]
+    k = ids.numel() // c
+    reps = torch.tensor([rec.couple(ids[i * k:(i + 1) * k]) for i in range(c)], dtype=torch.long)
+    rec.set(out, CompactTrace.along(reps, cdim, out.dim()) if c > 1 else CompactTrace.scalar(int(reps[0]), out.dim()))
