@@ -193,6 +193,59 @@ class ParamAlignment:
         return uses, None
 
 
+class ModuleContext:
+    """Which module of the model is running now, and its integer attributes
+    (the sizes a module holds, which a rule may find it must rewrite)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        #: id of a module -> its name (filled by the Recorder's walk over the model)
+        self.names: Dict[int, str] = {}
+        #: names of the modules running now, innermost last (kept by ``tracing.module_hooks``)
+        self.stack: List[Optional[str]] = []
+
+    @property
+    def current(self) -> Optional[str]:
+        """Name of the innermost module running now (None: the model's own code)."""
+        return self.stack[-1] if self.stack else None
+
+    def running(self) -> Optional[torch.nn.Module]:
+        """The innermost module running now, if any."""
+        if self.current is None:
+            return None
+        try:
+            return self.model.get_submodule(self.current)
+        except AttributeError:
+            return None
+
+    def running_name_if(self, cls: type) -> Optional[str]:
+        """Name of the module running now, if it is an instance of ``cls``."""
+        name = self.current
+        if name is None:
+            return None
+        try:
+            m = self.model.get_submodule(name)
+        except AttributeError:
+            return None
+        return name if isinstance(m, cls) else None
+
+    def int_attrs_equal(self, value: Any) -> List[str]:
+        """Plain int attributes of the running module equal to ``value``."""
+        if not isinstance(value, int) or isinstance(value, (bool, ChannelCount)) or value <= 1:
+            return []
+        m = self.running()
+        if m is None:
+            return []
+        return [k for k, v in vars(m).items() if type(v) is int and v == value and not k.startswith("_")]
+
+    def head_count_attrs(self, value: int) -> List[str]:
+        """Head-count attributes (:class:`HeadCount`) of the running module equal to ``value``."""
+        m = self.running()
+        if m is None:
+            return []
+        return [k for k, v in vars(m).items() if isinstance(v, HeadCount) and v == value]
+
+
 class Recorder:
     """The tracer's state: traces of tensors, the sources, op ids, the module
     stack, and the unions, pins and parameter uses rules record.
@@ -201,8 +254,10 @@ class Recorder:
     :class:`CompactTrace`; :meth:`new_op` and :meth:`new_atom_ids` for
     producers; :meth:`couple`, :meth:`union_pairs`, :meth:`need`,
     :meth:`pin_ids` to relate channels; :meth:`record_param_use` and
-    :meth:`align_operand` for parameters sliced with channels;
-    :meth:`add_module_size` for integer attributes that count channels."""
+    :meth:`align_operand` for parameters sliced with channels (see
+    :class:`ParamAlignment`); ``modules`` (:class:`ModuleContext`) for the
+    module running now, and :meth:`add_module_size` for its integer
+    attributes that count channels."""
 
     MAX_MATERIALIZE = 30_000_000
 
@@ -218,13 +273,13 @@ class Recorder:
         self.param_provenance = IdTable()
         self.param_names: Dict[int, str] = {}
         self.params = ParamAlignment(graph)
+        self.modules = ModuleContext(model)
         #: (module, attribute) -> the channels its first use counted
         self.attribute_uses: Dict[Tuple[Optional[str], str], List[int]] = {}
-        self.module_names: Dict[int, str] = {}
         # one walk over the modules: names of modules, parameters and buffers
         # (the first name of a shared one), shapes and owners for the graph
         for mname, m in model.named_modules(remove_duplicate=False):
-            self.module_names[id(m)] = mname
+            self.modules.names[id(m)] = mname
             for table in (m._parameters, m._buffers):
                 for pname, p in table.items():
                     if p is None:
@@ -233,7 +288,6 @@ class Recorder:
                     graph.param_shapes[full] = tuple(p.shape)
                     graph.param_modules[full] = mname
                     self.param_names.setdefault(id(p), full)
-        self.module_stack: List[Optional[str]] = []
         self.op_counts: Dict[str, int] = {}
         self.warned: set = set()
 
@@ -241,7 +295,7 @@ class Recorder:
     @property
     def module(self) -> Optional[str]:
         """Name of the innermost module running now (None: the model's own code)."""
-        return self.module_stack[-1] if self.module_stack else None
+        return self.modules.current
 
     def new_op(self, func_name: str, preferred: Optional[str] = None) -> str:
         base = preferred if preferred is not None else f"{self.module or '<model>'}/{func_name}"
@@ -255,42 +309,6 @@ class Recorder:
         """``count`` fresh atoms (consecutive ids) as a tensor."""
         r = self.sources.new_atoms(owner, count)
         return torch.arange(r.start, r.stop, dtype=torch.long)
-
-    def running_module(self) -> Optional[torch.nn.Module]:
-        """The innermost module running now, if any."""
-        if self.module is None:
-            return None
-        try:
-            return self.model.get_submodule(self.module)
-        except AttributeError:
-            return None
-
-    def running_module_name(self, cls: type) -> Optional[str]:
-        """Name of the module running this op, if it is an instance of ``cls``."""
-        name = self.module
-        if name is None:
-            return None
-        try:
-            m = self.model.get_submodule(name)
-        except AttributeError:
-            return None
-        return name if isinstance(m, cls) else None
-
-    def int_attrs_equal(self, value: Any) -> List[str]:
-        """Plain int attributes of the running module equal to ``value``."""
-        if not isinstance(value, int) or isinstance(value, (bool, ChannelCount)) or value <= 1:
-            return []
-        m = self.running_module()
-        if m is None:
-            return []
-        return [k for k, v in vars(m).items() if type(v) is int and v == value and not k.startswith("_")]
-
-    def head_count_attrs(self, value: int) -> List[str]:
-        """Head-count attributes (:class:`HeadCount`) of the running module equal to ``value``."""
-        m = self.running_module()
-        if m is None:
-            return []
-        return [k for k, v in vars(m).items() if isinstance(v, HeadCount) and v == value]
 
     # -- trace lookup --------------------------------------------------------
     def get(self, x: Any) -> Optional[CompactTrace]:

@@ -83,14 +83,15 @@ class Tracer(TorchFunctionMode):
 
 
 def module_hooks(rec: Recorder):
-    """Global module hooks that keep ``rec.module_stack`` current (remove them after)."""
+    """Global module hooks that keep ``rec.modules.stack`` current (remove them after)."""
+    modules = rec.modules
 
     def pre(module, _inputs):
-        rec.module_stack.append(rec.module_names.get(id(module)))
+        modules.stack.append(modules.names.get(id(module)))
 
     def post(module, _inputs, _output):
-        if rec.module_stack:
-            rec.module_stack.pop()
+        if modules.stack:
+            modules.stack.pop()
 
     h1 = torch.nn.modules.module.register_module_forward_pre_hook(pre)
     h2 = torch.nn.modules.module.register_module_forward_hook(post, always_call=True)

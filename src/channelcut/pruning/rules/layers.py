@@ -141,9 +141,9 @@ def _depthwise(rec: Recorder, name: str, wname: str, module: Optional[str], grou
     cout = atoms.numel()
     rec.record_param_use(wname, 0, list(range(cout)), atoms)
     rec.graph.depthwise.append((wname, atoms.tolist()))
-    if module is None or rec.running_module_name(torch.nn.modules.conv._ConvNd) != module:
+    if module is None or rec.modules.running_name_if(torch.nn.modules.conv._ConvNd) != module:
         # a functional depthwise conv: its group count must follow the channels
-        names = rec.int_attrs_equal(groups)
+        names = rec.modules.int_attrs_equal(groups)
         if len(names) == 1 and not isinstance(groups, ChannelCount):
             rec.add_module_size((rec.module, names[0], in_ids.tolist(), 1))
         elif not isinstance(groups, ChannelCount):

@@ -32,12 +32,13 @@ MOVEMENT = {
     "split_copy", "unsafe_split", "unsafe_chunk", "movedim_copy", "narrow_copy",
 }
 
-# the movement ops with a rule of their own (the rest: :func:`movement`)
-# ops whose output ids are exactly a permutation of dims: cheap on compressed traces
+# movement ops with a rule of their own (every other one: :func:`movement`):
+# permutations of dims (the compact trace is permuted alike), indexing,
+# concatenation, ``x[...]``, unfold, and (in reshape.py) the ops whose sizes
+# the model writes down
 PERMUTING = ("permute", "transpose", "t", "swapaxes", "swapdims", "movedim", "moveaxis", "get:T", "get:mT")
 INDEXING = ("gather", "take_along_dim", "index_select", "masked_select")
 CONCATENATING = ("cat", "concat", "concatenate")
-# (in reshape.py)
 RESHAPING = ("reshape", "view", "flatten", "unflatten", "view_as", "reshape_as", "squeeze", "unsqueeze", "ravel")
 EXPANDING = ("expand", "expand_as", "broadcast_to")
 SPLITTING = ("chunk", "unsafe_chunk", "split", "unsafe_split", "split_with_sizes")

@@ -50,7 +50,7 @@ def _statistics_per_channel(rec: Recorder, call: OpCall, what: str, module_cls: 
     params = [call.arg(i, n) for i, n in ((1, "running_mean"), (2, "running_var"), (3, "weight"), (4, "bias"))]
     ids = _per_channel(rec, x, 1, params, what)
     if all(p is None for p in params):
-        mod = rec.running_module_name(module_cls)
+        mod = rec.modules.running_name_if(module_cls)
         if mod is not None:
             rec.add_module_size((mod, "num_features", ids.tolist(), 1))
     t = rec.get(x)
@@ -116,7 +116,7 @@ def group_norm(rec: Recorder, call: OpCall) -> None:
     per = x.shape[1] // g
     reps = [rec.couple(ids[i * per:(i + 1) * per]) for i in range(g)]
     new_ids = torch.tensor(reps, dtype=torch.long).repeat_interleave(per)
-    mod = rec.running_module_name(torch.nn.GroupNorm)
+    mod = rec.modules.running_name_if(torch.nn.GroupNorm)
     if mod is not None:
         rec.add_module_size((mod, "num_channels", new_ids.tolist(), 1))
         rec.add_module_size((mod, "num_groups", new_ids.tolist(), per))

@@ -9,6 +9,15 @@ package, so families never depend on each other's insides.
 (True, 'constant')
 >>> facts("no_such_op") is None
 True
+
+Each op is registered once:
+
+>>> rule("relu", "no_such_op")(lambda rec, call: None)
+Traceback (most recent call last):
+...
+ValueError: op 'relu' is registered twice (once for elementwise)
+>>> facts("no_such_op") is None
+True
 """
 
 from __future__ import annotations
@@ -74,8 +83,10 @@ def rule(
 
     def register(fn: Optional[TraceRule]) -> Optional[TraceRule]:
         for n in names:
-            if n in RULES:
-                raise ValueError(f"op {n!r} is registered twice (once for {_describe(RULES[n])})")
+            if n in RULES or names.count(n) > 1:
+                earlier = _describe(RULES[n]) if n in RULES else "the same call"
+                raise ValueError(f"op {n!r} is registered twice (once for {earlier})")
+        for n in names:
             RULES[n] = OpRule(fn, shape, inplace_arg, creates, same_on_meta, decompose)
         return fn
 

@@ -146,7 +146,7 @@ def _reshape_fast(rec: Recorder, t: CompactTrace, x: torch.Tensor, y: torch.Tens
         if isinstance(sz, int) and not isinstance(sz, ChannelCount) and sz == -1 and len(gj) > 1:
             # view(..., -1, self.head_size) in a module that counts its
             # heads (BERT's num_attention_heads): keep the count true
-            heads = rec.head_count_attrs(s_out[a])
+            heads = rec.modules.head_count_attrs(s_out[a])
             if len(heads) == 1:
                 attr_update = (rec.module, heads[0])
         if isinstance(sz, ChannelCount) and sz.base is not None and len(sz.base) != sz:
@@ -195,7 +195,7 @@ def _adaptive_dims(rec: Recorder, gj: List[int], s_out: List[int],
     # a literal size may be a module attribute (Conv1D.nf, ...): if
     # exactly one dim matches exactly one int attribute, that dim
     # follows the channels and the attribute is rewritten when pruning
-    cands = [(d, names) for d in gj for names in [rec.int_attrs_equal(requested[d])] if len(names) == 1]
+    cands = [(d, names) for d in gj for names in [rec.modules.int_attrs_equal(requested[d])] if len(names) == 1]
     if len(cands) == 1:
         return [cands[0][0]], (rec.module, cands[0][1][0])
     return [], None
@@ -316,13 +316,13 @@ def _split_size_fast(rec: Recorder, call: OpCall) -> bool:
     if not isinstance(size, ChannelCount):
         # split(self.split_size) (GPT-2): the attribute is rewritten to
         # the kept count of each (equal) part
-        names = rec.int_attrs_equal(size)
+        names = rec.modules.int_attrs_equal(size)
         if len(names) > 1:
             names = [k for k in names if "split" in k]
         if not names and c // size > 1:
             # split(self.expand_chs // 2) (CSPNet): the attribute holds the
             # whole width; it is rewritten to the kept total
-            names, total = rec.int_attrs_equal(c), True
+            names, total = rec.modules.int_attrs_equal(c), True
         if len(names) != 1:
             return False
         attr = names[0]
@@ -376,7 +376,7 @@ def _split_sections_fast(rec: Recorder, call: OpCall) -> bool:
     for v in sections:
         parts.append(t.ids[start:start + v])
         start += v
-    module = rec.running_module()
+    module = rec.modules.running()
     whole = [] if module is None else [
         k for k, v in vars(module).items()
         if not k.startswith("_") and isinstance(v, (list, tuple)) and len(v) == len(sections)
@@ -390,7 +390,7 @@ def _split_sections_fast(rec: Recorder, call: OpCall) -> bool:
     else:
         followed = False
         for i, v in enumerate(sections):
-            names = [v.attr] if isinstance(v, HeadCount) else rec.int_attrs_equal(v)
+            names = [v.attr] if isinstance(v, HeadCount) else rec.modules.int_attrs_equal(v)
             if len(names) == 1:  # (add_module_size couples sections of one attribute)
                 rec.add_module_size((rec.module, names[0], parts[i].tolist(), 1))
                 followed = True
