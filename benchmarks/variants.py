@@ -45,7 +45,7 @@ from torch import nn
 
 from channelcut import MaskingManager, PruningManager
 from channelcut.importance import L1
-from channelcut.pruning.modules import SubselectMixin, is_subselect
+from channelcut.pruning.subselect import SubselectMixin, is_subselect
 from channelcut.stats import count_macs
 
 Pair = Tuple[str, int]

@@ -43,7 +43,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten
 
 from channelcut import ChannelcutError, EmptyLayerError, NotPrunableError, PruningManager
-from channelcut.pruning.utils import rounding_floor
+from channelcut.pruning.model_run import rounding_floor
 from randnet import make_net
 
 RTOL = 1e-10
@@ -95,17 +95,17 @@ def check_shape_only_trace(net: nn.Module, inputs: Any) -> Tuple[Optional[bool],
     """Trace ``net`` with values and shape-only; return (whether the
     shape-only pass was kept, problems). A shape-only pass that hands over to
     a real pass is fine (None problems), as long as the model is unchanged."""
-    from channelcut.pruning import meta
+    from channelcut.pruning import shape_only
     from channelcut.pruning.tracing import _trace_once
 
     real = graph_fingerprint(_trace_once(net, inputs, False)[0])
     before = snapshot(net)  # (after the real pass: a model may cache in forward)
-    state = meta.snapshot_state(net)
+    state = shape_only.snapshot_state(net)
     try:
         fake = graph_fingerprint(_trace_once(net, inputs, True)[0])
     except Exception:
         fake = None
-    left = meta.restore_state(state)
+    left = shape_only.restore_state(state)
     problems = [f"after the shape-only trace: {d}" for d in diff_snapshot(net, before)]
     if fake is not None and not left:
         problems += [f"shape-only trace differs from the real one in {d}" for d in fingerprint_diff(real, fake)]

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, Union
@@ -51,8 +52,9 @@ from torch.utils._pytree import tree_flatten
 from channelcut.pruning import rules
 from channelcut.pruning.mock import zero_input_channels
 from channelcut.pruning.spec import MaskEntry
-from channelcut.pruning.trace import NO_SOURCE, TracedGraph
-from channelcut.pruning.tracing import Tr, Tracer, _module_hooks
+from channelcut.pruning.graph import NO_SOURCE, TracedGraph
+from channelcut.pruning.recorder import CompactTrace
+from channelcut.pruning.tracing import Tracer, module_hooks
 
 D = torch.float64
 Track = Union[int, None, str]  # channel dim | None (an untracked constant) | "pin" (a pinned model input)
@@ -154,7 +156,8 @@ def perturbations(x: torch.Tensor, spec: In, ch: int, gen: torch.Generator) -> L
 
 @contextlib.contextmanager
 def record_rule_hits(hits: Set[str]):
-    """Temporarily wrap every entry of ``rules.RULES`` to record which keys run."""
+    """Temporarily wrap the trace rule of every entry of ``rules.RULES`` to
+    record which keys run."""
     saved = dict(rules.RULES)
 
     def wrap(key, fn):
@@ -164,8 +167,9 @@ def record_rule_hits(hits: Set[str]):
 
         return recorded
 
-    for k, f in saved.items():
-        rules.RULES[k] = wrap(k, f)
+    for k, entry in saved.items():
+        if entry.trace is not None:
+            rules.RULES[k] = dataclasses.replace(entry, trace=wrap(k, entry.trace))
     try:
         yield
     finally:
@@ -203,20 +207,21 @@ def trace_case(case: Case, seed: int = 0) -> Traced:
         graph.param_shapes[name] = tuple(p.shape)
         graph.param_modules[name] = ""
     tracer = Tracer(module, graph)
+    rec = tracer.recorder
     atoms: List[Optional[torch.Tensor]] = []
     run_xs = [x.clone() for x in xs]
     for k, (x, spec) in enumerate(zip(run_xs, case.ins)):
         if spec.track is None:
             atoms.append(None)
         elif spec.track == "pin":
-            tracer.set(x, tracer.fresh_pinned(f"<input{k}>", x.dim(), "is a model input"))
+            rec.set(x, rec.fresh_pinned(f"<input{k}>", x.dim(), "is a model input"))
             atoms.append(None)
         else:
             a = torch.tensor(list(graph.sources.new_atoms(f"in{k}", x.shape[spec.track])), dtype=torch.long)
-            tracer.set(x, Tr.along(a, spec.track, x.dim()))
+            rec.set(x, CompactTrace.along(a, spec.track, x.dim()))
             atoms.append(a)
     hits: Set[str] = set()
-    hooks = _module_hooks(tracer)
+    hooks = module_hooks(rec)
     try:
         with record_rule_hits(hits), torch.no_grad(), torch.random.fork_rng(devices=[]), tracer:
             torch.manual_seed(seed)
@@ -228,12 +233,12 @@ def trace_case(case: Case, seed: int = 0) -> Traced:
     outs = [y for y in leaves if isinstance(y, torch.Tensor)]
     claims, vdims = [], []
     for y in outs:
-        t = tracer.get(y)
+        t = rec.get(y)
         if t is None:
             claims.append(torch.full(tuple(y.shape), NO_SOURCE, dtype=torch.long))
             vdims.append(None)
         else:
-            claims.append(t.t.expand(tuple(y.shape)).contiguous())
+            claims.append(t.atoms.expand(tuple(y.shape)).contiguous())
             vdims.append(t.vdim)
     return Traced(graph, module, xs, atoms, outs, claims, vdims, hits)
 

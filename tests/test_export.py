@@ -2,7 +2,7 @@
 
 Two parts:
 
-1. Subselect layers (``channelcut.pruning.modules``): class swap and undo,
+1. Subselect layers (``channelcut.pruning.subselect``): class swap and undo,
    state_dict keys, repr, devices, composition, pickling, scriptability.
 2. Export of pruned models, each compared with the pruned eager model:
    a small model with non-contiguous subselections (gathers) and views, in
@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from channelcut import PruningManager
-from channelcut.pruning.modules import (
+from channelcut.pruning.subselect import (
     SubselectConv2d,
     SubselectLinear,
     install_subselection,

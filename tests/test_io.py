@@ -25,7 +25,7 @@ from channelcut import (
     PlanMismatchError,
     PruningManager,
 )
-from channelcut.pruning.modules import is_subselect
+from channelcut.pruning.subselect import is_subselect
 from export_props import assert_unchanged, snapshot
 
 torchvision = pytest.importorskip("torchvision")

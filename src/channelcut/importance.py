@@ -86,7 +86,7 @@ class LayerRef:
 class ScoringContext:
     """What a heuristic may look at. Built by :class:`~channelcut.masking.MaskingManager`.
 
-    ``graph`` is the :class:`~channelcut.pruning.trace.TracedGraph` of the model
+    ``graph`` is the :class:`~channelcut.pruning.graph.TracedGraph` of the model
     when example inputs were given, else ``None``.
     """
 

@@ -1127,7 +1127,7 @@ def test_default_cost_model_prefers_the_copy_for_wide_layers():
 def test_verification_tolerates_rounding_noise_only():
     """prune()'s check: relative to the output's scale, plus a few ulps for
     outputs that are rounding noise themselves (a norm over one channel)."""
-    from channelcut.pruning.utils import compare_outputs
+    from channelcut.pruning.model_run import compare_outputs
 
     d = torch.float64
     noise = torch.tensor([1.9e-16, -1.2e-16], dtype=d)

@@ -1,4 +1,4 @@
-"""The shape-only trace (``channelcut.pruning.meta``): ops on meta tensors.
+"""The shape-only trace (``channelcut.pruning.shape_only``): ops on meta tensors.
 
 It must give the very graph a pass with real values gives, or hand over to a
 real pass; never leave anything on the model; and warn once. The random
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from channelcut import PruningManager
-from channelcut.pruning import meta
+from channelcut.pruning import rules, shape_only
 from channelcut.pruning.tracing import _trace_once, trace
 
 from ._helpers import assert_unchanged, prepare, snapshot
@@ -191,9 +191,9 @@ def test_why_each_model_needs_values():
     """Each hand-over happens for the stated reason, not by accident."""
     cases = [
         (ValueBranch, RuntimeError, "item() cannot be called on meta tensors"),
-        (MaskBranch, meta.NeedsValues, "'gt' makes an index or mask from an activation"),
-        (WritesIntoFactory, meta.NeedsValues, "writes into a tensor made outside the traced ops"),
-        (IndexFromActivation, meta.NeedsValues, "makes an index or mask from an activation"),
+        (MaskBranch, shape_only.NeedsValues, "'gt' makes an index or mask from an activation"),
+        (WritesIntoFactory, shape_only.NeedsValues, "writes into a tensor made outside the traced ops"),
+        (IndexFromActivation, shape_only.NeedsValues, "makes an index or mask from an activation"),
     ]
     for cls, kind, text in cases:
         net = prepare(cls().double().eval())
@@ -337,7 +337,7 @@ FAST_CASES: Dict[str, List[Tuple[Callable[..., Any], Callable[[], Tuple[tuple, d
 
 
 def test_every_fast_shape_function_has_a_case():
-    assert set(FAST_CASES) == set(meta.FAST)
+    assert set(FAST_CASES) == {name for name, entry in rules.RULES.items() if entry.shape is not None}
 
 
 @pytest.mark.parametrize("name", sorted(FAST_CASES))
@@ -345,29 +345,29 @@ def test_fast_shape_function_matches_the_real_kernel(name):
     for func, make in FAST_CASES[name]:
         args, kwargs = make()
         real = func(*args, **kwargs)
-        margs = meta.to_meta(args, {})
+        margs = shape_only.to_meta(args, {})
         # every tensor on meta, or only the first (an activation, with real
         # parameters: run hands those over as they are)
         for given in (margs, (margs[0],) + tuple(args[1:])):
-            fast = meta.FAST[name](given, dict(kwargs))
+            fast = rules.RULES[name].shape(given, dict(kwargs))
             assert fast is not None, f"{name}: the fast path declined a plain case"
             assert fast.is_meta
             assert (tuple(fast.shape), fast.dtype, fast.stride()) == (tuple(real.shape), real.dtype, real.stride()), name
-            assert meta.run(func, name, given, dict(kwargs), {}, torch.device("cpu")).shape == real.shape
+            assert shape_only.run(func, name, given, dict(kwargs), {}, torch.device("cpu"), rules.facts).shape == real.shape
 
 
 def test_fast_shape_functions_decline_what_they_do_not_know():
     x = torch.randn(2, 4, device="meta")
-    assert meta.FAST["add"]((x, torch.randn(2, 4, device="meta", dtype=torch.float64)), {}) is None  # promotion
-    assert meta.FAST["add"]((x, torch.randn(3, 1, 4, device="meta")), {}) is None  # a new shape
-    assert meta.FAST["relu"]((x.t(),), {}) is None  # not contiguous
-    assert meta.FAST["cat"](([x, torch.randn(2, 4, device="meta", dtype=torch.float16)],), {}) is None
-    assert meta.FAST["mean"]((x, (0, 0)), {}) is None
+    assert rules.RULES["add"].shape((x, torch.randn(2, 4, device="meta", dtype=torch.float64)), {}) is None  # promotion
+    assert rules.RULES["add"].shape((x, torch.randn(3, 1, 4, device="meta")), {}) is None  # a new shape
+    assert rules.RULES["relu"].shape((x.t(),), {}) is None  # not contiguous
+    assert rules.RULES["cat"].shape(([x, torch.randn(2, 4, device="meta", dtype=torch.float16)],), {}) is None
+    assert rules.RULES["mean"].shape((x, (0, 0)), {}) is None
     img, w = torch.randn(1, 4, 8, 8, device="meta"), torch.randn(8, 4, 3, 3, device="meta")
-    assert meta.FAST["conv2d"]((img.to(memory_format=torch.channels_last), w), {}) is None  # layout follows the input
-    assert meta.FAST["conv2d"]((img, w, None, 2), {"padding": "same"}) is None  # torch refuses this
-    assert meta.FAST["conv2d"]((img, w[:, :2]), {}) is None  # wrong channel count: the kernel's error
-    assert meta.FAST["linear"]((x, torch.randn(3, 5, device="meta")), {}) is None
+    assert rules.RULES["conv2d"].shape((img.to(memory_format=torch.channels_last), w), {}) is None  # layout follows the input
+    assert rules.RULES["conv2d"].shape((img, w, None, 2), {"padding": "same"}) is None  # torch refuses this
+    assert rules.RULES["conv2d"].shape((img, w[:, :2]), {}) is None  # wrong channel count: the kernel's error
+    assert rules.RULES["linear"].shape((x, torch.randn(3, 5, device="meta")), {}) is None
 
 
 def test_in_place_ops_on_meta_return_their_target():
@@ -378,7 +378,7 @@ def test_in_place_ops_on_meta_return_their_target():
         (torch.Tensor.add_, "add_", (x, torch.randn(4, device="meta")), {}),
         (torch.Tensor.__imul__, "__imul__", (x, 2.0), {}),
     ]:
-        assert meta.run(func, name, args, kwargs, {}, torch.device("cpu")) is x, name
+        assert shape_only.run(func, name, args, kwargs, {}, torch.device("cpu"), rules.facts) is x, name
 
 
 def test_creation_ops_make_real_constants_only_from_templates():
@@ -390,15 +390,15 @@ def test_creation_ops_make_real_constants_only_from_templates():
         (torch.arange, "arange", (5,), {"device": x.device}),
         (torch.full, "full", ((2,), 1.5), {"device": "meta"}),
     ]:
-        out = meta.run(func, name, args, kwargs, {}, cpu)
+        out = shape_only.run(func, name, args, kwargs, {}, cpu, rules.facts)
         assert not out.is_meta, name
-    assert torch.equal(meta.run(torch.zeros_like, "zeros_like", (x,), {}, {}, cpu), torch.zeros(2, 4))
+    assert torch.equal(shape_only.run(torch.zeros_like, "zeros_like", (x,), {}, {}, cpu, rules.facts), torch.zeros(2, 4))
     # the values of an activation are not a constant: meta, or a hand-over
     for func, name, args in [(torch.as_tensor, "as_tensor", (x,)), (torch.Tensor.new_tensor, "new_tensor", (x, x)),
                              (torch.full_like, "full_like", (x, torch.randn((), device="meta")))]:
         try:
-            out = meta.run(func, name, args, {}, {}, cpu)
-        except (RuntimeError, NotImplementedError, meta.NeedsValues):
+            out = shape_only.run(func, name, args, {}, {}, cpu, rules.facts)
+        except (RuntimeError, NotImplementedError, shape_only.NeedsValues):
             continue
         assert out.is_meta, name
 
@@ -417,7 +417,7 @@ def test_id_table_forgets_dead_tensors():
     tensors alive: a new tensor that gets a dead one's id finds nothing."""
     import gc
 
-    from channelcut.pruning.tracing import IdTable
+    from channelcut.pruning.recorder import IdTable
 
     table = IdTable()
     x = torch.zeros(2)

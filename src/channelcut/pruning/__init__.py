@@ -1,7 +1,8 @@
-"""The export algorithm, one file per step (see DESIGN.md):
+"""The export algorithm, one file per step (``README.md`` here lists them all):
 
-``tracing`` (+ ``rules``) -> ``trace`` data -> ``resolve`` (+ ``reorder``) ->
-``spec`` -> ``mock`` / ``pruner``; ``manager`` is the front door.
+``tracing`` (+ ``recorder``, ``rules/``, ``shape_only``, ``counts``) -> ``graph``
+data -> ``resolve`` (+ ``reorder``) -> ``spec`` -> ``mock`` / ``pruner`` (+
+``subselect``, ``attention``); ``manager`` is the front door.
 """
 
 from .manager import ChannelGroup, PruningManager

@@ -8,7 +8,7 @@ computation, :func:`mha_forward`, written from ops the tracer understands and
 that work for any widths:
 
 - the tracer runs it in place of ``F.multi_head_attention_forward`` (see
-  :func:`traced_multi_head_attention`), so the q/k/v projections, the per-head
+  ``rules/attention.py``), so the q/k/v projections, the per-head
   split (heads are whole: ``reshape(..., -1, head_dim)``), the scaled dot
   product attention and the output projection are traced op by op instead of
   being a barrier;
@@ -36,13 +36,13 @@ True
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["PrunedMultiheadAttention", "mha_forward", "traced_multi_head_attention", "fix_multihead_attention"]
+__all__ = ["PrunedMultiheadAttention", "mha_forward", "fix_multihead_attention"]
 
 
 def _float_mask(mask: Tensor, dtype: torch.dtype) -> Tensor:
@@ -207,49 +207,6 @@ class PrunedMultiheadAttention(nn.MultiheadAttention):
         if self.batch_first and batched:
             out = out.transpose(1, 0)
         return out, weights
-
-
-def traced_multi_head_attention(tracer: Any, args: tuple, kwargs: Dict[str, Any]) -> Optional[Tuple[Tensor, Optional[Tensor]]]:
-    """Run a ``F.multi_head_attention_forward`` call as :func:`mha_forward`
-    under ``tracer`` (each op traced), or return None for the configurations
-    that stay a barrier."""
-    from .rules import _arg  # (rules imports the tracer, which imports this module lazily)
-
-    names = ("query", "key", "value", "embed_dim_to_check", "num_heads", "in_proj_weight", "in_proj_bias",
-             "bias_k", "bias_v", "add_zero_attn", "dropout_p", "out_proj_weight", "out_proj_bias", "training",
-             "key_padding_mask", "need_weights", "attn_mask", "use_separate_proj_weight", "q_proj_weight",
-             "k_proj_weight", "v_proj_weight", "static_k", "static_v", "average_attn_weights", "is_causal")
-    defaults = {"training": True, "need_weights": True, "use_separate_proj_weight": False,
-                "average_attn_weights": True, "is_causal": False, "add_zero_attn": False}
-    a = {n: _arg(args, kwargs, i, n, defaults.get(n)) for i, n in enumerate(names)}
-    if a["bias_k"] is not None or a["bias_v"] is not None or a["add_zero_attn"]:
-        return None
-    if a["static_k"] is not None or a["static_v"] is not None:
-        return None
-    mask = a["attn_mask"]
-    if mask is not None and mask.dim() != 2:
-        return None  # a per-head mask: its head layout is literal
-    query = a["query"]
-    embed_dim, num_heads = int(a["embed_dim_to_check"]), int(a["num_heads"])
-    if num_heads <= 0 or embed_dim % num_heads or query.shape[-1] != embed_dim:
-        return None
-    if a["is_causal"] and mask is None:
-        return None  # torch raises for this; let it
-    separate = bool(a["use_separate_proj_weight"])
-    kpm = a["key_padding_mask"]
-    if kpm is not None and kpm.dtype != torch.bool:
-        kpm = kpm.to(query.dtype)
-    with tracer:
-        return mha_forward(
-            query, a["key"], a["value"], embed_dim // num_heads,
-            None if separate else a["in_proj_weight"], a["in_proj_bias"],
-            a["q_proj_weight"] if separate else None,
-            a["k_proj_weight"] if separate else None,
-            a["v_proj_weight"] if separate else None,
-            a["out_proj_weight"], a["out_proj_bias"],
-            float(a["dropout_p"]), bool(a["training"]), kpm, bool(a["need_weights"]), mask,
-            bool(a["average_attn_weights"]), bool(a["is_causal"]),
-        )
 
 
 def fix_multihead_attention(m: nn.MultiheadAttention, set_attr: Any) -> None:

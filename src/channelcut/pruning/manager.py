@@ -30,9 +30,10 @@ from .prepare import add_prefix_aliases, refuse_reparametrized, reparametrized_w
 from .pruner import Rollback, prune_model
 from .request import export_mode, normalize_request
 from .resolve import DEFAULT_COPY_COST, resolve
+from .graph import TracedGraph
+from .model_run import flatten_tensors
 from .spec import PruningSpec
-from .trace import TracedGraph
-from .tracing import flatten_tensors, run_model, trace
+from .tracing import trace
 from .verify import check, reference_outputs, run_deterministic
 from .zeros import find_zero_channels
 

@@ -21,7 +21,7 @@ from typing import Dict, List, Tuple
 from torch import nn
 
 from ..errors import NotPrunableError, TracingError
-from .trace import TracedGraph
+from .graph import TracedGraph
 
 
 def unwrap_model(net: nn.Module) -> Tuple[nn.Module, str]:

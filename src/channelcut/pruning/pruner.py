@@ -8,7 +8,7 @@ verification) restores the model exactly: same parameter objects, same
 values, same attributes, no hooks.
 
 Consumers that read a subset of their input become Subselect layers
-(``modules.py``: an ``nn.Conv2d`` becomes a ``SubselectConv2d``, ...) that
+(``subselect.py``: an ``nn.Conv2d`` becomes a ``SubselectConv2d``, ...) that
 narrow (a view) or gather (a copy) the input before running the layer;
 parameter names and the state_dict layout stay those of the original model,
 and the model stays scriptable and exportable.
@@ -26,8 +26,8 @@ from torch import nn
 from ..errors import ExportError
 from .attention import fix_multihead_attention
 from .mock import zero_input_channels
-from .modules import install_subselection
 from .spec import MaskEntry, PruningSpec, Subselection
+from .subselect import install_subselection
 
 
 class Rollback:

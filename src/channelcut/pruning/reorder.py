@@ -26,28 +26,7 @@ from __future__ import annotations
 
 from typing import Callable, Dict, FrozenSet, Iterable, List, Optional, Sequence, Set, Tuple
 
-from .trace import TracedGraph
-
-
-def is_tiling(out: Sequence[int], base: Sequence[int]) -> bool:
-    """``out`` is ``base`` with every entry repeated m times, tiled k times.
-
-    >>> is_tiling([1, 1, 2, 2, 1, 1, 2, 2], [1, 2])
-    True
-    >>> is_tiling([2, 1], [1, 2])
-    False
-    """
-    n = len(base)
-    if n == 0 or len(out) % n:
-        return False
-    out = list(out)
-    for m in range(1, len(out) // n + 1):
-        if (len(out) // n) % m:
-            continue
-        unit = [g for g in base for _ in range(m)]
-        if unit * (len(out) // len(unit)) == out:
-            return True
-    return False
+from .graph import TracedGraph, is_tiling
 
 
 class GroupVectors:

@@ -22,7 +22,7 @@ from ..errors import (ChannelRangeError, EmptyLayerError, ExportError, NotPrunab
                       UnknownParameterError)
 from .reorder import LEFT, RIGHT, GroupVectors, Layout, find_segments, free_segments, one_segment, order_segment
 from .spec import LayerStat, MaskAddition, MaskEntry, PruningSpec, Subselection
-from .trace import TracedGraph
+from .graph import TracedGraph
 
 MODES = ("unconstrained", "constrained", "baseline")
 # what copying one value costs, in multiply-accumulates (see _cheaper_superset)

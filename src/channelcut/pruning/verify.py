@@ -34,10 +34,9 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from .graph import TracedGraph
+from .model_run import compare_outputs, flatten_tensors, run_model
 from .spec import PruningSpec
-from .trace import TracedGraph
-from .tracing import flatten_tensors, run_model
-from .utils import compare_outputs
 
 REDUCED = (torch.bfloat16, torch.float16)
 

@@ -33,8 +33,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from .graph import Consumer, TracedGraph
+from .model_run import run_model
 from .spec import ConstantFold
-from .trace import Consumer, TracedGraph
 
 Pair = Tuple[str, int]
 
@@ -178,7 +179,6 @@ def _probe(model: nn.Module, graph: TracedGraph, params: Dict[str, torch.Tensor]
     """One real forward pass (eval mode, buffers kept): per consumer weight,
     per call, the (min, max) of each input channel that reads a zeroed group,
     over every other position. Calls of other kinds are not looked at."""
-    from .tracing import run_model
 
     watched: Dict[int, Tuple[str, List[int]]] = {}
     for param, per_op in readers.items():

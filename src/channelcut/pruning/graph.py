@@ -17,6 +17,9 @@ rectangular tensor. One representative atom per channel is therefore enough.
 
 Groups that must never be removed are **pinned** (model outputs, barrier ops,
 slicing with literal bounds, ...); the reason is kept for the report.
+
+:func:`is_tiling` tells whether one trace repeats another's channels (as a
+``flatten`` or ``repeat`` does), which the rules and the reordering both ask.
 """
 
 from __future__ import annotations
@@ -270,14 +273,22 @@ class TracedGraph:
             self.producers_by_param.setdefault(p.param, []).append(p.op)
 
 
-def collapse_runs(seq: Sequence[int]) -> List[int]:
-    """Drop consecutive duplicates.
+def is_tiling(out: Sequence[int], base: Sequence[int]) -> bool:
+    """``out`` is ``base`` with every entry repeated m times, tiled k times.
 
-    >>> collapse_runs([4, 4, 4, 7, 7, 4])
-    [4, 7, 4]
+    >>> is_tiling([1, 1, 2, 2, 1, 1, 2, 2], [1, 2])
+    True
+    >>> is_tiling([2, 1], [1, 2])
+    False
     """
-    out: List[int] = []
-    for x in seq:
-        if not out or out[-1] != x:
-            out.append(x)
-    return out
+    n = len(base)
+    if n == 0 or len(out) % n:
+        return False
+    out = list(out)
+    for m in range(1, len(out) // n + 1):
+        if (len(out) // n) % m:
+            continue
+        unit = [g for g in base for _ in range(m)]
+        if unit * (len(out) // len(unit)) == out:
+            return True
+    return False

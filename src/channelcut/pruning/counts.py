@@ -1,22 +1,27 @@
-"""Channel-carrying sizes: ints that remember they count channels.
+"""Counts that remember what they count: ints the tracer hands to the model.
+
+Two kinds, both plain ``int`` subclasses that the model computes with as usual:
+
+- :class:`ChannelCount`: a size read off a tensor's channel dim;
+- :class:`HeadCount`: a module's head-count attribute (``num_heads``, ...).
 
 While tracing, ``x.shape`` / ``x.size(d)`` of a tensor whose dim ``d`` carries
-channels returns a :class:`SizeInt` for that dim. Arithmetic keeps the mark,
+channels returns a :class:`ChannelCount` for that dim. Arithmetic keeps the mark,
 so ``c // groups`` is still a channel-carrying size. When the model reshapes
 with it, the tracer knows the size will follow the pruned channel count; a
 plain literal (``x.view(b, 512 * 7 * 7)``) tells it the size is hard-coded and
 those channels must be kept. ``int(s)`` drops the mark (conservative).
 
-Each SizeInt remembers the channel trace it was read from (``base``), so a
+Each ChannelCount remembers the channel trace it was read from (``base``), so a
 reshape can check that the size it is given follows *this* tensor's channels;
 combining two channel sizes forgets the base (``None``).
 
->>> c = SizeInt(64, base=(1, 2))
->>> isinstance(c // 4, SizeInt), isinstance(4 * c + 1, SizeInt), (c // 4) == 16
+>>> c = ChannelCount(64, base=(1, 2))
+>>> isinstance(c // 4, ChannelCount), isinstance(4 * c + 1, ChannelCount), (c // 4) == 16
 (True, True, True)
 >>> (c // 4).base, (c * c).base
 ((1, 2), None)
->>> isinstance(int(c), SizeInt)
+>>> isinstance(int(c), ChannelCount)
 False
 """
 
@@ -25,12 +30,12 @@ from __future__ import annotations
 from typing import Any, Optional, Tuple
 
 
-class SizeInt(int):
+class ChannelCount(int):
     """An int that counts channels (see module docstring)."""
 
     base: Optional[Tuple[int, ...]]
 
-    def __new__(cls, value: int, base: Optional[Tuple[int, ...]] = None) -> "SizeInt":
+    def __new__(cls, value: int, base: Optional[Tuple[int, ...]] = None) -> "ChannelCount":
         obj = super().__new__(cls, value)
         obj.base = base
         return obj
@@ -41,8 +46,8 @@ class SizeInt(int):
     def _wrap(self, value: Any, other: Any = None) -> Any:
         if not isinstance(value, int) or isinstance(value, bool):
             return value
-        base = self.base if not isinstance(other, SizeInt) else None
-        return SizeInt(value, base)
+        base = self.base if not isinstance(other, ChannelCount) else None
+        return ChannelCount(value, base)
 
     def __add__(self, o): return self._wrap(int.__add__(self, o), o)  # noqa: E704
     def __radd__(self, o): return self._wrap(int.__radd__(self, o), o)  # noqa: E704
@@ -54,14 +59,14 @@ class SizeInt(int):
     def __rfloordiv__(self, o): return self._wrap(int.__rfloordiv__(self, o), o)  # noqa: E704
     def __mod__(self, o): return self._wrap(int.__mod__(self, o), o)  # noqa: E704
     def __rmod__(self, o): return self._wrap(int.__rmod__(self, o), o)  # noqa: E704
-    def __neg__(self): return SizeInt(-int(self), self.base)  # noqa: E704
+    def __neg__(self): return ChannelCount(-int(self), self.base)  # noqa: E704
     def __pos__(self): return self  # noqa: E704
-    def __abs__(self): return SizeInt(abs(int(self)), self.base)  # noqa: E704
+    def __abs__(self): return ChannelCount(abs(int(self)), self.base)  # noqa: E704
     def __int__(self): return int.__int__(self)  # noqa: E704
     def __repr__(self): return int.__repr__(self)  # noqa: E704
 
 
-class AttrInt(int):
+class HeadCount(int):
     """A module's head-count attribute (``num_heads``, ...) while tracing.
 
     Read by the model as an ordinary int; a reshape that splits channels into
@@ -70,7 +75,7 @@ class AttrInt(int):
     rewrite. Arithmetic gives plain ints (``self.num_heads * self.head_dim`` is
     not a head count).
 
-    >>> h = AttrInt(4, "blocks.0.attn", "num_heads")
+    >>> h = HeadCount(4, "blocks.0.attn", "num_heads")
     >>> h == 4, (h.module, h.attr), type(h * 2) is int
     (True, ('blocks.0.attn', 'num_heads'), True)
     """
@@ -78,7 +83,7 @@ class AttrInt(int):
     module: str
     attr: str
 
-    def __new__(cls, value: int, module: str, attr: str) -> "AttrInt":
+    def __new__(cls, value: int, module: str, attr: str) -> "HeadCount":
         obj = super().__new__(cls, value)
         obj.module = module
         obj.attr = attr
@@ -93,6 +98,3 @@ class AttrInt(int):
 # attribute names that count attention heads in the model zoos
 HEAD_COUNT_ATTRS = ("num_heads", "n_heads", "nheads", "heads", "n_head", "num_head", "num_attention_heads")
 
-
-def is_channel_size(v: Any) -> bool:
-    return isinstance(v, SizeInt)

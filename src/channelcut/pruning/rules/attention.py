@@ -1,0 +1,116 @@
+"""Attention: ``F.scaled_dot_product_attention`` and
+``nn.MultiheadAttention``'s ``F.multi_head_attention_forward``.
+
+The fused multi-head attention function is not traced as one op: it is
+*decomposed* (``rule(..., decompose=...)``), run as
+:func:`channelcut.pruning.attention.mha_forward` under the tracer, so its
+projections, per-head reshapes and the scaled dot product are traced op by op.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..attention import mha_forward
+from ..graph import NO_SOURCE
+from ..recorder import CompactTrace, Recorder
+from ..shape_only import empty, plain
+from .registry import OpCall, Unsupported, declare, rule
+
+
+def sdpa_shape(args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
+    """Shape function of ``scaled_dot_product_attention``: q's shape with v's last dim."""
+    if len(args) < 3 or not all(plain(a) for a in args[:3]) or args[0].dim() < 2:
+        return None
+    q, v = args[0], args[2]
+    if q.dtype != v.dtype:
+        return None
+    return empty(tuple(q.shape[:-1]) + (v.shape[-1],), q.dtype)
+
+
+@rule("scaled_dot_product_attention", shape=sdpa_shape)
+def sdpa(rec: Recorder, call: OpCall) -> None:
+    """``F.scaled_dot_product_attention``: per-head channels (``(B, H, N,
+    D)`` with H carrying them) keep heads independent, coupling each head's
+    q, k and v; else the value's channels pass through and need q and k."""
+    out = call.out
+    q, k, v = call.args[0], call.args[1], call.args[2]
+    mask = call.arg(3, "attn_mask")
+    heads = [rec.get(x) for x in (q, k, v)]
+    per_head = all(t is not None and t.vdim == x.dim() - 3 for t, x in zip(heads, (q, k, v)))
+    if per_head and heads[1].ids.numel() == heads[2].ids.numel() and heads[0].ids.numel() != heads[1].ids.numel():
+        # grouped-query attention (enable_gqa=True): query head h reads
+        # key/value head h // (query heads / key-value heads)
+        nq, nkv = heads[0].ids.numel(), heads[1].ids.numel()
+        if not call.arg(7, "enable_gqa", False) or nq % nkv:
+            raise Unsupported("query and key/value head counts differ")
+        heads = [heads[0]] + [CompactTrace.along(t.ids.repeat_interleave(nq // nkv), t.vdim, t.atoms.dim()) for t in heads[1:]]
+    if per_head and len({t.ids.numel() for t in heads}) == 1:
+        # channels vary per head (B, H, N, D): heads are independent; each head's
+        # q, k and v are coupled (kept or removed together)
+        merged = rec.union_pairs(rec.union_pairs(heads[0].ids, heads[1].ids), heads[2].ids)
+        tm = rec.get(mask) if isinstance(mask, torch.Tensor) else None
+        if tm is not None:
+            rec.need(merged, rec.couple(tm.ids))
+        rec.set(out, CompactTrace.along(merged, out.dim() - 3, out.dim()))
+        return
+    tv = rec.get(v) or CompactTrace.scalar(NO_SOURCE, v.dim())
+    if tv.vdim is not None and tv.vdim != v.dim() - 1:
+        tv = CompactTrace.scalar(rec.couple(tv.ids), v.dim())
+    qk = [rec.get(x).ids for x in (q, k, mask) if isinstance(x, torch.Tensor) and rec.get(x) is not None]
+    rep = rec.couple(torch.cat(qk)) if qk else NO_SOURCE
+    rec.need(tv.ids, rep)
+    if tv.vdim is None:
+        ids = tv.ids if int(tv.ids[0]) >= 0 else torch.tensor([rep])
+        rec.set(out, CompactTrace.scalar(int(ids[0]), out.dim()))
+    else:
+        rec.set(out, CompactTrace.along(tv.ids, out.dim() - 1, out.dim()))
+
+
+def multi_head_attention(call: OpCall) -> Optional[Callable[[], Tuple[Tensor, Optional[Tensor]]]]:
+    """A ``F.multi_head_attention_forward`` call as :func:`mha_forward` (run
+    under the tracer, each op traced), or None for the configurations that
+    stay a barrier."""
+    if call.func is not F.multi_head_attention_forward:
+        return None
+    names = ("query", "key", "value", "embed_dim_to_check", "num_heads", "in_proj_weight", "in_proj_bias",
+             "bias_k", "bias_v", "add_zero_attn", "dropout_p", "out_proj_weight", "out_proj_bias", "training",
+             "key_padding_mask", "need_weights", "attn_mask", "use_separate_proj_weight", "q_proj_weight",
+             "k_proj_weight", "v_proj_weight", "static_k", "static_v", "average_attn_weights", "is_causal")
+    defaults = {"training": True, "need_weights": True, "use_separate_proj_weight": False,
+                "average_attn_weights": True, "is_causal": False, "add_zero_attn": False}
+    a = {n: call.arg(i, n, defaults.get(n)) for i, n in enumerate(names)}
+    if a["bias_k"] is not None or a["bias_v"] is not None or a["add_zero_attn"]:
+        return None
+    if a["static_k"] is not None or a["static_v"] is not None:
+        return None
+    mask = a["attn_mask"]
+    if mask is not None and mask.dim() != 2:
+        return None  # a per-head mask: its head layout is literal
+    query = a["query"]
+    embed_dim, num_heads = int(a["embed_dim_to_check"]), int(a["num_heads"])
+    if num_heads <= 0 or embed_dim % num_heads or query.shape[-1] != embed_dim:
+        return None
+    if a["is_causal"] and mask is None:
+        return None  # torch raises for this; let it
+    separate = bool(a["use_separate_proj_weight"])
+    kpm = a["key_padding_mask"]
+    if kpm is not None and kpm.dtype != torch.bool:
+        kpm = kpm.to(query.dtype)
+    return lambda: mha_forward(
+        query, a["key"], a["value"], embed_dim // num_heads,
+        None if separate else a["in_proj_weight"], a["in_proj_bias"],
+        a["q_proj_weight"] if separate else None,
+        a["k_proj_weight"] if separate else None,
+        a["v_proj_weight"] if separate else None,
+        a["out_proj_weight"], a["out_proj_bias"],
+        float(a["dropout_p"]), bool(a["training"]), kpm, bool(a["need_weights"]), mask,
+        bool(a["average_attn_weights"]), bool(a["is_causal"]),
+    )
+
+
+declare("multi_head_attention_forward", decompose=multi_head_attention)
