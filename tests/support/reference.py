@@ -13,7 +13,8 @@ consumer weight columns set to zero *by hand* (DESIGN.md, invariant 7):
   the trace-level channel groups (:meth:`PruningManager.channel_groups`):
   a ``pruned_outputs`` channel removes every consumer input of its group
   (exactly that, in unconstrained export); constrained export may also
-  remove consumer inputs of the group of a requested input, and nothing else;
+  remove the consumer inputs of the group of a requested input, the whole
+  group or nothing beyond the request, and nothing else;
 - a column is zeroed in the module's own weight layout (:func:`zero_columns_`),
   not with channelcut's masking code; only a weight used functionally (not a
   conv or linear module's ``weight``) falls back to the traced graph's
@@ -169,6 +170,23 @@ def group_closure(groups: Iterable[Any], pruned_inputs: Iterable[Tuple[str, int]
     return closure(pruned_outputs, of_producer), closure(pruned_inputs, of_consumer)
 
 
+def _partial_groups(groups: List[Any], removed: Mapping[str, Set[int]], request: Mapping[str, Set[int]]) -> List[str]:
+    """Constrained export removes whole channel groups: within each group, the
+    removed consumer inputs are either just the requested ones (the group
+    stays: always so for a pinned group) or all of them. The groups where
+    that fails."""
+    out = []
+    for g in groups:
+        cons = {(p, c) for p, c in g.consumers}
+        rem = {(p, c) for p, c in cons if c in removed.get(p, ())}
+        req = {(p, c) for p, c in cons if c in request.get(p, ())}
+        if rem != req and (rem != cons or g.pinned is not None):
+            extra = sorted(rem - req)
+            out.append(f"group {g.id} ({len(cons)} consumer inputs{', pinned' if g.pinned else ''}): "
+                       f"removes {extra[:4]}{' ...' if len(extra) > 4 else ''} beyond the request but not the whole group")
+    return out
+
+
 def check_removal(spec: Any, groups: Iterable[Any], pruned_inputs: Iterable[Tuple[str, int]],
                   pruned_outputs: Iterable[Tuple[str, int]] = ()) -> Tuple[Dict[str, List[int]], List[str]]:
     """What the reference must zero, and every way the spec's report disagrees
@@ -183,7 +201,9 @@ def check_removal(spec: Any, groups: Iterable[Any], pruned_inputs: Iterable[Tupl
       inputs of the groups of the requested outputs (none without
       ``pruned_outputs``: nothing is pruned that was not asked for);
     - constrained: they include those, and lie within them plus the groups
-      of the requested inputs;
+      of the requested inputs; within each channel group, either just the
+      requested inputs or all of the group's consumer inputs are removed
+      (constrained export removes whole groups, never a pinned one);
     - ``spec.removed_inputs()`` and ``spec.masks`` say the same as ``removed``.
     """
     problems: List[str] = []
@@ -209,6 +229,9 @@ def check_removal(spec: Any, groups: Iterable[Any], pruned_inputs: Iterable[Tupl
         if beyond:
             problems.append("constrained: removed beyond the groups of the request (and not reported as such): "
                             f"{_fmt(beyond)}; additions {_fmt_additions(spec)}")
+        partial = _partial_groups(groups, removed, request)
+        if partial:
+            problems.append("constrained: " + "; ".join(partial[:3]) + (" ..." if len(partial) > 3 else ""))
     elif removed != must:
         extra, missing = _not_within(removed, must), _not_within(must, removed)
         what = "the request" if not pruned_outputs else "the request and its pruned_outputs' channel groups"
