@@ -491,10 +491,12 @@ class Case:
     expect: Dict[str, Dict[str, Any]] = field(default_factory=dict)
 
     def build(self) -> nn.Module:
-        net = self.make()
+        seed = sum(map(ord, self.name))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)  # the weights too: the same network whatever ran before
+            net = self.make()
         if isinstance(net, ZeroWeights):
             return net
-        seed = sum(map(ord, self.name))
         return randomize_norms(prepare(net, seed=seed), seed)
 
     def inputs(self, seed: int, other: bool = False):
