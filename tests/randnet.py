@@ -23,7 +23,9 @@ transpose, ``F.channel_shuffle``), SE gates, flatten->linear, permutes
 (channels-last linear, channels-last LayerNorm, tokens<->conv1d), layer-scale
 parameters, pooling and interpolation, attention (matmul+softmax, SDPA,
 nn.MultiheadAttention, heads split with a num_heads attribute), and
-multiple inputs and outputs. Shapes are tracked by running a probe tensor
+multiple inputs and outputs. Norms (affine parameters and running
+statistics), layer scales and biases get random values
+(``support.randomize.randomize_norms``). Shapes are tracked by running a probe tensor
 through each block as it is created, so every generated model runs.
 """
 
@@ -37,6 +39,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from support.randomize import randomize_norms
 
 DTYPE = torch.float64
 BATCH = 2
@@ -395,7 +399,7 @@ class Builder:
     # -- emitting --------------------------------------------------------
     def emit(self, tag: str, module: nn.Module, ins: Sequence[Val], kind: str) -> Val:
         module = module.to(DTYPE).eval()
-        _randomize_norm_stats(module, self.rng)
+        self.rng.randrange(2**31)  # (a draw kept: every seed builds the network it always built)
         name = f"b{len(self.program)}_{tag}"
         self.blocks[name] = module
         self.program.append((name, tuple(v.reg for v in ins)))
@@ -634,21 +638,6 @@ class Builder:
         return self.emit("seq2tok", TokensToSeq(), [s], "tok")
 
 
-def _randomize_norm_stats(m: nn.Module, rng: random.Random) -> None:
-    gen = torch.Generator().manual_seed(rng.randrange(2**31))
-    for mod in m.modules():
-        if isinstance(mod, (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm)):
-            if mod.running_mean is not None:
-                mod.running_mean.copy_(torch.randn(mod.running_mean.shape, generator=gen, dtype=DTYPE) * 0.3)
-                mod.running_var.copy_(torch.rand(mod.running_var.shape, generator=gen, dtype=DTYPE) + 0.5)
-        if isinstance(mod, (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.GroupNorm, nn.LayerNorm)):
-            if getattr(mod, "weight", None) is not None:
-                with torch.no_grad():
-                    mod.weight.copy_(torch.rand(mod.weight.shape, generator=gen, dtype=DTYPE) + 0.5)
-                    if mod.bias is not None:
-                        mod.bias.copy_(torch.randn(mod.bias.shape, generator=gen, dtype=DTYPE) * 0.2)
-
-
 def _compatible(a: Val, b: Val) -> bool:
     if a.kind != b.kind:
         return False
@@ -677,7 +666,11 @@ def make_net(seed: int, max_stages: int = 8) -> Tuple[RandNet, List[torch.Tensor
     gen = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return _make(rng, gen, max_stages)
+        net, inputs = _make(rng, gen, max_stages)
+    # every norm's affine parameters and running statistics, layer scales and
+    # biases random (seeded): a channel sliced at the wrong index or in the
+    # wrong order changes the output
+    return randomize_norms(net, seed), inputs
 
 
 def _make(rng: random.Random, gen: torch.Generator, max_stages: int):

@@ -160,3 +160,36 @@ def test_harness_catches_a_wrong_pruned_model(monkeypatch):
             caught += any("pruned model != mock" in p for p in o.problems)
             assert not o.ok
     assert caught >= 5
+
+
+def test_harness_catches_a_channel_nobody_asked_for(monkeypatch):
+    """Mutation check (issue #14): a resolve that masks one input channel
+    nobody asked for, and reports only the request, fails property 7. The
+    pruned model and the mock both follow that plan, so they agree with each
+    other; the independent reference (the original model with the request
+    zeroed by hand) and the masks-vs-request check do not."""
+    from channelcut.pruning import manager
+
+    real_resolve = manager.resolve
+
+    def one_more_channel(graph, pruned_inputs=(), pruned_outputs=(), **kw):
+        pruned_inputs = list(pruned_inputs)
+        if pruned_inputs:
+            name = pruned_inputs[0][0]
+            n = len(graph.consumers[graph.consumers_by_param[name][0]].in_ids)
+            extra = next((c for c in range(n) if (name, c) not in pruned_inputs), None)
+            if extra is not None:
+                spec = real_resolve(graph, pruned_inputs + [(name, extra)], pruned_outputs, **kw)
+                spec.requested[name] = [c for c in spec.requested[name] if c != extra]  # not reported
+                return spec
+        return real_resolve(graph, pruned_inputs, pruned_outputs, **kw)
+
+    monkeypatch.setattr(manager, "resolve", one_more_channel)
+    mutated = by_output = 0
+    for seed in SEEDS[:40]:
+        o = props.run_example(seed)
+        if o.status == "pruned" and o.request.pruned_inputs:
+            mutated += 1
+            assert not o.ok, f"seed {seed}: a channel nobody asked for was masked, and nothing noticed"
+            by_output += any("independent reference" in p for p in o.problems)
+    assert mutated >= 10 and by_output >= mutated // 2, (mutated, by_output)

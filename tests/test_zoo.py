@@ -1,8 +1,13 @@
 """Zoo smoke tests: a representative fast subset of ``benchmarks/coverage.py``.
 
-Each model is random-initialised in float64 at a small input; 30% of every
-consumer's input channels are pruned (seeded), and the pruned model must
-reproduce the mock model to 1e-10 relative, unconstrained and constrained.
+Each model is random-initialised in float64 at a small input, with random
+norms (affine parameters, running statistics), layer scales and biases
+(``support.randomize``); 30% of every consumer's input channels are pruned
+(seeded), and the pruned model must reproduce, to 1e-10 relative,
+unconstrained and constrained, both the mock model and the independent
+reference: the original model with the request plus the reported additions
+zeroed by hand (``support.reference``; unconstrained adds nothing,
+constrained only channels of the request's channel groups).
 The full sweep (every torchvision model, ~80 timm architectures) is the
 benchmark script; these cover one model per family of ops: residual streams,
 concatenation, grouped / depthwise convs, channel shuffle, squeeze-excite,
@@ -22,6 +27,8 @@ import torchvision
 from torch import nn
 
 from channelcut import PruningManager
+from support.randomize import randomize_norms
+from support.reference import check_removal, zeroed_reference
 
 SEED = 0
 
@@ -121,7 +128,7 @@ def _request(consumers: Dict[str, int]) -> List[Tuple[str, int]]:
 @pytest.mark.parametrize("build,size", [pytest.param(b, s, id=i) for i, b, s in MODELS])
 def test_zoo_model_exports_exactly(build, size, constrained):
     torch.manual_seed(SEED)
-    net = build().double().eval()
+    net = randomize_norms(build().double().eval(), SEED)
     x = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(SEED), dtype=torch.float64)
     manager = PruningManager(net)
     manager.trace([x])
@@ -130,14 +137,28 @@ def test_zoo_model_exports_exactly(build, size, constrained):
     params_before = sum(p.numel() for p in net.parameters())
     with torch.no_grad():
         ref = manager.get_mock_model()(x)
+    y_indep = _independent_reference(manager, net, [x], pruned)
     manager.prune(verify=False)
     with torch.no_grad():
         out = net(x)
     err = _max_rel_error(out, ref)
     assert err <= 1e-10, f"pruned model differs from the mock by {err:.3g} (relative)\n{manager.spec.summary()}"
+    err = _max_rel_error(out, y_indep)
+    assert err <= 1e-10, f"pruned model differs from the independent reference by {err:.3g} (relative)\n{manager.spec.summary()}"
     assert sum(p.numel() for p in net.parameters()) < params_before, "nothing was pruned"
     if constrained:
         assert manager.spec.copied_channels == 0
+
+
+def _independent_reference(manager: PruningManager, net: nn.Module, inputs: Any, pruned: List[Tuple[str, int]]) -> Any:
+    """The outputs of the original ``net`` with the request plus the spec's
+    reported additions zeroed by hand, after checking those additions against
+    the channel groups (``support.reference.check_removal``)."""
+    removed, problems = check_removal(manager.spec, manager.channel_groups(), pruned)
+    assert not problems, "\n".join(problems)
+    ref = zeroed_reference(net, removed, manager.graph)
+    with torch.no_grad():
+        return ref(**inputs) if isinstance(inputs, dict) else ref(*inputs)
 
 
 def _hf(kind: str) -> nn.Module:
@@ -154,18 +175,22 @@ def _hf(kind: str) -> nn.Module:
 @pytest.mark.parametrize("kind", ["bert", "gpt2"])
 def test_zoo_transformers_export_exactly(kind, constrained):
     torch.manual_seed(SEED)
-    net = _hf(kind).double().eval()
+    net = randomize_norms(_hf(kind).double().eval(), SEED)
     inputs = {"input_ids": torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(SEED))}
     manager = PruningManager(net)
     manager.trace(inputs)
-    manager.compute(inputs, pruned_inputs=_request(manager.consumers()), constrained=constrained)
+    pruned = _request(manager.consumers())
+    manager.compute(inputs, pruned_inputs=pruned, constrained=constrained)
     with torch.no_grad():
         ref = manager.get_mock_model()(**inputs).last_hidden_state
+    y_indep = _independent_reference(manager, net, inputs, pruned).last_hidden_state
     manager.prune(verify=False)
     with torch.no_grad():
         out = net(**inputs).last_hidden_state
     err = _max_rel_error(out, ref)
     assert err <= 1e-10, f"pruned model differs from the mock by {err:.3g} (relative)"
+    err = _max_rel_error(out, y_indep)
+    assert err <= 1e-10, f"pruned model differs from the independent reference by {err:.3g} (relative)"
 
 
 # zoo models whose shape-only pass hands over to a real pass, and why

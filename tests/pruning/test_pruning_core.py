@@ -16,11 +16,15 @@ Three parts:
    random (``@pytest.mark.slow``).
 
 Every check runs in float64 with constants (BatchNorm statistics, biases,
-layer scales) randomized, so that a misaligned per-channel tensor shows.
+layer scales) randomized, so that a misaligned per-channel tensor shows. The
+small networks and the zoo are also held to the independent reference: the
+original model with the request plus the spec's reported additions zeroed by
+hand (``tests/support/reference.py``), never the plan's own masks.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import random
 from dataclasses import dataclass, field
@@ -32,6 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from channelcut import PruningManager
+from support.randomize import randomize_norms
+from support.reference import check_removal, zeroed_reference
 
 from ._helpers import (
     MODES,
@@ -338,7 +344,7 @@ class ZeroWeights(nn.Module):
 
 def _zero_weights() -> ZeroWeights:
     net = ZeroWeights()
-    prepare(net, seed=3)  # randomize first: zeros set below must stay zeros
+    randomize_norms(prepare(net, seed=3), seed=3)  # randomize first: zeros set below must stay zeros
     with torch.no_grad():
         net.c1.weight[5] = 0
         net.c1.bias[5] = 0
@@ -485,8 +491,13 @@ class Case:
     expect: Dict[str, Dict[str, Any]] = field(default_factory=dict)
 
     def build(self) -> nn.Module:
-        net = self.make()
-        return net if isinstance(net, ZeroWeights) else prepare(net, seed=sum(map(ord, self.name)))
+        seed = sum(map(ord, self.name))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)  # the weights too: the same network whatever ran before
+            net = self.make()
+        if isinstance(net, ZeroWeights):
+            return net
+        return randomize_norms(prepare(net, seed=seed), seed)
 
     def inputs(self, seed: int, other: bool = False):
         shapes = self.other_shapes if other else self.shapes
@@ -882,10 +893,12 @@ def _check_facts(case: Case, mode: str, res) -> None:
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
 def test_small_network(case: Case, mode: str):
     net = case.build()
+    original = copy.deepcopy(net)
     res = export(
         net, case.inputs(seed=1), other_inputs=case.inputs(seed=2, other=True), what=f"{case.name} [{mode}]",
         pruned_inputs=case.pruned_inputs, pruned_outputs=case.pruned_outputs, **MODES[mode],
     )
+    _assert_independent_reference(case, original, res, f"{case.name} [{mode}]")
     spec = res.spec
     assert spec.mode == ("constrained" if mode == "constrained" else "baseline" if mode == "baseline" else "unconstrained")
     if mode == "constrained":
@@ -903,6 +916,25 @@ def test_small_network(case: Case, mode: str):
     # the spec is plain data: printable and JSON-serialisable
     assert spec.mode in spec.summary()
     assert json.loads(json.dumps(spec.to_dict()))["copied_channels"] == spec.copied_channels
+
+
+def _assert_independent_reference(case: Case, original: nn.Module, res, tag: str) -> None:
+    """The pruned model equals the original with the request plus the spec's
+    reported additions zeroed by hand (the additions checked against the
+    channel groups), on the example inputs and on the second input. With
+    neither list (zeros found in the model) the reference is the model as it is."""
+    m = res.manager
+    if case.pruned_inputs is None and case.pruned_outputs is None:
+        ref = original
+    else:
+        removed, problems = check_removal(m.spec, m.channel_groups(), case.pruned_inputs or [], case.pruned_outputs or [])
+        assert not problems, f"{tag}: " + "\n".join(problems) + f"\n{m.spec.summary()}"
+        ref = zeroed_reference(original, removed, m.graph)
+    assert_close(res.y_pruned, call(ref, case.inputs(seed=1)), 1e-10, f"{tag}: pruned vs independent reference")
+    other = case.inputs(seed=2, other=True)
+    if other is not None:
+        assert_close(res.y_pruned_other, call(ref, other), 1e-10,
+                     f"{tag}: pruned vs independent reference on a second input")
 
 
 def _assert_request_honoured(spec, pruned_inputs, pruned_outputs) -> None:
@@ -1019,7 +1051,7 @@ def _zoo_net(name: str) -> nn.Module:
     if name not in _zoo_cache:
         _zoo_cache.clear()
         torch.manual_seed(0)
-        _zoo_cache[name] = prepare(getattr(tvm, name)(), seed=1)
+        _zoo_cache[name] = randomize_norms(prepare(getattr(tvm, name)(), seed=1), seed=1)
     return copy.deepcopy(_zoo_cache[name])
 
 
@@ -1055,10 +1087,14 @@ def _zoo_check(net, x, m, consumers, pruned_inputs, constrained, tag) -> None:
     y_orig = call(net, x)
     y_mock = call(mock, x)
     del mock
+    removed, problems = check_removal(m.spec, m.channel_groups(), pruned_inputs)
+    assert not problems, f"{tag}: " + "\n".join(problems)
+    y_ref = call(zeroed_reference(net, removed, m.graph), x)
     p0 = n_params(net)
     m.prune(verify=False)  # compared below, at 1e-10 (verify's own check is covered by the small networks)
     y = call(net, x)
     assert_close(y, y_mock, 1e-10, tag)
+    assert_close(y, y_ref, 1e-10, f"{tag}: pruned vs independent reference")
     assert float(y_mock.abs().max()) > 0, f"{tag}: the mock's output is all zero; the comparison would be vacuous"
     assert max_rel_difference(y_mock, y_orig) > 1e-6, f"{tag}: the mock ignores the pruned channels"
     assert n_params(net) < p0, tag

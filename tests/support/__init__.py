@@ -1,0 +1,12 @@
+"""Test support shared by the test files and the benchmark scripts.
+
+- :mod:`support.reference`: the independent reference (the original model
+  with exactly the removed consumer weight columns zeroed by hand) and the
+  removal set a request implies, from the trace-level channel groups;
+- :mod:`support.randomize`: deterministic random values for every norm's
+  affine parameters and running statistics, layer scales and biases, so that
+  a channel sliced in the wrong place or order changes the output.
+
+``tests/`` is on ``sys.path`` (like ``export_props`` and ``randnet``): import
+as ``from support.reference import zeroed_reference``.
+"""
