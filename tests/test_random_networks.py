@@ -185,6 +185,9 @@ def test_harness_catches_a_channel_nobody_asked_for(monkeypatch):
         return real_resolve(graph, pruned_inputs, pruned_outputs, **kw)
 
     monkeypatch.setattr(manager, "resolve", one_more_channel)
+    # prune()'s own verification (against the request zeroed by hand) refuses
+    # such a plan: switched off here, the harness must catch it by itself
+    monkeypatch.setattr(manager, "check", lambda *a, **k: None)
     mutated = by_output = 0
     for seed in SEEDS[:40]:
         o = props.run_example(seed)
