@@ -24,6 +24,8 @@ to keep the largest consumers contiguous.
 
 from __future__ import annotations
 
+from collections import defaultdict
+from dataclasses import dataclass
 from typing import Callable, Dict, FrozenSet, Iterable, List, Optional, Sequence, Set, Tuple
 
 from .graph import TracedGraph, is_tiling
@@ -59,6 +61,128 @@ def one_segment(gs: Sequence[int], seg_of: Dict[int, int]) -> Optional[int]:
     if s is None or len(set(map(seg_of.get, gs))) != 1:
         return None
     return s
+
+
+@dataclass
+class ReorderPlan:
+    """What :func:`plan_reorder` decided: the pruned layout, how many
+    segments there are and how many got a new order."""
+
+    layout: "Layout"
+    segments: int
+    reordered: int
+
+
+def plan_reorder(
+    graph: TracedGraph,
+    groups: GroupVectors,
+    groups_of: Dict[str, List[int]],
+    dropped: Dict[str, Set[int]],
+    absent: Set[int],
+    physical: Dict[str, bool],
+    pinned: Set[int],
+    enabled: bool = True,
+) -> ReorderPlan:
+    """Order every free segment so that each consumer's kept channels are one
+    contiguous range where possible (:func:`order_segment`), and return the
+    pruned layout. ``groups_of``: consumer op -> the groups of its input;
+    ``dropped``: consumer op -> the input positions it drops; ``absent``:
+    the groups the pruned model does not have; ``physical``: consumer op ->
+    whether it may read a subset. With ``enabled`` False every segment keeps
+    its order (constrained and baseline export)."""
+    seg_of, canon = find_segments(graph, groups)
+    new_order: Dict[int, List[int]] = {}
+    if enabled:
+        traces = [p.out_ids for p in graph.producers.values()]
+        traces += [c.in_ids for c in graph.consumers.values()]
+        traces += [u.ids for u in graph.param_uses]
+        free = free_segments(graph, groups, seg_of, canon, traces, pinned)
+        keeps_by_seg = _keeps_by_segment(graph, groups_of, dropped, absent, physical, seg_of, free)
+        for s in free:
+            present = [g for g in canon[s] if g not in absent]
+            order = order_segment(present, keeps_by_seg.get(s, []))
+            if order != present:
+                new_order[s] = order
+    return ReorderPlan(Layout(groups, absent, seg_of, canon, new_order), len(canon), len(new_order))
+
+
+def _keeps_by_segment(
+    graph: TracedGraph,
+    groups_of: Dict[str, List[int]],
+    dropped: Dict[str, Set[int]],
+    absent: Set[int],
+    physical: Dict[str, bool],
+    seg_of: Dict[int, int],
+    free: Set[int],
+) -> Dict[int, List[FrozenSet[int]]]:
+    """Free segment -> the sets of its groups that each consumer keeps (with
+    :data:`LEFT`/:data:`RIGHT` where a consumer also reads kept channels just
+    before or after the segment's block: a concat)."""
+    keeps_by_seg: Dict[int, List[FrozenSet[int]]] = defaultdict(list)
+    for op, gs in groups_of.items():
+        if not physical[op] or graph.consumers[op].groups != 1:
+            continue
+        d = dropped.get(op, ())
+        s = one_segment(gs, seg_of)
+        if s is not None:  # the common case: the input is one segment
+            if s in free:
+                keep = {g for p, g in enumerate(gs) if p not in d} if d else set(gs)
+                keep -= absent
+                if keep:  # (else it reads nothing from here)
+                    keeps_by_seg[s].append(frozenset(keep))
+            continue
+        kept_pos = [p for p, g in enumerate(gs) if p not in d and (g < 0 or g not in absent)]
+        if _hopeless(gs, d, absent, seg_of, free):
+            continue  # it gathers whatever the order: leave the freedom to others
+        touched = {seg_of.get(g) for g in gs if g >= 0} & free
+        for s in touched:
+            runs = [p for p, g in enumerate(gs) if g >= 0 and seg_of.get(g) == s]
+            keep = {gs[p] for p in kept_pos if gs[p] >= 0 and seg_of.get(gs[p]) == s}
+            if runs and runs[-1] - runs[0] + 1 == len(runs) and keep:
+                # one block of the consumer's input: does it also read kept
+                # channels just before / after it (a concat)?
+                if any(p < runs[0] for p in kept_pos):
+                    keep.add(LEFT)
+                if any(p > runs[-1] for p in kept_pos):
+                    keep.add(RIGHT)
+            keeps_by_seg[s].append(frozenset(keep))
+    return keeps_by_seg
+
+
+def _hopeless(gs: List[int], dropped: Set[int], absent: Set[int], seg_of: Dict[int, int], free: Set[int]) -> bool:
+    """True when no reordering can make this consumer's read contiguous: its
+    input is a sequence of blocks (one free segment each, or runs of channels
+    whose order is fixed); between the first and last block it keeps from,
+    every block must be read whole, and a fixed-order block must already be
+    read as one range at the right end."""
+    blocks: List[Tuple[Optional[int], List[int], List[int]]] = []  # (segment, present, kept)
+    for p, g in enumerate(gs):
+        key = seg_of.get(g) if g >= 0 and seg_of.get(g) in free else None
+        if g >= 0 and g in absent:
+            continue
+        if not blocks or blocks[-1][0] != key:
+            blocks.append((key, [], []))
+        blocks[-1][1].append(p)
+        if p not in dropped:
+            blocks[-1][2].append(p)
+    used = [i for i, b in enumerate(blocks) if b[2]]
+    if not used:
+        return True
+    first, last = used[0], used[-1]
+    for i in range(first, last + 1):
+        seg, present, kept = blocks[i]
+        whole = len(kept) == len(present)
+        if first < i < last and not whole:
+            return True
+        if seg is None and not whole:
+            # fixed order: the kept positions must be one range at the right end
+            where = {p: j for j, p in enumerate(present)}
+            k0, k1 = where[kept[0]], where[kept[-1]]
+            contiguous = k1 - k0 + 1 == len(kept)
+            if not contiguous or (i < last and k1 != len(present) - 1) or (i > first and k0 != 0):
+                return True
+    return False
+
 
 
 class Layout:

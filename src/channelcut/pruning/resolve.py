@@ -8,7 +8,7 @@ Start at :func:`resolve`. The steps:
    unconstrained, a group is removed when no consumer keeps it; constrained,
    when any consumer drops it. Pinned groups and groups that present ones
    depend on always stay;
-3. reorder segments so subsets become contiguous (``reorder.py``);
+3. reorder segments so subsets become contiguous (:func:`reorder.plan_reorder`);
 4. write the spec: kept indices per parameter dim (in the new order), which
    consumers read a subset of their input, and what the mock masks.
 """
@@ -16,11 +16,12 @@ Start at :func:`resolve`. The steps:
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Mapping, Optional, Set, Tuple
 
 from ..errors import (ChannelRangeError, EmptyLayerError, ExportError, NotPrunableError, RequestError,
                       UnknownParameterError)
-from .reorder import LEFT, RIGHT, GroupVectors, Layout, find_segments, free_segments, one_segment, order_segment
+from .reorder import GroupVectors, ReorderPlan, plan_reorder
 from .spec import LayerStat, MaskAddition, MaskEntry, PruningSpec, Subselection
 from .graph import TracedGraph
 
@@ -91,6 +92,33 @@ def _check_channel(name: str, ch: object, n: int, what: str) -> int:
     return ch
 
 
+@dataclass
+class Resolution:
+    """What the phases of :func:`resolve` hand on to each other."""
+
+    graph: TracedGraph
+    mode: str
+    roots: List[int]  # the group (root atom) of every atom
+    groups: GroupVectors  # a trace's atoms -> their groups
+    pinned: Set[int]  # groups that can never be removed
+    # consumer op -> the input positions it drops
+    dropped: Dict[str, Set[int]] = field(default_factory=lambda: defaultdict(set))
+    # consumer weight -> the input channels the request named
+    requested: Dict[str, Set[int]] = field(default_factory=lambda: defaultdict(set))
+    removed_req: Set[int] = field(default_factory=set)  # groups pruned_outputs remove
+    requested_outputs: List[str] = field(default_factory=list)  # "name[channel]", for messages
+    outputs_of_group: Dict[int, List[str]] = field(default_factory=lambda: defaultdict(list))
+    groups_of: Dict[str, List[int]] = field(default_factory=dict)  # consumer op -> groups of its input (read only)
+    physical: Dict[str, bool] = field(default_factory=dict)  # consumer op -> may read a subset of its input
+    absent: Set[int] = field(default_factory=set)  # groups the pruned model does not have
+    kept_by_any: Set[int] = field(default_factory=set)  # groups some consumer keeps
+    depthwise: List[Tuple[str, List[int]]] = field(default_factory=list)  # (weight, groups it passes)
+
+    @property
+    def find(self):
+        return self.roots.__getitem__
+
+
 def resolve(
     graph: TracedGraph,
     pruned_inputs: Iterable[Tuple[str, int]] = (),
@@ -107,21 +135,40 @@ def resolve(
     less (0 turns this off: always gather)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    src = graph.sources
-    roots = src.roots()  # resolve never unions: one lookup table for every find
-    find = roots.__getitem__
-    groups = GroupVectors(roots)
-    pinned = src.pinned_roots()
-    for atoms, reason in graph.fixed_counts:
-        gs = {find(a) for a in atoms}
-        if len(gs) > 1:
-            pinned |= gs
-            for g in gs:
-                src.pin(g, reason)  # recorded for reports (resolve never unions)
+    r = _start(graph, mode)
+    _read_inputs(r, pruned_inputs)  # 1. the request, per consumer
+    _read_outputs(r, pruned_outputs)
+    _choose_subset_readers(r)
+    _check_no_consumer_emptied(r)
+    _decide_presence(r)  # 2. which groups stay
+    _keep_what_present_groups_need(r)
+    if mode == "constrained":
+        _grow_constrained(r)
+    _check_no_layer_emptied(r)
+    plan = plan_reorder(graph, r.groups, r.groups_of, r.dropped, r.absent, r.physical, r.pinned,
+                        enabled=mode == "unconstrained" and reorder)  # 3. channel orders
+    return _write_spec(r, plan, copy_cost)  # 4. the spec
 
-    # 1. per consumer op: dropped input positions --------------------------------
-    dropped: Dict[str, Set[int]] = defaultdict(set)
-    requested: Dict[str, Set[int]] = defaultdict(set)  # consumer weight -> channels named by the request
+
+def _start(graph: TracedGraph, mode: str) -> Resolution:
+    """Groups and pins (resolve never unions: one lookup table for every
+    find). Channel counts that must not change pin their groups."""
+    src = graph.sources
+    roots = src.roots()
+    r = Resolution(graph, mode, roots, GroupVectors(roots), src.pinned_roots())
+    for atoms, reason in graph.fixed_counts:
+        gs = {roots[a] for a in atoms}
+        if len(gs) > 1:
+            r.pinned |= gs
+            for g in gs:
+                src.pin(g, reason)  # recorded for reports
+    r.depthwise = [(param, [roots[a] for a in ids if a >= 0]) for param, ids in graph.depthwise]
+    return r
+
+
+def _read_inputs(r: Resolution, pruned_inputs: Iterable[Tuple[str, int]]) -> None:
+    """Phase 1a: validate ``pruned_inputs``; each consumer op drops them."""
+    graph = r.graph
     by_name: Dict[str, Tuple[List[str], int]] = {}  # consumer name -> (its ops, input channels)
     for item in pruned_inputs:
         name, ch = _pair(item, "pruned_inputs")
@@ -135,37 +182,47 @@ def resolve(
         if type(ch) is not int or not 0 <= ch < n:
             ch = _check_channel(name, ch, n, "input")
         for op in ops:
-            dropped[op].add(ch)
-        requested[graph.consumers[ops[0]].param].add(ch)
-    removed_req: Set[int] = set()
-    requested_outputs: List[str] = []
-    outputs_of_group: Dict[int, List[str]] = defaultdict(list)  # removed group -> the request's names for it
+            r.dropped[op].add(ch)
+        r.requested[graph.consumers[ops[0]].param].add(ch)
+
+
+def _read_outputs(r: Resolution, pruned_outputs: Iterable[Tuple[str, int]]) -> None:
+    """Phase 1b: validate ``pruned_outputs``; every consumer drops the
+    channel groups they remove, wherever they flow."""
+    graph, find = r.graph, r.find
     for item in pruned_outputs:
         name, ch = _pair(item, "pruned_outputs")
-        requested_outputs.append(f"{name}[{ch}]")
+        r.requested_outputs.append(f"{name}[{ch}]")
         ops = _lookup(name, graph.producers_by_param, graph.producers, graph.param_aliases)
         if ops is None:
             raise _not_found(graph, name, "producer")
-        ops = _in_its_role(graph, name, ops)
-        for op in ops:
+        for op in _in_its_role(graph, name, ops):
             out_ids = graph.producers[op].out_ids
             ch = _check_channel(name, ch, len(out_ids), "output")
             a = out_ids[ch]
-            reason = src.pinned_reason(a)
+            reason = graph.sources.pinned_reason(a)
             if reason is not None:
                 raise NotPrunableError(f"output channel {ch} of {name!r} can not be removed: it {reason}")
-            removed_req.add(find(a))
-            outputs_of_group[find(a)].append(f"{name}[{ch}]")
-    groups_of: Dict[str, List[int]] = {op: groups(c.in_ids) for op, c in graph.consumers.items()}  # (shared: read only)
-    if removed_req:
-        for op, gs in groups_of.items():
+            r.removed_req.add(find(a))
+            r.outputs_of_group[find(a)].append(f"{name}[{ch}]")
+    r.groups_of = {op: r.groups(c.in_ids) for op, c in graph.consumers.items()}
+    if r.removed_req:
+        for op, gs in r.groups_of.items():
             for p, g in enumerate(gs):
-                if g in removed_req:
-                    dropped[op].add(p)
-    # consumers sharing one weight drop the same columns and can not subselect
-    # (constrained export never reads subsets: pruned channels that must stay
-    # present become zero weight columns, so inference makes no copies)
-    physical: Dict[str, bool] = {op: c.physical and mode != "constrained" for op, c in graph.consumers.items()}
+                if g in r.removed_req:
+                    r.dropped[op].add(p)
+
+
+def _choose_subset_readers(r: Resolution) -> None:
+    """Which consumers may read a subset of their input (``physical``).
+    Consumers sharing one weight drop the same columns and can not
+    subselect; constrained export never reads subsets (pruned channels that
+    must stay present become zero weight columns, so inference makes no
+    copies); a module holds one input selection, so several consumers in one
+    module that read different tensors or channels (separate q/k/v
+    projections of nn.MultiheadAttention) keep zero columns instead."""
+    graph, dropped = r.graph, r.dropped
+    physical = r.physical = {op: c.physical and r.mode != "constrained" for op, c in graph.consumers.items()}
     for param, ops in graph.consumers_by_param.items():
         if len(ops) > 1:
             shared: Set[int] = set().union(*(dropped.get(op, set()) for op in ops))
@@ -173,9 +230,6 @@ def resolve(
                 physical[op] = False
                 if shared:
                     dropped[op] = set(shared)
-    # a module holds one input selection: several consumers in one module
-    # that read different tensors or channels (separate q/k/v projections of
-    # nn.MultiheadAttention) keep zero columns instead
     by_module: Dict[str, List[str]] = defaultdict(list)
     for op, c in graph.consumers.items():
         if physical[op]:
@@ -185,14 +239,16 @@ def resolve(
             for op in ops:
                 physical[op] = False
 
-    # every consumer keeps an input channel (checked first: a request that
-    # empties a layer gets that error, even when it is invalid otherwise too;
-    # constrained growth below never empties a consumer)
-    for op, c in graph.consumers.items():
-        if len(dropped.get(op, ())) >= len(c.in_ids):
+
+def _check_no_consumer_emptied(r: Resolution) -> None:
+    """Every consumer keeps an input channel (checked first: a request that
+    empties a layer gets that error, even when it is invalid otherwise too;
+    constrained growth never empties a consumer)."""
+    for op, c in r.graph.consumers.items():
+        if len(r.dropped.get(op, ())) >= len(c.in_ids):
             why = ""
-            if not removed_req.isdisjoint(groups_of[op]):
-                why = (f" (pruned_outputs {', '.join(requested_outputs[:6])} remove the channel groups "
+            if not r.removed_req.isdisjoint(r.groups_of[op]):
+                why = (f" (pruned_outputs {', '.join(r.requested_outputs[:6])} remove the channel groups "
                        f"{c.param!r} reads; a group is every channel coupled with the one you named, e.g. by a "
                        "residual add, a norm over channels or attention)")
             raise EmptyLayerError(
@@ -200,164 +256,155 @@ def resolve(
                 "keep at least one channel of each layer"
             )
 
-    # 2. which groups stay present --------------------------------------------
-    kept_by_any: Set[int] = set()
+
+def _decide_presence(r: Resolution) -> None:
+    """Phase 2: unconstrained, a group is removed when no consumer keeps it;
+    constrained, when any consumer drops it. Pinned groups always stay, and
+    every depthwise conv keeps a channel."""
     dropped_by_any: Set[int] = set()
-    for op, gs in groups_of.items():
-        d = dropped.get(op, ())
+    for op, gs in r.groups_of.items():
+        d = r.dropped.get(op, ())
         for p, g in enumerate(gs):
             if g < 0:
                 continue
             if p in d:
                 dropped_by_any.add(g)
             else:
-                kept_by_any.add(g)
-    if mode == "constrained":
-        absent = (dropped_by_any | removed_req)
+                r.kept_by_any.add(g)
+    if r.mode == "constrained":
+        absent = dropped_by_any | r.removed_req
     else:
-        absent = (dropped_by_any - kept_by_any) | removed_req
-    absent = {g for g in absent if g not in pinned}
-    # a depthwise conv must keep a channel: torch has no conv with zero
-    # groups (unless pruned_outputs removed them all: an EmptyLayerError below)
-    conv_uses = [(param, [find(a) for a in ids if a >= 0]) for param, ids in graph.depthwise]
+        absent = (dropped_by_any - r.kept_by_any) | r.removed_req
+    r.absent = {g for g in absent if g not in r.pinned}
+    _keep_a_channel_per_depthwise_conv(r)
 
-    def keep_a_channel_per_conv() -> bool:
+
+def _keep_a_channel_per_depthwise_conv(r: Resolution) -> bool:
+    """torch has no conv with zero groups: a depthwise conv keeps a channel
+    (unless pruned_outputs removed them all: an EmptyLayerError later).
+    Returns whether anything changed."""
+    changed = False
+    for _, gs in r.depthwise:
+        if gs and all(g in r.absent for g in gs):
+            free = [g for g in gs if g not in r.removed_req]
+            if free:
+                r.absent.discard(next((g for g in free if g in r.kept_by_any), free[0]))
+                changed = True
+    return changed
+
+
+def _keep_what_present_groups_need(r: Resolution) -> None:
+    """Groups that present ones depend on (attention scores, a gate computed
+    from them) stay; a requested output among them can not be removed."""
+    graph, find, absent = r.graph, r.find, r.absent
+    if not graph.needs or not absent:
+        return
+    adj: Dict[int, List[int]] = defaultdict(list)
+    for a, b in graph.needs:
+        adj[find(a)].append(find(b))
+    stack = [g for g in adj if g not in absent]
+    seen = set(stack)
+    while stack:
+        g = stack.pop()
+        for h in adj.get(g, ()):
+            if h in absent:
+                absent.discard(h)
+                if h in r.removed_req:
+                    names = [f"{pr.param or pop}[{j}]" for pop, pr in graph.producers.items()
+                             for j, a in enumerate(pr.out_ids) if find(a) == h]
+                    raise NotPrunableError(
+                        f"pruned_outputs {', '.join(r.requested_outputs[:6])} can not be removed (with its group: "
+                        f"{', '.join(names[:6])}{', ...' if len(names) > 6 else ''}): channels the model keeps "
+                        "depend on all of them (e.g. attention scores or a gate computed from them); "
+                        "prune the consumers that read them instead"
+                    )
+            if h not in seen:
+                seen.add(h)
+                stack.append(h)
+
+
+def _grow_constrained(r: Resolution) -> None:
+    """Constrained export: every consumer drops every absent group it reads.
+    Growing the pruned set must never empty a layer: a consumer left with
+    nothing keeps what it asked for; a producer left with nothing keeps what
+    any consumer asked for (the others mask those as zero columns)."""
+    graph, find, absent = r.graph, r.find, r.absent
+    changed = True
+    while changed:
         changed = False
-        for _, gs in conv_uses:
-            if gs and all(g in absent for g in gs):
-                free = [g for g in gs if g not in removed_req]
-                if free:
-                    absent.discard(next((g for g in free if g in kept_by_any), free[0]))
+        for op, gs in r.groups_of.items():
+            d = r.dropped.get(op, ())
+            if all(g in absent for p, g in enumerate(gs) if p not in d):
+                restore = {g for p, g in enumerate(gs) if p not in d and g >= 0}
+                if restore & absent:
+                    absent -= restore
                     changed = True
-        return changed
+        for p in graph.producers.values():
+            gs = {find(a) for a in p.out_ids}
+            if gs <= absent:
+                restore = gs & r.kept_by_any
+                if restore:
+                    absent -= restore
+                    changed = True
+        changed = _keep_a_channel_per_depthwise_conv(r) or changed
+    for op, gs in r.groups_of.items():
+        extra = {p for p, g in enumerate(gs) if g in absent}
+        if extra:
+            r.dropped[op] |= extra
 
-    keep_a_channel_per_conv()
-    if graph.needs and absent:
-        adj: Dict[int, List[int]] = defaultdict(list)
-        for a, b in graph.needs:
-            adj[find(a)].append(find(b))
-        stack = [g for g in adj if g not in absent]
-        seen = set(stack)
-        while stack:
-            g = stack.pop()
-            for h in adj.get(g, ()):
-                if h in absent:
-                    absent.discard(h)
-                    if h in removed_req:
-                        names = [f"{pr.param or pop}[{j}]" for pop, pr in graph.producers.items()
-                                 for j, a in enumerate(pr.out_ids) if find(a) == h]
-                        raise NotPrunableError(
-                            f"pruned_outputs {', '.join(requested_outputs[:6])} can not be removed (with its group: "
-                            f"{', '.join(names[:6])}{', ...' if len(names) > 6 else ''}): channels the model keeps "
-                            "depend on all of them (e.g. attention scores or a gate computed from them); "
-                            "prune the consumers that read them instead"
-                        )
-                if h not in seen:
-                    seen.add(h)
-                    stack.append(h)
-    if mode == "constrained":
-        # growing the pruned set must never empty a layer: a consumer left with
-        # nothing keeps what it asked for; a producer left with nothing keeps
-        # what any consumer asked for (the others mask those as zero columns)
-        changed = True
-        while changed:
-            changed = False
-            for op, gs in groups_of.items():
-                d = dropped.get(op, ())
-                if all(g in absent for p, g in enumerate(gs) if p not in d):
-                    restore = {g for p, g in enumerate(gs) if p not in d and g >= 0}
-                    if restore & absent:
-                        absent -= restore
-                        changed = True
-            for p in graph.producers.values():
-                gs = {find(a) for a in p.out_ids}
-                if gs <= absent:
-                    restore = gs & kept_by_any
-                    if restore:
-                        absent -= restore
-                        changed = True
-            changed = keep_a_channel_per_conv() or changed
-        for op, gs in groups_of.items():
-            extra = {p for p, g in enumerate(gs) if g in absent}
-            if extra:
-                dropped[op] |= extra
 
-    # every consumer (checked above) and producer keeps something
-    for param, gs in conv_uses:
-        if gs and all(g in absent for g in gs):
+def _check_no_layer_emptied(r: Resolution) -> None:
+    """Every depthwise conv and producer keeps something (consumers were
+    checked first)."""
+    for param, gs in r.depthwise:
+        if gs and all(g in r.absent for g in gs):
             raise EmptyLayerError(
                 f"this would remove every channel of {param!r} ({len(gs)} channels): pruned_outputs "
-                f"{', '.join(requested_outputs[:6])} remove all the groups it passes through; keep at least one"
+                f"{', '.join(r.requested_outputs[:6])} remove all the groups it passes through; keep at least one"
             )
-    for op, p in graph.producers.items():
-        if absent.issuperset(groups(p.out_ids)):
+    for op, p in r.graph.producers.items():
+        if r.absent.issuperset(r.groups(p.out_ids)):
             raise EmptyLayerError(
                 f"this would remove every output channel of {p.param or op!r} ({len(p.out_ids)} channels): "
                 "no consumer keeps any of them; keep at least one"
             )
 
-    # 3. reorder --------------------------------------------------------------
-    seg_of, canon = find_segments(graph, groups)
-    new_order: Dict[int, List[int]] = {}
-    free: Set[int] = set()
-    if mode == "unconstrained" and reorder:
-        traces = [p.out_ids for p in graph.producers.values()]
-        traces += [c.in_ids for c in graph.consumers.values()]
-        traces += [u.ids for u in graph.param_uses]
-        free = free_segments(graph, groups, seg_of, canon, traces, pinned)
-        keeps_by_seg: Dict[int, List[frozenset]] = defaultdict(list)
-        for op, gs in groups_of.items():
-            if not physical[op] or graph.consumers[op].groups != 1:
-                continue
-            d = dropped.get(op, ())
-            s = one_segment(gs, seg_of)
-            if s is not None:  # the common case: the input is one segment
-                if s in free:
-                    keep = {g for p, g in enumerate(gs) if p not in d} if d else set(gs)
-                    keep -= absent
-                    if keep:  # (else it reads nothing from here)
-                        keeps_by_seg[s].append(frozenset(keep))
-                continue
-            kept_pos = [p for p, g in enumerate(gs) if p not in d and (g < 0 or g not in absent)]
-            if _hopeless(gs, d, absent, seg_of, free):
-                continue  # it gathers whatever the order: leave the freedom to others
-            touched = {seg_of.get(g) for g in gs if g >= 0} & free
-            for s in touched:
-                runs = [p for p, g in enumerate(gs) if g >= 0 and seg_of.get(g) == s]
-                keep = {gs[p] for p in kept_pos if gs[p] >= 0 and seg_of.get(gs[p]) == s}
-                if runs and runs[-1] - runs[0] + 1 == len(runs) and keep:
-                    # one block of the consumer's input: does it also read kept
-                    # channels just before / after it (a concat)?
-                    if any(p < runs[0] for p in kept_pos):
-                        keep.add(LEFT)
-                    if any(p > runs[-1] for p in kept_pos):
-                        keep.add(RIGHT)
-                keeps_by_seg[s].append(frozenset(keep))
-        for s in free:
-            present = [g for g in canon[s] if g not in absent]
-            order = order_segment(present, keeps_by_seg.get(s, []))
-            if order != present:
-                new_order[s] = order
-    layout = Layout(groups, absent, seg_of, canon, new_order)
 
-    # 4. write the spec ---------------------------------------------------------
-    spec = PruningSpec(mode=mode)
-    slices: Dict[str, Dict[int, List[int]]] = defaultdict(dict)
-    full_sizes: Dict[Tuple[str, int], int] = {}
+class _Slices:
+    """Kept indices per parameter dim; one dim sliced two ways is a bug."""
 
-    def put(param: str, dim: int, kept: List[int], size: int, what: str) -> None:
-        prev = slices[param].get(dim)
+    def __init__(self, graph: TracedGraph) -> None:
+        self.graph = graph
+        self.kept: Dict[str, Dict[int, List[int]]] = defaultdict(dict)
+
+    def put(self, param: str, dim: int, kept: List[int], what: str) -> None:
+        prev = self.kept[param].get(dim)
         if prev is not None and prev != kept:
             raise ExportError(
                 f"internal inconsistency: {param!r} dim {dim} is sliced two different ways ({what}); "
                 "please report this model"
             )
-        slices[param][dim] = kept
-        full_sizes[(param, dim)] = size
+        self.kept[param][dim] = kept
 
+    def changed(self) -> Dict[str, Dict[int, List[int]]]:
+        """Every slice that is not the identity."""
+        out: Dict[str, Dict[int, List[int]]] = {}
+        for param, dims in self.kept.items():
+            for dim, kept in dims.items():
+                if kept != list(range(self.graph.param_shapes[param][dim])):
+                    out.setdefault(param, {})[dim] = kept
+        return out
+
+
+def _write_spec(r: Resolution, plan: ReorderPlan, copy_cost: float) -> PruningSpec:
+    """Phase 4: kept indices per parameter dim (in the new order), which
+    consumers read a subset of their input, what the mock masks, and the
+    report."""
+    graph, layout = r.graph, plan.layout
+    spec = PruningSpec(mode=r.mode)
+    slices = _Slices(graph)
     for u in graph.param_uses:
-        order = layout.order(u.ids)
-        put(u.param, u.dim, list(map(u.positions.__getitem__, order)), graph.param_shapes[u.param][u.dim], "parameter alignment")
+        slices.put(u.param, u.dim, list(map(u.positions.__getitem__, layout.order(u.ids))), "parameter alignment")
     for module, attr, ids, divisor in graph.module_sizes:
         new = len(layout.order(ids)) // divisor
         if new != len(ids) // divisor:
@@ -366,68 +413,71 @@ def resolve(
         sizes = [len(layout.order(ids)) for ids in sections]
         if sizes != [len(ids) for ids in sections]:
             spec.attributes.setdefault(module, {})[attr] = tuple(sizes) if is_tuple else sizes
-
     masks: Dict[str, MaskEntry] = {}
     for op, c in graph.consumers.items():
-        d = dropped.get(op, set())
+        d = r.dropped.get(op, set())
         if d:
             m = masks.get(c.param)
             if m is None:
                 masks[c.param] = MaskEntry(c.param, c.weight_dim, c.groups, sorted(d))
             else:
                 m.channels = sorted(set(m.channels) | d)
-        order = layout.order(c.in_ids)
-        kept = [p for p in order if p not in d]
-        zero_at = [i for i, p in enumerate(order) if p in d]
-        if c.groups == 1:
-            superset = None
-            if physical[op] and len(kept) != len(order) and mode == "unconstrained" and copy_cost > 0:
-                superset = _cheaper_superset(order, d, graph.param_shapes[c.param], c.weight_dim, copy_cost)
-            if superset is not None:
-                # read the smallest contiguous range as a view; the extra
-                # channels meet zero weight columns (more MACs, no copy)
-                lo, hi = superset
-                put(c.param, c.weight_dim, order[lo:hi], graph.param_shapes[c.param][c.weight_dim], "consumer input")
-                if hi - lo != len(order):
-                    spec.subselections.append(
-                        Subselection(op, c.module or "", c.param, c.activation_dim, list(range(lo, hi)), len(order)))
-                zero_at = [i for i, p in enumerate(order[lo:hi]) if p in d]
-                spec.superset_reads += 1
-            elif physical[op]:
-                put(c.param, c.weight_dim, kept, graph.param_shapes[c.param][c.weight_dim], "consumer input")
-                if len(kept) != len(order):
-                    pos = {p: i for i, p in enumerate(order)}
-                    sub = Subselection(op, c.module or "", c.param, c.activation_dim, [pos[p] for p in kept], len(order))
-                    spec.subselections.append(sub)
-                zero_at = []
-            else:
-                put(c.param, c.weight_dim, order, graph.param_shapes[c.param][c.weight_dim], "consumer input")
-        if zero_at:
-            spec.zeros.append(MaskEntry(c.param, c.weight_dim, c.groups, zero_at))
-        spec.consumers.append(LayerStat(c.param, c.kind, len(c.in_ids), len(kept)))
+        _consumer_read(r, spec, slices, op, layout.order(c.in_ids), d, copy_cost)
+    spec.slices = slices.changed()
     spec.masks = list(masks.values())
-    spec.requested = {p: sorted(chs) for p, chs in requested.items()}
-    spec.additions = _additions(graph, groups_of, masks, requested, outputs_of_group, mode)
-    if mode == "baseline":
+    spec.requested = {p: sorted(chs) for p, chs in r.requested.items()}
+    spec.additions = _additions(graph, r.groups_of, masks, r.requested, r.outputs_of_group, r.mode)
+    if r.mode == "baseline":
         for s in spec.subselections:
             s.allow_view = False
     for op, p in graph.producers.items():
-        gs = groups(p.out_ids)
-        kept_out = len(gs) if absent.isdisjoint(gs) else sum(1 for g in gs if g not in absent)
+        gs = r.groups(p.out_ids)
+        kept_out = len(gs) if r.absent.isdisjoint(gs) else sum(1 for g in gs if g not in r.absent)
         spec.producers.append(LayerStat(p.param or op, p.kind, len(gs), kept_out))
-    # drop identity slices
-    for param, dims in slices.items():
-        for dim, kept in dims.items():
-            if kept != list(range(full_sizes[(param, dim)])):
-                spec.slices.setdefault(param, {})[dim] = kept
-    all_groups = set(roots)
-    spec.total_groups = len(all_groups)
-    spec.removed_groups = len(absent)
-    spec.pinned_groups = len(pinned)
+    spec.total_groups = len(set(r.roots))
+    spec.removed_groups = len(r.absent)
+    spec.pinned_groups = len(r.pinned)
     spec.barriers = list(graph.barriers)
-    spec.segments = len(canon)
-    spec.reordered_segments = len(new_order)
+    spec.segments = plan.segments
+    spec.reordered_segments = plan.reordered
     return spec
+
+
+def _consumer_read(r: Resolution, spec: PruningSpec, slices: _Slices, op: str, order: List[int], d: Set[int],
+                   copy_cost: float) -> None:
+    """How consumer ``op`` reads its input (channel positions ``order`` in
+    the pruned layout, dropping ``d``): its weight's kept columns, a
+    Subselection (a view or a gather), or zero columns."""
+    c = r.graph.consumers[op]
+    physical = r.physical[op]
+    kept = [p for p in order if p not in d]
+    zero_at = [i for i, p in enumerate(order) if p in d]
+    if c.groups == 1:
+        superset = None
+        if physical and len(kept) != len(order) and r.mode == "unconstrained" and copy_cost > 0:
+            superset = _cheaper_superset(order, d, r.graph.param_shapes[c.param], c.weight_dim, copy_cost)
+        if superset is not None:
+            # read the smallest contiguous range as a view; the extra
+            # channels meet zero weight columns (more MACs, no copy)
+            lo, hi = superset
+            slices.put(c.param, c.weight_dim, order[lo:hi], "consumer input")
+            if hi - lo != len(order):
+                spec.subselections.append(
+                    Subselection(op, c.module or "", c.param, c.activation_dim, list(range(lo, hi)), len(order)))
+            zero_at = [i for i, p in enumerate(order[lo:hi]) if p in d]
+            spec.superset_reads += 1
+        elif physical:
+            slices.put(c.param, c.weight_dim, kept, "consumer input")
+            if len(kept) != len(order):
+                pos = {p: i for i, p in enumerate(order)}
+                spec.subselections.append(
+                    Subselection(op, c.module or "", c.param, c.activation_dim, [pos[p] for p in kept], len(order)))
+            zero_at = []
+        else:
+            slices.put(c.param, c.weight_dim, order, "consumer input")
+    if zero_at:
+        spec.zeros.append(MaskEntry(c.param, c.weight_dim, c.groups, zero_at))
+    spec.consumers.append(LayerStat(c.param, c.kind, len(c.in_ids), len(kept)))
 
 
 def _additions(
@@ -496,41 +546,6 @@ def _cheaper_superset(
     if extra * macs_per_channel <= copy_cost * len(idx):
         return lo, hi
     return None
-
-
-def _hopeless(gs: List[int], dropped: Set[int], absent: Set[int], seg_of: Dict[int, int], free: Set[int]) -> bool:
-    """True when no reordering can make this consumer's read contiguous: its
-    input is a sequence of blocks (one free segment each, or runs of channels
-    whose order is fixed); between the first and last block it keeps from,
-    every block must be read whole, and a fixed-order block must already be
-    read as one range at the right end."""
-    blocks: List[Tuple[Optional[int], List[int], List[int]]] = []  # (segment, present, kept)
-    for p, g in enumerate(gs):
-        key = seg_of.get(g) if g >= 0 and seg_of.get(g) in free else None
-        if g >= 0 and g in absent:
-            continue
-        if not blocks or blocks[-1][0] != key:
-            blocks.append((key, [], []))
-        blocks[-1][1].append(p)
-        if p not in dropped:
-            blocks[-1][2].append(p)
-    used = [i for i, b in enumerate(blocks) if b[2]]
-    if not used:
-        return True
-    first, last = used[0], used[-1]
-    for i in range(first, last + 1):
-        seg, present, kept = blocks[i]
-        whole = len(kept) == len(present)
-        if first < i < last and not whole:
-            return True
-        if seg is None and not whole:
-            # fixed order: the kept positions must be one range at the right end
-            where = {p: j for j, p in enumerate(present)}
-            k0, k1 = where[kept[0]], where[kept[-1]]
-            contiguous = k1 - k0 + 1 == len(kept)
-            if not contiguous or (i < last and k1 != len(present) - 1) or (i > first and k0 != 0):
-                return True
-    return False
 
 
 def _pair(item: object, what: str) -> Tuple[str, int]:
