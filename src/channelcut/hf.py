@@ -49,7 +49,8 @@ import torch
 from torch import nn
 
 from .errors import NotExpressibleError  # defined in errors.py; re-exported here
-from .pruning.modules import is_subselect
+from .pruning.rmsnorm import rms_norm_modules
+from .pruning.subselect import is_subselect
 
 __all__ = ["NotExpressibleError", "pruned_config", "save_pretrained"]
 
@@ -86,6 +87,12 @@ def _observed(model: nn.Module, config: Any) -> Dict[str, Dict[int, List[str]]]:
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     if isinstance(emb, nn.Embedding):
         seen["hidden_size"][int(emb.weight.shape[1])].append("input embeddings")
+    if hasattr(config, "rms_norm_eps"):  # a narrower stream rescales its RMS norms' eps
+        forms = rms_norm_modules(model)
+        for name, m in model.named_modules():
+            form = forms.get(id(m))
+            if form is not None:
+                seen["rms_norm_eps"][float(getattr(m, form.eps_attr))].append(name)
     return seen
 
 
@@ -116,7 +123,7 @@ def pruned_config(model: nn.Module) -> Any:
                 "scope='local')), or save with channelcut.save.")
         (value,) = values
         if getattr(new, field, None) != value:
-            if field == "num_attention_heads" and hasattr(new, "head_dim"):
+            if field in ("num_attention_heads", "hidden_size") and hasattr(new, "head_dim"):
                 # keep the head size explicit: it defaults to hidden_size // heads
                 new.head_dim = int(getattr(new, "head_dim", None) or new.hidden_size // new.num_attention_heads)
             setattr(new, field, value)

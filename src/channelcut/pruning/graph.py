@@ -171,6 +171,22 @@ class Producer:
     param: Optional[str]  # weight parameter name, if any
     out_ids: List[int]  # one atom per output channel
     kind: str
+    out_dim: int = 0  # the weight dim that holds the output channels
+    bias: Optional[str] = None  # the bias parameter added to them, if any
+
+
+@dataclass
+class RmsNormUse:
+    """An RMS norm over channels ``ids`` (see ``rmsnorm.py``): its channels
+    pass through; when some are removed, ``eps`` (attribute ``eps_attr`` of
+    ``module``) and ``weight`` are rescaled so the output stays exact."""
+
+    module: Optional[str]
+    weight: Optional[str]
+    eps_attr: Optional[str]  # None: eps is not an attribute (it can not be rescaled)
+    eps: Optional[float]
+    plus_one: bool  # the weight enters as 1 + w (Gemma)
+    ids: List[int]
 
 
 @dataclass
@@ -251,6 +267,11 @@ class TracedGraph:
     # (atoms, reason): the number of kept channels among these atoms must not
     # change; resolve pins them unless they form a single group
     fixed_counts: List[Tuple[List[int], str]] = field(default_factory=list)
+    # RMS norms over channels, rescaled when channels are removed
+    rms_norms: List[RmsNormUse] = field(default_factory=list)
+    # (norm, an atom of the channels it couples): norms over channels that
+    # no rescaling makes exact (LayerNorm's mean subtraction), for messages
+    coupling_norms: List[Tuple[str, int]] = field(default_factory=list)
 
     def add_consumer(self, c: Consumer) -> None:
         """Register a consumer. A weight read by several calls reads the same

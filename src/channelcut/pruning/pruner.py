@@ -26,7 +26,8 @@ from torch import nn
 from ..errors import ExportError
 from .attention import fix_multihead_attention
 from .mock import zero_input_channels
-from .spec import MaskEntry, PruningSpec, Subselection
+from .rmsnorm import rescaled_weight
+from .spec import MaskEntry, NormRescale, PruningSpec, Subselection
 from .subselect import install_subselection
 
 
@@ -114,10 +115,12 @@ def _index(values: List[int], device: torch.device, cache: IndexCache) -> torch.
 
 def sliced(t: torch.Tensor, dims: Dict[int, List[int]], delta: Optional[List[float]] = None,
            zeros: Sequence[MaskEntry] = (), index: Optional[IndexCache] = None,
-           on_slice: Optional[Callable[[int, torch.Tensor, torch.Tensor], None]] = None) -> torch.Tensor:
+           on_slice: Optional[Callable[[int, torch.Tensor, torch.Tensor], None]] = None,
+           rescale: Optional[NormRescale] = None) -> torch.Tensor:
     """What tensor ``t`` of the unpruned model becomes: ``delta`` added (a
     folded constant), ``dims[d]`` kept (indices in their new order) along each
-    dim ``d``, the ``zeros`` columns zeroed. ``t`` itself is not changed; the
+    dim ``d``, the ``zeros`` columns zeroed, an RMS norm's weight rescaled
+    (``rescale``). ``t`` itself is not changed; the
     result is a new contiguous tensor (or ``t`` when nothing applies). The one
     definition of a pruned tensor: the in-place pruner and the streaming
     checkpoint writer both use it. ``on_slice(dim, before, kept)`` sees each
@@ -137,11 +140,13 @@ def sliced(t: torch.Tensor, dims: Dict[int, List[int]], delta: Optional[List[flo
                 cur = cur.clone()
             for entry in zeros:
                 zero_input_channels(cur, entry)
+        if rescale is not None:
+            cur = rescaled_weight(cur, rescale.factor, rescale.plus_one)
     return cur if cur is t else cur.contiguous()
 
 
 def shrink(t: torch.Tensor, dims: Dict[int, List[int]], delta: Optional[List[float]], zeros: List[MaskEntry],
-           rb: Rollback, index: Optional[IndexCache] = None) -> None:
+           rb: Rollback, index: Optional[IndexCache] = None, rescale: Optional[NormRescale] = None) -> None:
     """Replace tensor ``t``'s data by :func:`sliced` (the old data is freed
     as the slice is made); ``rb`` keeps only what was removed, to rebuild it
     bit for bit."""
@@ -157,8 +162,9 @@ def shrink(t: torch.Tensor, dims: Dict[int, List[int]], delta: Optional[List[flo
         gone = _index([i for i in range(n) if i not in keep], before.device, index)
         steps.append((dim, n, kept_i, gone, before.index_select(dim, gone)))
 
-    if delta is not None or not dims:  # a bias (small), or zero columns only: the old tensor stays whole
-        t.data = sliced(old, dims, delta, zeros, index)
+    if delta is not None or rescale is not None or not dims:
+        # a bias or a norm's weight (small), or zero columns only: the old tensor stays whole
+        t.data = sliced(old, dims, delta, zeros, index, rescale=rescale)
     else:
         new = sliced(old, dims, None, (), index, on_slice=record)
         with torch.no_grad():
@@ -230,7 +236,7 @@ def _fix_attributes(m: nn.Module, rb: Rollback) -> None:
             c = m.weight.shape[0]
             rb.set_attr(m, "num_groups", m.num_groups * c // m.num_channels)
             rb.set_attr(m, "num_channels", c)
-    elif isinstance(m, nn.LayerNorm):
+    elif isinstance(m, (nn.LayerNorm, nn.RMSNorm)):
         if m.weight is not None:
             rb.set_attr(m, "normalized_shape", tuple(m.weight.shape))
     elif isinstance(m, nn.Embedding):
@@ -251,14 +257,15 @@ def prune_model(model: nn.Module, spec: PruningSpec) -> Rollback:
         zeros: Dict[str, List[MaskEntry]] = {}
         for entry in spec.zeros:
             zeros.setdefault(entry.param, []).append(entry)
-        names = list(dict.fromkeys([*deltas, *spec.slices, *zeros]))
+        rescales = {r.weight: r for r in spec.rescales if r.weight is not None}
+        names = list(dict.fromkeys([*deltas, *spec.slices, *zeros, *rescales]))
         before = {name: tuple(mods.tensor(name).shape) for name in names}
         touched = {}
         index: IndexCache = {}  # BN params share their kept lists
         holders = mods.holders()
         for name in names:
             held = mods.tensor(name)
-            shrink(held, spec.slices.get(name, {}), deltas.get(name), zeros.get(name, []), rb, index)
+            shrink(held, spec.slices.get(name, {}), deltas.get(name), zeros.get(name, []), rb, index, rescales.get(name))
             for mod_name in holders.get(id(held), [name.rpartition(".")[0]]):  # a tied weight: all its modules
                 touched[mod_name] = mods.module(mod_name)
         for m in touched.values():
@@ -269,6 +276,8 @@ def prune_model(model: nn.Module, spec: PruningSpec) -> Rollback:
                 n == mod_name or n == f"{mod_name}.out_proj" for n in touched
             ):
                 fix_multihead_attention(m, rb.set_attr)
+        for r in spec.rescales:  # an RMS norm over fewer channels: its eps
+            rb.set_attr(mods.module(r.module or ""), r.eps_attr, r.eps)
         for mod_name, attrs in spec.attributes.items():
             m = mods.module(mod_name)
             for attr, value in attrs.items():

@@ -22,7 +22,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
-from .graph import NO_SOURCE, OpRecord, ParamUse, SourceTable, TracedGraph
+from .graph import NO_SOURCE, OpRecord, ParamUse, RmsNormUse, SourceTable, TracedGraph
 from .counts import HeadCount, ChannelCount
 
 
@@ -292,6 +292,10 @@ class Recorder:
                         graph.param_aliases[full] = first
         self.op_counts: Dict[str, int] = {}
         self.warned: set = set()
+        #: id of a module computing an RMS norm in Python -> its form (``rmsnorm.py``)
+        self.rms_forms: Dict[int, Any] = {}
+        #: such modules running now as one op: (module, its input), innermost last
+        self.opaque: List[Tuple[torch.nn.Module, torch.Tensor]] = []
 
     # -- op ids and module context ------------------------------------------
     @property
@@ -394,6 +398,16 @@ class Recorder:
         atom = self.sources.new_atoms(op, 1)[0]
         self.sources.pin(atom, reason)
         return CompactTrace.scalar(atom, ndim)
+
+    def note_rms_norm(self, module: Optional[str], weight: Optional[str], eps_attr: Optional[str],
+                      eps: Optional[float], plus_one: bool, ids: List[int]) -> None:
+        """An RMS norm over channels ``ids`` whose ``eps`` (attribute
+        ``eps_attr`` of ``module``) and weight are rescaled when channels are
+        removed. Every call of one module keeps the same count (coupled
+        position by position, as for any attribute that counts channels)."""
+        if eps_attr is not None:
+            self.couple_attribute_uses(module, eps_attr, ids)
+        self.graph.rms_norms.append(RmsNormUse(module, weight, eps_attr, eps, plus_one, ids))
 
     # -- module attributes that count channels ---------------------------------
     def add_module_size(self, entry: Tuple[Optional[str], str, List[int], int]) -> None:

@@ -21,8 +21,9 @@ from typing import Dict, Iterable, List, Mapping, Optional, Set, Tuple
 
 from ..errors import (ChannelRangeError, EmptyLayerError, ExportError, NotPrunableError, RequestError,
                       UnknownParameterError)
-from .reorder import GroupVectors, ReorderPlan, plan_reorder
-from .spec import LayerStat, MaskAddition, MaskEntry, PruningSpec, Subselection
+from .reorder import GroupVectors, Layout, ReorderPlan, plan_reorder
+from .rmsnorm import rescale_factor
+from .spec import LayerStat, MaskAddition, MaskEntry, NormRescale, PruningSpec, Subselection
 from .graph import TracedGraph
 
 MODES = ("unconstrained", "constrained", "baseline")
@@ -251,6 +252,12 @@ def _check_no_consumer_emptied(r: Resolution) -> None:
                 why = (f" (pruned_outputs {', '.join(r.requested_outputs[:6])} remove the channel groups "
                        f"{c.param!r} reads; a group is every channel coupled with the one you named, e.g. by a "
                        "residual add, a norm over channels or attention)")
+                norms = sorted({n for n, a in r.graph.coupling_norms if r.roots[a] in r.removed_req})
+                if norms:
+                    why = (f" (pruned_outputs {', '.join(r.requested_outputs[:6])}: the channels {c.param!r} reads "
+                           f"are coupled by {', '.join(norms[:3])}, which subtracts a mean over them; no rescaling "
+                           "keeps that exact once a channel is removed, so they go together (an RMS norm is "
+                           "rescaled exactly instead))")
             raise EmptyLayerError(
                 f"this would remove every input channel of {c.param!r} ({len(c.in_ids)} channels){why}; "
                 "keep at least one channel of each layer"
@@ -427,6 +434,7 @@ def _write_spec(r: Resolution, plan: ReorderPlan, copy_cost: float) -> PruningSp
     spec.masks = list(masks.values())
     spec.requested = {p: sorted(chs) for p, chs in r.requested.items()}
     spec.additions = _additions(graph, r.groups_of, masks, r.requested, r.outputs_of_group, r.mode)
+    _rescale_rms_norms(r, spec, layout)
     if r.mode == "baseline":
         for s in spec.subselections:
             s.allow_view = False
@@ -441,6 +449,48 @@ def _write_spec(r: Resolution, plan: ReorderPlan, copy_cost: float) -> PruningSp
     spec.segments = plan.segments
     spec.reordered_segments = plan.reordered
     return spec
+
+
+def _rescale_rms_norms(r: Resolution, spec: PruningSpec, layout: Layout) -> None:
+    """An RMS norm that loses channels is rescaled (``rmsnorm.py``); that is
+    exact when the removed channels are zero at its input, so the reference
+    and the mock zero them where they are made: every producer's rows (and
+    bias entries) in the removed groups, reported as additions."""
+    graph = r.graph
+    seen = set()
+    gone: Dict[int, str] = {}  # removed group -> the norm that needs it zero
+    for use in graph.rms_norms:
+        d, kept = len(use.ids), len(layout.order(use.ids))
+        if kept == d or use.eps_attr is None:
+            continue
+        for g in r.groups(use.ids):
+            if g in r.absent:
+                gone.setdefault(g, use.module or use.weight or "?")
+        key = (use.module, use.eps_attr)
+        if key not in seen:
+            seen.add(key)
+            spec.rescales.append(NormRescale(use.module, use.weight, use.eps_attr, use.eps * d / kept,
+                                             rescale_factor(d, kept), use.plus_one))
+    if not gone:
+        return
+    rows: Dict[Tuple[str, int], Set[int]] = defaultdict(set)  # (tensor, dim) -> indices zeroed at the source
+    norms: Dict[Tuple[str, int], Set[str]] = defaultdict(set)
+    for p in graph.producers.values():
+        if p.param is None:
+            continue
+        for j, a in enumerate(p.out_ids):
+            g = r.roots[a]
+            if g in gone:
+                for key in [(p.param, p.out_dim)] + ([(p.bias, 0)] if p.bias else []):
+                    rows[key].add(j)
+                    norms[key].add(gone[g])
+    for (param, dim), chans in rows.items():
+        ordered = sorted(chans)
+        spec.masks.append(MaskEntry(param, dim, 1, ordered))
+        names = sorted(norms[(param, dim)])
+        spec.additions.append(MaskAddition(
+            param, ordered, f"removed from the channels RMS norm {', '.join(names[:3])} normalises: the norm is "
+            "rescaled, which is exact when they are zero where they are made", dim))
 
 
 def _consumer_read(r: Resolution, spec: PruningSpec, slices: _Slices, op: str, order: List[int], d: Set[int],

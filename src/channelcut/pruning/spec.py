@@ -73,6 +73,23 @@ class MaskAddition:
     param: str
     channels: List[int]
     reason: str
+    # None: input channels of a consumer weight (its own layout); an int:
+    # the indices along that dim (a producer's output rows, a bias's entries)
+    dim: Optional[int] = None
+
+
+@dataclass
+class NormRescale:
+    """An RMS norm that lost channels (``rmsnorm.py``): ``eps`` (attribute
+    ``eps_attr`` of ``module``) becomes ``eps``, and the sliced ``weight`` is
+    multiplied by ``factor`` (``1 + weight`` for ``plus_one`` norms)."""
+
+    module: Optional[str]
+    weight: Optional[str]
+    eps_attr: str
+    eps: float
+    factor: float
+    plus_one: bool = False
 
 
 @dataclass
@@ -136,6 +153,8 @@ class PruningSpec:
     folds: List[ConstantFold] = field(default_factory=list)
     # zeroed channels that stay, with the reason
     kept_zeros: List[str] = field(default_factory=list)
+    # RMS norms over fewer channels, rescaled to stay exact
+    rescales: List[NormRescale] = field(default_factory=list)
 
     def removed_inputs(self) -> Dict[str, List[int]]:
         """Consumer weight -> every input channel the export removes: the
@@ -148,7 +167,8 @@ class PruningSpec:
         """
         out: Dict[str, set] = {p: set(c) for p, c in self.requested.items()}
         for a in self.additions:
-            out.setdefault(a.param, set()).update(a.channels)
+            if a.dim is None:
+                out.setdefault(a.param, set()).update(a.channels)
         return {p: sorted(c) for p, c in out.items() if c}
 
     # -- summaries -----------------------------------------------------------
@@ -196,7 +216,8 @@ class PruningSpec:
             kw["slices"] = {str(p): {int(dim): [int(i) for i in kept] for dim, kept in dims.items()} for p, dims in kw.get("slices", {}).items()}
             kw["requested"] = {str(p): [int(c) for c in chans] for p, chans in kw.get("requested", {}).items()}
             for name, typ in (("masks", MaskEntry), ("zeros", MaskEntry), ("subselections", Subselection), ("producers", LayerStat),
-                              ("consumers", LayerStat), ("additions", MaskAddition), ("folds", ConstantFold)):
+                              ("consumers", LayerStat), ("additions", MaskAddition), ("folds", ConstantFold),
+                              ("rescales", NormRescale)):
                 kw[name] = [e if isinstance(e, typ) else typ(**e) for e in kw.get(name, [])]
             kw["barriers"] = [tuple(b) for b in kw.get("barriers", [])]
         except (TypeError, AttributeError, ValueError) as exc:
@@ -221,6 +242,8 @@ class PruningSpec:
                 lines.append(f"  ... {len(self.additions) - max_rows} more")
         for f in self.folds[:max_rows]:
             lines.append(f"  constant inputs {_short(f.channels)} of {f.param} folded into {f.bias}")
+        for r in self.rescales[:max_rows]:
+            lines.append(f"  RMS norm {r.module or r.weight}: over fewer channels, eps -> {r.eps:.3g}, weight x {r.factor:.4f}")
         for note in self.kept_zeros[:max_rows]:
             lines.append(f"  kept: {note}")
         changed = [p for p in self.producers if p.after != p.before]

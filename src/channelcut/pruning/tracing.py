@@ -22,7 +22,8 @@ from . import rules, shape_only
 from .counts import HEAD_COUNT_ATTRS, ChannelCount, HeadCount
 from .graph import TracedGraph
 from .model_run import call_model, flatten_tensors, mismatch_hint, preserve_buffers
-from .recorder import Recorder, TooBigToMaterialize
+from .recorder import CompactTrace, Recorder, TooBigToMaterialize
+from .rmsnorm import rms_norm_modules
 
 
 class Tracer(TorchFunctionMode):
@@ -40,6 +41,10 @@ class Tracer(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if self.recorder.opaque:  # inside a module traced as one op (an RMS norm)
+            if self.shapes_only:
+                return shape_only.run(func, rules.func_name(func), args, kwargs, self.meta_cache, self.device, rules.facts)
+            return func(*args, **kwargs)
         name = rules.func_name(func)
         facts = rules.facts(name)
         if facts is not None and facts.decompose is not None:
@@ -83,19 +88,44 @@ class Tracer(TorchFunctionMode):
 
 
 def module_hooks(rec: Recorder):
-    """Global module hooks that keep ``rec.modules.stack`` current (remove them after)."""
+    """Global module hooks that keep ``rec.modules.stack`` current, and run
+    an RMS norm module (``rec.rms_forms``) as one op (remove them after)."""
     modules = rec.modules
 
-    def pre(module, _inputs):
+    def pre(module, inputs):
         modules.stack.append(modules.names.get(id(module)))
+        if id(module) in rec.rms_forms and not rec.opaque and inputs and isinstance(inputs[0], torch.Tensor):
+            t = rec.get(inputs[0])
+            if t is not None and t.vdim == inputs[0].dim() - 1:
+                rec.opaque.append((module, inputs[0]))
 
-    def post(module, _inputs, _output):
+    def post(module, _inputs, output):
+        if rec.opaque and rec.opaque[-1][0] is module:
+            _, x = rec.opaque.pop()
+            if isinstance(output, torch.Tensor):
+                rms_norm_module(rec, module, x, output)
         if modules.stack:
             modules.stack.pop()
 
     h1 = torch.nn.modules.module.register_module_forward_pre_hook(pre)
     h2 = torch.nn.modules.module.register_module_forward_hook(post, always_call=True)
     return h1, h2
+
+
+def rms_norm_module(rec: Recorder, module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
+    """An RMS norm module ran as one op: its channels pass through, its
+    weight is sliced with them, and it is rescaled when some are removed."""
+    form = rec.rms_forms[id(module)]
+    t = rec.get(x)
+    ids = rec.ids_along(x, -1)
+    wname = rec.param_name(module.weight)
+    if wname is not None:
+        rec.record_param_use(wname, 0, list(range(module.weight.numel())), ids)
+    else:
+        rec.pin_ids(ids, "an RMS norm with a computed weight")
+    rec.note_rms_norm(rec.modules.names.get(id(module)), wname, form.eps_attr, float(getattr(module, form.eps_attr)),
+                      form.plus_one, ids.tolist())
+    rec.set(y, CompactTrace(t.atoms, t.vdim))
 
 
 def _mark_head_counts(model: torch.nn.Module) -> List[Tuple[torch.nn.Module, str, int]]:
@@ -149,6 +179,7 @@ def _trace_once(model: torch.nn.Module, inputs: Sequence[Any] | Dict[str, Any], 
     for i, x in enumerate(flatten_tensors(leaves)):
         if rec.get(x) is None:
             rec.set(x, rec.fresh_pinned(f"<input{i}>", x.dim(), "is a model input"))
+    rec.rms_forms = rms_norm_modules(model)
     hooks = module_hooks(rec)
     marked = _mark_head_counts(model)
     try:

@@ -50,16 +50,23 @@ class Reference:
     outputs64: Any = None
 
 
-def removed_columns(spec: PruningSpec) -> Dict[str, List[int]]:
-    """Consumer weight -> the input columns the reference zeroes: the
-    additions, plus the request unless the model's own zeros are the request."""
-    out: Dict[str, set] = {}
+def removed_entries(spec: PruningSpec) -> List[Tuple[str, Optional[int], List[int]]]:
+    """What the reference zeroes, as ``(tensor, dim, indices)``: the
+    additions, plus the request unless the model's own zeros are the request.
+    ``dim`` None: input channels of a consumer weight (in its own layout);
+    else indices along that dim (a producer's rows, a bias's entries)."""
+    cols: Dict[str, set] = {}
     if spec.reference != "model":
         for p, chans in spec.requested.items():
-            out.setdefault(p, set()).update(chans)
+            cols.setdefault(p, set()).update(chans)
+    rows: Dict[Tuple[str, int], set] = {}
     for a in spec.additions:
-        out.setdefault(a.param, set()).update(a.channels)
-    return {p: sorted(c) for p, c in out.items() if c}
+        if a.dim is None:
+            cols.setdefault(a.param, set()).update(a.channels)
+        else:
+            rows.setdefault((a.param, a.dim), set()).update(a.channels)
+    out: List[Tuple[str, Optional[int], List[int]]] = [(p, None, sorted(c)) for p, c in cols.items() if c]
+    return out + [(p, d, sorted(c)) for (p, d), c in rows.items() if c]
 
 
 def _layout(graph: TracedGraph, param: str) -> Tuple[int, int]:
@@ -83,16 +90,20 @@ def _zero_columns(w: torch.Tensor, dim: int, groups: int, chans: Sequence[int]) 
 
 
 @contextlib.contextmanager
-def columns_zeroed(model: nn.Module, graph: TracedGraph, removed: Dict[str, List[int]]) -> Iterator[None]:
-    """The model with ``removed`` consumer input columns zeroed, for the
-    duration of the block; every weight is restored bit for bit after."""
-    params = dict(model.named_parameters(remove_duplicate=False))
-    saved: List[Tuple[torch.Tensor, int, Optional[torch.Tensor], torch.Tensor]] = []  # (weight, dim, index, values)
+def columns_zeroed(model: nn.Module, graph: TracedGraph, removed: List[Tuple[str, Optional[int], List[int]]]) -> Iterator[None]:
+    """The model with the ``removed`` entries (:func:`removed_entries`)
+    zeroed, for the duration of the block; every tensor is restored bit for
+    bit after."""
+    tensors = dict(model.named_parameters(remove_duplicate=False))
+    tensors.update(model.named_buffers(remove_duplicate=False))
+    saved: List[Tuple[torch.Tensor, int, Optional[torch.Tensor], torch.Tensor]] = []  # (tensor, dim, index, values)
     try:
         with torch.no_grad():
-            for param, chans in removed.items():
-                w = params[param].data
-                dim, groups = _layout(graph, param)
+            for param, dim, chans in removed:
+                w = tensors[param].data
+                groups = 1
+                if dim is None:
+                    dim, groups = _layout(graph, param)
                 if groups == 1:  # keep only the columns it changes
                     idx = torch.tensor(chans, dtype=torch.long, device=w.device)
                     saved.append((w, dim, idx, w.index_select(dim, idx)))
@@ -136,7 +147,7 @@ def _to64(obj: Any) -> Any:
 
 def reference_outputs(model: nn.Module, inputs: Any, spec: PruningSpec, graph: TracedGraph) -> Reference:
     """Run the reference (see the module docstring); the model is unchanged."""
-    removed = removed_columns(spec)
+    removed = removed_entries(spec)
     with columns_zeroed(model, graph, removed):
         ref = Reference(run_deterministic(model, inputs))
     if any(t.dtype in REDUCED for t in flatten_tensors(ref.outputs)):

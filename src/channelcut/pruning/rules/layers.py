@@ -117,7 +117,7 @@ def _conv(rec: Recorder, call: OpCall, transposed: bool, groups: Any) -> None:
         atoms = rec.new_atom_ids(op, cout)
         atoms_l = atoms.tolist()
         rec.graph.add_consumer(Consumer(op, wname, module, in_ids.tolist(), 0 if transposed else 1, 1, 1, physical, name))
-        rec.graph.add_producer(Producer(op, wname, atoms_l, name))
+        rec.graph.add_producer(Producer(op, wname, atoms_l, name, 1 if transposed else 0, bname))
         rec.record_param_use(wname, 1 if transposed else 0, list(range(cout)), atoms_l)
     elif not transposed and w.shape[1] == 1:  # depthwise: channels pass through
         atoms = in_ids.repeat_interleave(cout // cin)
@@ -162,7 +162,7 @@ def _grouped(rec: Recorder, call: OpCall, op: str, wname: str, module: Optional[
     atoms = rec.new_atom_ids(op, cout)
     rec.union_pairs(atoms[:ko].expand(groups - 1, ko), atoms[ko:].reshape(groups - 1, ko))
     rec.graph.add_consumer(Consumer(op, wname, module, in_ids.tolist(), 1, groups, 1, False, name))
-    rec.graph.add_producer(Producer(op, wname, atoms.tolist(), name))
+    rec.graph.add_producer(Producer(op, wname, atoms.tolist(), name, 0, rec.param_name(call.arg(2, "bias"))))
     rec.record_param_use(wname, 1, list(range(k)), in_ids[:k])
     rec.record_param_use(wname, 0, list(range(cout)), atoms)
     return atoms
@@ -234,7 +234,7 @@ def _linear_like(rec: Recorder, name: str, x, w, bias, out, weight_in_dim: int) 
     atoms = rec.new_atom_ids(op, cout)
     atoms_l = atoms.tolist()
     rec.graph.add_consumer(Consumer(op, wname, module, in_ids.tolist(), weight_in_dim, 1, -1, physical, name))
-    rec.graph.add_producer(Producer(op, wname, atoms_l, name))
+    rec.graph.add_producer(Producer(op, wname, atoms_l, name, 1 - weight_in_dim, bname))
     rec.record_param_use(wname, 1 - weight_in_dim, list(range(cout)), atoms_l)
     if bname is not None:
         rec.record_param_use(bname, 0, list(range(cout)), atoms_l)
@@ -256,7 +256,7 @@ def embedding(rec: Recorder, call: OpCall) -> None:
     if wname is None:
         rec.pin_ids(atoms, "embedding with a computed table")
     else:
-        rec.graph.add_producer(Producer(op, wname, atoms.tolist(), "embedding"))
+        rec.graph.add_producer(Producer(op, wname, atoms.tolist(), "embedding", 1))
         rec.record_param_use(wname, 1, list(range(d)), atoms)
     rec.set(out, CompactTrace.along(atoms, out.dim() - 1, out.dim()))
 

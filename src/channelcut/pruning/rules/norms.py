@@ -78,6 +78,8 @@ def _norm_over_last_dims(rec: Recorder, call: OpCall, w: Any, b: Any) -> None:
     if t.vdim is not None and t.vdim in normed:
         # statistics over the channels: every output channel depends on all of them
         rep = rec.couple(t.ids)
+        if rep >= 0:
+            rec.graph.coupling_norms.append((f"{name} in {rec.module or '<model>'}", rep))
         res = CompactTrace(torch.full_like(t.atoms, rep), t.vdim)
         for p in (w, b):
             if isinstance(p, torch.Tensor):
@@ -99,7 +101,48 @@ def layer_norm(rec: Recorder, call: OpCall) -> None:
 
 @rule("rms_norm", shape=same_as_first)
 def rms_norm(rec: Recorder, call: OpCall) -> None:
-    _norm_over_last_dims(rec, call, call.arg(2, "weight"), None)
+    """An RMS norm over the channel dim lets its channels pass: removing some
+    rescales its ``eps`` and weight exactly (``rmsnorm.py``), when it has a
+    weight and ``eps`` is an attribute the export can rewrite
+    (``nn.RMSNorm.eps``, or the one float attribute of the running module
+    equal to it). Otherwise (or over more dims than the channels) its
+    channels are coupled, like LayerNorm's."""
+    x, w = call.args[0], call.arg(2, "weight")
+    shape = call.arg(1, "normalized_shape")
+    t = rec.get(x)
+    one_dim = isinstance(shape, int) or len(shape) == 1
+    if t.vdim is None or t.vdim != x.dim() - 1 or not one_dim:
+        _norm_over_last_dims(rec, call, w, None)
+        return
+    eps = call.arg(3, "eps")
+    module, eps_attr = _eps_attribute(rec, eps)
+    if eps_attr is None or not isinstance(w, torch.Tensor) or rec.param_name(w) is None:
+        # (without a weight to absorb the rescaling, its channels are coupled)
+        _norm_over_last_dims(rec, call, w, None)
+        return
+    if eps is None:
+        eps = torch.finfo(x.dtype).eps
+    ids = rec.ids_along(x, -1)
+    wname = rec.param_name(w)
+    rec.record_param_use(wname, 0, list(range(w.numel())), ids)
+    rec.note_rms_norm(module, wname, eps_attr, float(eps), False, ids.tolist())
+    rec.set(call.out, CompactTrace(t.atoms, t.vdim))
+
+
+def _eps_attribute(rec: Recorder, eps: Any):
+    """(module, attribute) holding ``eps`` of an ``F.rms_norm`` call: the
+    running ``nn.RMSNorm``'s ``eps``, or the one float attribute of the
+    running module that equals it; (None, None) when there is none."""
+    m = rec.modules.running()
+    if m is None:
+        return None, None
+    name = rec.modules.current
+    if isinstance(m, torch.nn.RMSNorm):
+        return name, "eps"
+    if not isinstance(eps, float):
+        return None, None
+    hits = [k for k, v in vars(m).items() if type(v) is float and v == eps and not k.startswith("_")]
+    return (name, hits[0]) if len(hits) == 1 else (None, None)
 
 
 @rule("group_norm", shape=same_as_first)
