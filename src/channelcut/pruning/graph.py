@@ -187,6 +187,7 @@ class RmsNormUse:
     eps: Optional[float]
     plus_one: bool  # the weight enters as 1 + w (Gemma)
     ids: List[int]
+    float32: bool = False  # it computes in float32 whatever its input's dtype
 
 
 @dataclass

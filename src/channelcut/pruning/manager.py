@@ -34,7 +34,7 @@ from .graph import TracedGraph
 from .model_run import flatten_tensors
 from .spec import PruningSpec
 from .tracing import trace
-from .verify import check, reference_outputs, run_deterministic
+from .verify import check, default_rtol, reference_outputs, run_deterministic
 from .zeros import find_zero_channels
 
 Inputs = Union[Sequence[Any], Dict[str, Any]]
@@ -237,7 +237,7 @@ class PruningManager:
         if verify:
             try:
                 out = run_deterministic(self.net, self._inputs)
-                problem = check(out, reference, rtol=rtol)
+                problem = check(out, reference, rtol=rtol if rtol is not None else default_rtol(spec))
             except Exception as exc:  # the pruned model does not run
                 problem = f"the pruned model raised {type(exc).__name__}: {exc}"
             if problem is not None:

@@ -400,14 +400,14 @@ class Recorder:
         return CompactTrace.scalar(atom, ndim)
 
     def note_rms_norm(self, module: Optional[str], weight: Optional[str], eps_attr: Optional[str],
-                      eps: Optional[float], plus_one: bool, ids: List[int]) -> None:
+                      eps: Optional[float], plus_one: bool, ids: List[int], float32: bool = False) -> None:
         """An RMS norm over channels ``ids`` whose ``eps`` (attribute
         ``eps_attr`` of ``module``) and weight are rescaled when channels are
         removed. Every call of one module keeps the same count (coupled
         position by position, as for any attribute that counts channels)."""
         if eps_attr is not None:
             self.couple_attribute_uses(module, eps_attr, ids)
-        self.graph.rms_norms.append(RmsNormUse(module, weight, eps_attr, eps, plus_one, ids))
+        self.graph.rms_norms.append(RmsNormUse(module, weight, eps_attr, eps, plus_one, ids, float32))
 
     # -- module attributes that count channels ---------------------------------
     def add_module_size(self, entry: Tuple[Optional[str], str, List[int], int]) -> None:

@@ -470,7 +470,7 @@ def _rescale_rms_norms(r: Resolution, spec: PruningSpec, layout: Layout) -> None
         if key not in seen:
             seen.add(key)
             spec.rescales.append(NormRescale(use.module, use.weight, use.eps_attr, use.eps * d / kept,
-                                             rescale_factor(d, kept), use.plus_one))
+                                             rescale_factor(d, kept), use.plus_one, use.float32))
     if not gone:
         return
     rows: Dict[Tuple[str, int], Set[int]] = defaultdict(set)  # (tensor, dim) -> indices zeroed at the source

@@ -40,6 +40,7 @@ class RmsForm:
 
     eps_attr: str
     plus_one: bool
+    float32: bool = False  # it computes in float32 whatever its input (Hugging Face's norms)
 
 
 def rescaled_weight(w: torch.Tensor, factor: float, plus_one: bool) -> torch.Tensor:
@@ -89,7 +90,7 @@ def _classify(m: nn.Module, d: int) -> Optional[RmsForm]:
             return None
         for plus_one in (False, True):
             if _matches(y_small, x, w, eps, plus_one) and _matches(y_big, x, w, 10.0, plus_one):
-                return RmsForm(attr, plus_one)
+                return RmsForm(attr, plus_one, not _matches(y_small, x, w, eps, plus_one, rtol=1e-12))
     return None
 
 
@@ -106,9 +107,9 @@ def _run(m: nn.Module, x: torch.Tensor, w: torch.Tensor, attr: str, eps: float) 
     return y.double()
 
 
-def _matches(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, eps: float, plus_one: bool) -> bool:
+def _matches(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor, eps: float, plus_one: bool, rtol: float = 1e-4) -> bool:
     ref = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * ((1 + w) if plus_one else w)
-    return y.shape == ref.shape and bool(torch.allclose(y, ref, rtol=1e-4, atol=1e-6))
+    return y.shape == ref.shape and bool(torch.allclose(y, ref, rtol=rtol, atol=rtol / 100))
 
 
 def rescale_factor(d: int, kept: int) -> float:

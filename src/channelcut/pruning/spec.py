@@ -90,6 +90,7 @@ class NormRescale:
     eps: float
     factor: float
     plus_one: bool = False
+    float32: bool = False  # the norm computes in float32: the export is exact to float32 rounding
 
 
 @dataclass

@@ -124,7 +124,7 @@ def rms_norm_module(rec: Recorder, module: torch.nn.Module, x: torch.Tensor, y: 
     else:
         rec.pin_ids(ids, "an RMS norm with a computed weight")
     rec.note_rms_norm(rec.modules.names.get(id(module)), wname, form.eps_attr, float(getattr(module, form.eps_attr)),
-                      form.plus_one, ids.tolist())
+                      form.plus_one, ids.tolist(), form.float32)
     rec.set(y, CompactTrace(t.atoms, t.vdim))
 
 

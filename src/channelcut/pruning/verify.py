@@ -158,6 +158,14 @@ def reference_outputs(model: nn.Module, inputs: Any, spec: PruningSpec, graph: T
     return ref
 
 
+def default_rtol(spec: PruningSpec) -> Optional[float]:
+    """The relative tolerance an export can be held to, when its own
+    arithmetic sets one: an RMS norm that computes in float32 whatever the
+    model's dtype (Hugging Face's) and is rescaled is exact to float32
+    rounding, 1e-5; else None (the output dtype's default)."""
+    return 1e-5 if any(r.float32 for r in spec.rescales) else None
+
+
 def check(out: Any, ref: Reference, rtol: Optional[float] = None) -> Optional[str]:
     """None if the pruned model's outputs ``out`` match the reference, else
     what differs."""

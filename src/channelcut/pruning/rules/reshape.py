@@ -277,10 +277,26 @@ def follows(rec: Recorder, size: ChannelCount, ids: torch.Tensor) -> bool:
     own = {find(a) for a in ids.tolist() if a >= 0}
     if base_groups == own and len(size.base) % max(ids.numel(), 1) == 0:
         return True
+    if base_groups == own and ids.numel() % len(size.base) == 0 and _repeats_each(rec, size.base, ids):
+        # each channel repeated r times (repeat_kv: n_rep query heads per KV
+        # head), the size ``channels * r``: it stays ``kept * r``
+        return True
     if len(size.base) == ids.numel():
         rec.union_pairs(torch.tensor(size.base, dtype=torch.long), ids)
         return True
     return False
+
+
+def _repeats_each(rec: Recorder, base: Sequence[int], ids: torch.Tensor) -> bool:
+    """Every group of ``base`` appears in ``ids`` exactly ``r`` times as
+    often as in ``base``, ``r = len(ids) / len(base)``."""
+    from collections import Counter
+
+    find = rec.sources.find
+    r = ids.numel() // len(base)
+    want = Counter(find(a) for a in base if a >= 0)
+    have = Counter(find(a) for a in ids.tolist() if a >= 0)
+    return have == Counter({g: n * r for g, n in want.items()})
 
 
 def _follows_part(rec: Recorder, size: ChannelCount, ids: torch.Tensor, n: int) -> bool:
