@@ -51,7 +51,7 @@ from torch import nn
 from .errors import ChannelcutError
 from .pruning.modules import is_subselect
 
-__all__ = ["NotExpressibleError", "pruned_config", "save_pretrained"]
+__all__ = ["NotExpressibleError", "pruned_config", "save_pretrained", "prune_pretrained", "load_pretrained"]
 
 
 class NotExpressibleError(ChannelcutError, ValueError):
@@ -159,3 +159,24 @@ def save_pretrained(model: nn.Module, path: Union[str, Path], **kwargs: Any) -> 
     finally:
         model.config = old
     return Path(path)
+
+
+def prune_pretrained(src: Union[str, Path], dst: Union[str, Path], pruned_inputs: Any = None, pruned_outputs: Any = None,
+                     constrained: bool = False, **kwargs: Any) -> Any:
+    """Prune the Hugging Face checkpoint in directory ``src`` into ``dst``
+    tensor by tensor, never loading the model (plan on the meta device, slice
+    each tensor as it is read from the safetensors shards). See
+    :func:`channelcut.hf_stream.prune_pretrained`; returns its
+    :class:`~channelcut.hf_stream.StreamReport`."""
+    from .hf_stream import prune_pretrained as run
+
+    return run(src, dst, pruned_inputs, pruned_outputs, constrained, **kwargs)
+
+
+def load_pretrained(path: Union[str, Path], **kwargs: Any) -> nn.Module:
+    """Load a checkpoint written by :func:`prune_pretrained` (also one with a
+    different width in every layer) as a Hugging Face model. See
+    :func:`channelcut.hf_stream.load_pretrained`."""
+    from .hf_stream import load_pretrained as run
+
+    return run(path, **kwargs)
