@@ -120,8 +120,9 @@ def pruned_config(model: nn.Module) -> Any:
                 "scope='local')), or save with channelcut.save.")
         (value,) = values
         if getattr(new, field, None) != value:
-            if field == "num_attention_heads" and hasattr(new, "head_dim"):
-                # keep the head size explicit: it defaults to hidden_size // heads
+            if field == "num_attention_heads":
+                # keep the head size explicit: it defaults to hidden_size // heads (Qwen2 and Mistral configs
+                # have no head_dim field but their modeling code reads one; _check_shapes checks that it does)
                 new.head_dim = int(getattr(new, "head_dim", None) or new.hidden_size // new.num_attention_heads)
             setattr(new, field, value)
     _check_shapes(model, new)
