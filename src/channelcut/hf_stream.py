@@ -47,7 +47,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -59,7 +59,7 @@ from .pruning.manager import PruningManager
 from .pruning.modules import is_subselect, subselection_of
 from .pruning.pruner import applied_specs, prune_model, sliced
 from .pruning.spec import MaskEntry, PruningSpec
-from .safetensors_stream import Entry, Header, ShardWriter, read_header, read_tensor
+from .safetensors_stream import DTYPES, Entry, Header, ShardWriter, read_header, read_tensor
 
 __all__ = [
     "CheckpointError",
@@ -349,7 +349,7 @@ def describe_config(model: nn.Module, source: Dict[str, Any]) -> Tuple[Dict[str,
     try:
         new = pruned_config(model)
     except NotExpressibleError as exc:
-        why = str(exc).split(". ")[0]
+        why = re.split(r"(?<!e\.g)\. (?=[A-Z])", str(exc))[0]  # the finding, not the advice that follows
     else:
         return _updated(source, config, new), "pruned", LOADS_WITH_HF, None
     if any(is_subselect(m) for _, m in model.named_modules()):
@@ -441,6 +441,8 @@ def _output_entries(
                 f"{before[c]}: the config does not describe this checkpoint")
         seen.add(c)
         out[f].append(Entry(e.name, e.dtype, after[c]))
+    for f, es in out.items():  # widest dtype first (stable): every tensor stays aligned to its item size
+        es.sort(key=lambda e: -DTYPES[e.dtype].itemsize)
     missing = sorted(n for n in touched if n not in seen and n in persistent)
     if missing:
         raise CheckpointError(
@@ -465,7 +467,7 @@ def write_pruned_shards(
         header = ckpt.headers[f]
         meta = dict(header.metadata) if header.metadata else {"format": "pt"}
         with open(ckpt.folder / f, "rb", buffering=0) as src, ShardWriter(out_dir / f, entries[f], meta) as w:
-            for e in header.entries.values():
+            for e in (header.entries[o.name] for o in entries[f]):
                 c = canon[e.name]
                 if c in touched:
                     t = read_tensor(src, header, e.name)
