@@ -35,9 +35,9 @@ HEAD_DIM = HIDDEN // HEADS
 IDS = {"input_ids": torch.tensor([[5, 17, 99, 3, 64, 8, 120, 42]])}
 
 
-def _config(arch: str, tie: bool = False):
+def _config(arch: str, tie: bool = False, kv: int = KV):
     common = dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTER, num_hidden_layers=LAYERS,
-                  num_attention_heads=HEADS, num_key_value_heads=KV, max_position_embeddings=64,
+                  num_attention_heads=HEADS, num_key_value_heads=kv, max_position_embeddings=64,
                   tie_word_embeddings=tie)
     if arch == "llama":
         return transformers.LlamaConfig(**common)
@@ -57,9 +57,9 @@ def _randomise_norms(model: torch.nn.Module) -> None:
                 p.copy_(torch.rand(p.shape, generator=g) + 0.5)
 
 
-def _save(folder: Path, arch: str, dtype: torch.dtype, tie: bool = False, shard: str = "40KB") -> Path:
+def _save(folder: Path, arch: str, dtype: torch.dtype, tie: bool = False, shard: str = "40KB", kv: int = KV) -> Path:
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(_config(arch, tie))
+    model = transformers.AutoModelForCausalLM.from_config(_config(arch, tie, kv))
     _randomise_norms(model)
     model = model.to(dtype)
     with warnings.catch_warnings():
@@ -191,6 +191,22 @@ def test_per_layer_widths_round_trip_and_generate(tmp_path, arch, dtype) -> None
     # the plan re-applied on meta is remembered like any export (channelcut.save reads it)
     (step,) = applied_specs(back)
     assert step.spec.slices == manager.spec.slices
+
+
+def test_uniform_heads_that_transformers_config_refuses(tmp_path) -> None:
+    """One of four heads in every layer: 3 heads of 16 channels. The widths
+    are uniform, but LlamaConfig refuses hidden_size 64 with 3 heads (even
+    with head_dim set): the source config and the plan, load_pretrained."""
+    src = _save(tmp_path / "src", "llama", torch.float32, kv=HEADS)
+    request = [(f"model.layers.{i}.self_attn.o_proj.weight", c) for i in range(LAYERS) for c in range(HEAD_DIM)]
+    report = prune_pretrained(src, tmp_path / "dst", pruned_inputs=request)
+    assert report.config == "source" and "not a multiple of the number of attention heads (3)" in report.why
+    model, _ = _in_memory(src, request)
+    _assert_identical(tmp_path / "dst", src, model)
+    back = load_pretrained(tmp_path / "dst")
+    assert back.model.layers[0].self_attn.q_proj.out_features == 3 * HEAD_DIM
+    want = model.generate(**IDS, max_new_tokens=6, do_sample=False)
+    assert torch.equal(back.generate(**IDS, max_new_tokens=6, do_sample=False), want)
 
 
 def test_subset_reads_round_trip(tmp_path) -> None:

@@ -131,7 +131,16 @@ def pruned_config(model: nn.Module) -> Any:
 
 def _check_shapes(model: nn.Module, config: Any) -> None:
     """Build ``type(model)`` from ``config`` on the meta device and compare
-    every tensor shape with ``model``'s."""
+    every tensor shape with ``model``'s. The config is first read back from
+    its dict, as ``from_pretrained`` will read it (transformers validates it
+    then: e.g. Llama's config refuses a head count that does not divide
+    ``hidden_size``, even with an explicit ``head_dim``)."""
+    try:
+        config = type(config).from_dict(config.to_dict())
+    except Exception as exc:
+        raise NotExpressibleError(
+            f"transformers refuses the pruned config of {type(model).__name__} ({type(exc).__name__}: "
+            f"{str(exc).strip().splitlines()[-1].strip()}); save with channelcut.save") from exc
     try:
         with torch.device("meta"):
             fresh = type(model)(config)

@@ -463,6 +463,8 @@ def write_pruned_shards(
     index: Dict[Any, torch.Tensor] = {}  # kept-index tensors, shared like prune_model shares them
     total = sum(h.data_size for h in ckpt.headers.values())
     done = 0
+    if progress is not None:
+        progress(0, total)  # the plan is complete; writing starts
     for f in ckpt.files:
         header = ckpt.headers[f]
         meta = dict(header.metadata) if header.metadata else {"format": "pt"}
@@ -579,8 +581,8 @@ def prune_pretrained(
         model_class: the class to build (default: ``config.architectures``).
         overwrite: replace an existing ``dst`` (only once the new one is
             complete).
-        progress: called as ``progress(bytes_done, bytes_total)`` after each
-            tensor.
+        progress: called as ``progress(bytes_done, bytes_total)`` once with
+            0 when the plan is done and writing starts, then after each tensor.
         compute_kwargs: ``reorder``, ``baseline``, ``copy_cost`` of ``compute``.
 
     Returns:
