@@ -45,6 +45,7 @@ import re
 import shutil
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
@@ -147,7 +148,7 @@ def _open_checkpoint(folder: Path) -> _Checkpoint:
         try:
             index = json.loads(index_path.read_text(encoding="utf-8"))
             weight_map = index["weight_map"]
-            files = list(dict.fromkeys(weight_map.values()))
+            files = sorted(set(weight_map.values()))
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise CheckpointError(f"{index_path} is not a safetensors index (a JSON object with a weight_map)") from exc
         for f in files:
@@ -457,7 +458,10 @@ def write_pruned_shards(
     report: StreamReport, progress: Optional[Callable[[int, int], None]] = None,
 ) -> None:
     """Write each output shard of ``entries`` from the source shards (see the
-    module docstring)."""
+    module docstring). In each shard, a second thread has the kernel copy
+    the tensors the spec leaves alone while this one reads, slices and
+    writes the others (each at its own offset): the copy costs no memory, so
+    memory stays one source tensor and its slice."""
     deltas, zeros = _per_tensor(spec)
     touched = set(spec.slices) | set(deltas) | set(zeros)
     index: Dict[Any, torch.Tensor] = {}  # kept-index tensors, shared like prune_model shares them
@@ -465,31 +469,41 @@ def write_pruned_shards(
     done = 0
     if progress is not None:
         progress(0, total)  # the plan is complete; writing starts
-    for f in ckpt.files:
-        header = ckpt.headers[f]
-        meta = dict(header.metadata) if header.metadata else {"format": "pt"}
-        with open(ckpt.folder / f, "rb", buffering=0) as src, ShardWriter(out_dir / f, entries[f], meta) as w:
-            for e in (header.entries[o.name] for o in entries[f]):
-                c = canon[e.name]
-                if c in touched:
-                    t = read_tensor(src, header, e.name)
-                    out = sliced(t, spec.slices.get(c, {}), deltas.get(c), zeros.get(c, ()), index)
-                    del t
-                    w.write(e.name, out)
-                    report.bytes_written += out.numel() * out.element_size()
-                    del out
-                    report.tensors_sliced += 1
-                    report.bytes_read += e.nbytes
-                    report.largest_sliced = max(report.largest_sliced, e.nbytes)
-                else:
-                    w.copy_from(e.name, src.fileno(), header.data_start + e.begin, e.nbytes)
-                    report.tensors_copied += 1
-                    report.bytes_written += e.nbytes
-                report.source_bytes += e.nbytes
-                done += e.nbytes
-                if progress is not None:
-                    progress(done, total)
-        report.files.append(f)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="channelcut-copy") as pool:
+        for f in ckpt.files:
+            header = ckpt.headers[f]
+            meta = dict(header.metadata) if header.metadata else {"format": "pt"}
+            mine = [header.entries[o.name] for o in entries[f]]
+            to_copy = [e for e in mine if canon[e.name] not in touched]
+            to_slice = [e for e in mine if canon[e.name] in touched]
+            with open(ckpt.folder / f, "rb", buffering=0) as src, ShardWriter(out_dir / f, entries[f], meta) as w:
+                copying = pool.submit(_copy_all, w, src.fileno(), header, to_copy)
+                try:
+                    for e in to_slice:
+                        c = canon[e.name]
+                        t = read_tensor(src, header, e.name)
+                        out = sliced(t, spec.slices.get(c, {}), deltas.get(c), zeros.get(c, ()), index)
+                        del t
+                        w.write(e.name, out)
+                        report.bytes_written += out.numel() * out.element_size()
+                        del out
+                        report.tensors_sliced += 1
+                        report.bytes_read += e.nbytes
+                        report.largest_sliced = max(report.largest_sliced, e.nbytes)
+                        done += e.nbytes
+                        if progress is not None:
+                            progress(done, total)
+                finally:
+                    wait([copying])  # never close the files under the copying thread
+                copying.result()
+            copied = sum(e.nbytes for e in to_copy)
+            report.tensors_copied += len(to_copy)
+            report.bytes_written += copied
+            report.source_bytes += sum(e.nbytes for e in mine)
+            done += copied
+            if progress is not None and to_copy:
+                progress(done, total)
+            report.files.append(f)
     if ckpt.index is not None:
         index_out = copy.deepcopy(ckpt.index)
         index_out.setdefault("metadata", {})
@@ -497,6 +511,11 @@ def write_pruned_shards(
             index_out["metadata"] = {}
         index_out["metadata"]["total_size"] = sum(e.nbytes for es in entries.values() for e in es)
         (out_dir / INDEX_FILE).write_text(json.dumps(index_out, indent=2) + "\n", encoding="utf-8")
+
+
+def _copy_all(w: ShardWriter, src_fd: int, header: Header, todo: List[Entry]) -> None:
+    for e in todo:
+        w.copy_from(e.name, src_fd, header.data_start + e.begin, e.nbytes)
 
 
 def _copy_other_files(src: Path, dst: Path, report: StreamReport) -> None:

@@ -14,7 +14,9 @@ by a memory map of the file, whose touched pages count as resident memory
 until the file is closed (a whole shard, several GB, by the end of it); a
 buffer that is dropped after use keeps the resident set at one tensor.
 Tensors that pass through unchanged are copied file to file by the kernel
-(:func:`copy_range`), never entering user memory.
+(:func:`copy_range`), never entering user memory. Every tensor is written at
+its own offset, so tensors can be written in any order and from several
+threads (a copy by the kernel while another tensor is being sliced).
 
 >>> import tempfile, os, torch
 >>> path = os.path.join(tempfile.mkdtemp(), "t.safetensors")
@@ -173,25 +175,26 @@ def _from_bytes(buf: torch.Tensor, e: Entry) -> torch.Tensor:
     return buf.view(dtype).reshape(e.shape)
 
 
-def copy_range(src_fd: int, src_offset: int, dst_fd: int, count: int) -> None:
-    """Append ``count`` bytes of ``src_fd`` from ``src_offset`` to ``dst_fd``
-    (at its current position), in the kernel where it can."""
+def copy_range(src_fd: int, src_offset: int, dst_fd: int, dst_offset: int, count: int) -> None:
+    """Copy ``count`` bytes of ``src_fd`` from ``src_offset`` to ``dst_fd`` at
+    ``dst_offset`` (file positions untouched), in the kernel where it can."""
     done = 0
     use_kernel = hasattr(os, "copy_file_range")
     while done < count:
         n = 0
         if use_kernel:
             try:
-                n = os.copy_file_range(src_fd, dst_fd, count - done, src_offset + done)
+                n = os.copy_file_range(src_fd, dst_fd, count - done, src_offset + done, dst_offset + done)
             except OSError:  # e.g. across file systems on old kernels
                 use_kernel = False
                 continue
         else:
             chunk = os.pread(src_fd, min(count - done, 64 << 20), src_offset + done)
             n = len(chunk)
-            view = memoryview(chunk)
+            view, at = memoryview(chunk), dst_offset + done
             while view:
-                view = view[os.write(dst_fd, view):]
+                k = os.pwrite(dst_fd, view, at)
+                view, at = view[k:], at + k
         if n == 0:
             raise SafetensorsError(f"unexpected end of the source file after {done} of {count} bytes")
         done += n
@@ -199,10 +202,11 @@ def copy_range(src_fd: int, src_offset: int, dst_fd: int, count: int) -> None:
 
 class ShardWriter:
     """Write one safetensors file whose tensors are all announced up front
-    (``entries``, in the order they will be written); then :meth:`write` (or
-    :meth:`copy_from`) each, in that order. :meth:`close` checks that all
-    were written. The header is written first, so memory holds at most the
-    tensor being written."""
+    (``entries``: names, dtypes, shapes; the data is laid out in that
+    order). The header is written at once; then :meth:`write` (or
+    :meth:`copy_from`) each tensor, in any order and from any thread (every
+    write goes to its own offset), exactly once; :meth:`close` checks that
+    all were written. Memory holds at most the tensors being written."""
 
     def __init__(self, path: PathLike, entries: Sequence[Entry], metadata: Optional[Mapping[str, str]] = None) -> None:
         self.path = os.fspath(path)
@@ -210,66 +214,72 @@ class ShardWriter:
         if metadata is not None:
             header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
         offset = 0
-        self.entries: List[Entry] = []
+        self.entries: Dict[str, Entry] = {}
         for e in entries:
             if e.name in header or e.name == "__metadata__":
                 raise SafetensorsError(f"tensor name {e.name!r} appears twice in {self.path}")
             placed = Entry(e.name, e.dtype, tuple(int(d) for d in e.shape), offset, offset + e.nbytes)
             header[e.name] = {"dtype": e.dtype, "shape": list(placed.shape), "data_offsets": [placed.begin, placed.end]}
-            self.entries.append(placed)
+            self.entries[e.name] = placed
             offset = placed.end
         text = json.dumps(header, separators=(",", ":")).encode("utf-8")
         text += b" " * (-len(text) % 8)
+        self.data_start = 8 + len(text)
         self.data_size = offset
-        self._next = 0
+        self._written: set = set()
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            self._write(struct.pack("<Q", len(text)) + text)
+            self._pwrite(struct.pack("<Q", len(text)) + text, 0)
+            os.ftruncate(self._fd, self.data_start + self.data_size)
         except BaseException:
             os.close(self._fd)
             raise
 
-    def _write(self, data: Union[bytes, memoryview]) -> None:
+    def _pwrite(self, data: Union[bytes, memoryview], offset: int) -> None:
         view = memoryview(data)
         while view:
-            view = view[os.write(self._fd, view):]
+            n = os.pwrite(self._fd, view, offset)
+            view, offset = view[n:], offset + n
 
-    def _expect(self, name: str) -> Entry:
-        if self._next >= len(self.entries):
-            raise SafetensorsError(f"{self.path}: {name!r} written, but every announced tensor is already written")
-        e = self.entries[self._next]
-        if e.name != name:
-            raise SafetensorsError(f"{self.path}: {name!r} written where {e.name!r} was announced")
-        self._next += 1
+    def _claim(self, name: str) -> Entry:
+        e = self.entries.get(name)
+        if e is None:
+            raise SafetensorsError(f"{self.path}: {name!r} written, but the header does not announce it")
+        if name in self._written:
+            raise SafetensorsError(f"{self.path}: {name!r} written twice")
+        self._written.add(name)
         return e
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Write the next tensor (its dtype and shape must be those announced)."""
-        e = self._expect(name)
-        if dtype_name(tensor.dtype) != e.dtype or tuple(tensor.shape) != e.shape:
+        """Write one announced tensor (of the announced dtype and shape)."""
+        e = self.entries.get(name)
+        if e is not None and (dtype_name(tensor.dtype) != e.dtype or tuple(tensor.shape) != e.shape):
             raise SafetensorsError(
                 f"{self.path}: {name!r} is {dtype_name(tensor.dtype)} {tuple(tensor.shape)}, the header announced "
                 f"{e.dtype} {e.shape}")
+        e = self._claim(name)
         if e.nbytes:
             t = tensor.detach().cpu().contiguous().reshape(-1)
             if sys.byteorder != "little" and t.element_size() > 1:  # pragma: no cover
                 raise SafetensorsError("writing safetensors on a big-endian machine is not supported")
-            self._write(t.view(torch.uint8).numpy().data)
+            self._pwrite(t.view(torch.uint8).numpy().data, self.data_start + e.begin)
 
     def copy_from(self, name: str, src_fd: int, src_offset: int, nbytes: int) -> None:
-        """Write the next tensor as ``nbytes`` raw bytes of another file."""
-        e = self._expect(name)
-        if nbytes != e.nbytes:
+        """Write one announced tensor as ``nbytes`` raw bytes of another file
+        (copied by the kernel where it can: never in this process's memory)."""
+        e = self.entries.get(name)
+        if e is not None and nbytes != e.nbytes:
             raise SafetensorsError(f"{self.path}: {name!r} has {nbytes} bytes, the header announced {e.nbytes}")
-        copy_range(src_fd, src_offset, self._fd, nbytes)
+        e = self._claim(name)
+        copy_range(src_fd, src_offset, self._fd, self.data_start + e.begin, nbytes)
 
     def close(self) -> None:
         if self._fd < 0:
             return
         fd, self._fd = self._fd, -1
         os.close(fd)
-        if self._next != len(self.entries):
-            missing = [e.name for e in self.entries[self._next:]]
+        missing = [n for n in self.entries if n not in self._written]
+        if missing:
             raise SafetensorsError(f"{self.path}: {len(missing)} announced tensor(s) never written, e.g. {missing[0]!r}")
 
     def __enter__(self) -> "ShardWriter":
