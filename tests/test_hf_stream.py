@@ -467,3 +467,22 @@ def test_progress_and_report(tmp_path) -> None:
     biggest = max(v.numel() * v.element_size() for k, v in _weights(src).items() if k in report.spec.slices)
     assert report.largest_sliced == biggest
     assert "shard(s)" in report.summary()
+
+
+def test_plan_step_is_channelcut_io_format(tmp_path) -> None:
+    """plan.json's step (built without dataclasses.asdict, for speed) is what
+    channelcut.io writes for the same spec, and reads back as the spec."""
+    from channelcut import PruningSpec
+    from channelcut.hf_stream import _step_dict
+    from channelcut.io import _step, read_plan
+
+    src = _save(tmp_path / "src", "llama", torch.float32)
+    request = HETERO + [("model.layers.1.self_attn.q_proj.weight", c) for c in range(48, 64)]
+    request += [("model.layers.2.self_attn.k_proj.weight", c) for c in (3, 9)]
+    report = prune_pretrained(src, tmp_path / "dst", pruned_inputs=request)
+    spec = report.spec
+    assert spec.subselections and spec.zeros and spec.slices
+    assert json.loads(json.dumps(_step_dict(spec, {}))) == json.loads(json.dumps(_step(spec, {})))
+    (step,) = read_plan(tmp_path / "dst")["steps"]
+    back = PruningSpec.from_dict({k: v for k, v in step.items() if k != "shapes_before"})
+    assert (back.slices, back.zeros, back.subselections) == (spec.slices, spec.zeros, spec.subselections)
