@@ -464,7 +464,10 @@ def test_progress_and_report(tmp_path) -> None:
     assert all(a[0] <= b[0] for a, b in zip(calls, calls[1:]))
     assert report.source_bytes == total and report.files == sorted(p.name for p in src.glob("*.safetensors"))
     assert report.bytes_written == sum(v.numel() * v.element_size() for v in _weights(tmp_path / "dst").values())
-    biggest = max(v.numel() * v.element_size() for k, v in _weights(src).items() if k in report.spec.slices)
+    slices = report.spec.slices
+    in_memory = [k for k in slices if set(slices[k]) != {0}]  # kept rows only: copied by the kernel
+    assert report.rows_copied == len(slices) - len(in_memory) > 0 and report.tensors_sliced == len(slices)
+    biggest = max(v.numel() * v.element_size() for k, v in _weights(src).items() if k in in_memory)
     assert report.largest_sliced == biggest
     assert "shard(s)" in report.summary()
 

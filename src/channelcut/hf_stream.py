@@ -37,6 +37,7 @@ unpruned weights).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import json
@@ -101,9 +102,10 @@ class StreamReport:
     loads_with: str  # "transformers" (from_pretrained) or "channelcut.hf.load_pretrained"
     why: Optional[str]  # why the config is not "pruned" (what differs between layers), else None
     files: List[str]  # weight files written, in order
-    tensors_sliced: int = 0
-    tensors_copied: int = 0
-    bytes_read: int = 0  # bytes of source tensors that were sliced (read into memory)
+    tensors_sliced: int = 0  # tensors the spec changes
+    tensors_copied: int = 0  # tensors copied through unchanged
+    rows_copied: int = 0  # of the changed ones: kept rows copied by the kernel (never in memory)
+    bytes_read: int = 0  # bytes of source tensors read into memory (to be sliced)
     bytes_written: int = 0  # tensor bytes in the output shards
     source_bytes: int = 0  # tensor bytes in the source shards
     largest_sliced: int = 0  # bytes of the largest source tensor held in memory
@@ -115,8 +117,8 @@ class StreamReport:
         gb = 1 << 30
         lines = [
             f"wrote {self.dst}: {len(self.files)} shard(s), {self.bytes_written / gb:.3f} GiB of tensors "
-            f"(source {self.source_bytes / gb:.3f} GiB); {self.tensors_sliced} tensors sliced, "
-            f"{self.tensors_copied} copied through",
+            f"(source {self.source_bytes / gb:.3f} GiB); {self.tensors_sliced} tensors sliced ({self.rows_copied} of "
+            f"them as kept rows copied by the kernel), {self.tensors_copied} copied through",
             f"plan {self.plan_s:.2f} s, write {self.write_s:.2f} s; largest tensor in memory "
             f"{self.largest_sliced / (1 << 20):.1f} MiB",
             f"config: {self.config}; loads with {self.loads_with}" + (f" ({self.why})" if self.why else ""),
@@ -458,14 +460,24 @@ def write_pruned_shards(
     report: StreamReport, progress: Optional[Callable[[int, int], None]] = None,
 ) -> None:
     """Write each output shard of ``entries`` from the source shards (see the
-    module docstring). In each shard, a second thread has the kernel copy
-    the tensors the spec leaves alone while this one reads, slices and
-    writes the others (each at its own offset): the copy costs no memory, so
-    memory stays one source tensor and its slice."""
+    module docstring). Each tensor goes one of three ways:
+
+    - the spec leaves it alone: the kernel copies its bytes;
+    - the spec only keeps rows of it (``slices == {0: kept}``, no fold, no
+      zero columns: an MLP's gate/up projection, a q/k/v projection): the
+      kernel copies the kept rows, as runs of consecutive rows. That is
+      byte for byte what :func:`sliced` computes for it (``index_select``
+      along dim 0), without the tensor entering memory;
+    - anything else: read into one reused buffer, :func:`sliced`, written.
+
+    The kernel copies run in a second thread while this one slices, and this
+    one helps with them once its slicing is done (each tensor is written at
+    its own offset); memory stays one source tensor and its slice."""
     deltas, zeros = _per_tensor(spec)
     touched = set(spec.slices) | set(deltas) | set(zeros)
     index: Dict[Any, torch.Tensor] = {}  # kept-index tensors, shared like prune_model shares them
     total = sum(h.data_size for h in ckpt.headers.values())
+    buffer: Optional[torch.Tensor] = None
     done = 0
     if progress is not None:
         progress(0, total)  # the plan is complete; writing starts
@@ -473,37 +485,53 @@ def write_pruned_shards(
         for f in ckpt.files:
             header = ckpt.headers[f]
             meta = dict(header.metadata) if header.metadata else {"format": "pt"}
-            mine = [header.entries[o.name] for o in entries[f]]
-            to_copy = [e for e in mine if canon[e.name] not in touched]
-            to_slice = [e for e in mine if canon[e.name] in touched]
+            by_kernel: List[Tuple[Entry, Optional[List[Tuple[int, int]]]]] = []  # (entry, kept row runs or None: all)
+            in_memory: List[Entry] = []
+            for o in entries[f]:
+                e, c = header.entries[o.name], canon[o.name]
+                if c not in touched:
+                    by_kernel.append((e, None))
+                elif c not in deltas and c not in zeros and set(spec.slices[c]) == {0}:
+                    by_kernel.append((e, _row_runs(e, header, spec.slices[c][0])))
+                else:
+                    in_memory.append(e)
+            need = max((e.nbytes for e in in_memory), default=0)
+            if need and (buffer is None or buffer.numel() < need):
+                buffer = None
+                buffer = torch.empty(need, dtype=torch.uint8)
             with open(ckpt.folder / f, "rb", buffering=0) as src, ShardWriter(out_dir / f, entries[f], meta) as w:
-                copying = pool.submit(_copy_all, w, src.fileno(), header, to_copy)
+                jobs = collections.deque(by_kernel)
+                copying = pool.submit(_copy_all, w, src.fileno(), header, jobs)
                 try:
-                    for e in to_slice:
+                    for e in in_memory:
                         c = canon[e.name]
-                        t = read_tensor(src, header, e.name)
+                        t = read_tensor(src, header, e.name, buffer)
                         out = sliced(t, spec.slices.get(c, {}), deltas.get(c), zeros.get(c, ()), index)
                         del t
                         w.write(e.name, out)
                         report.bytes_written += out.numel() * out.element_size()
                         del out
-                        report.tensors_sliced += 1
                         report.bytes_read += e.nbytes
                         report.largest_sliced = max(report.largest_sliced, e.nbytes)
                         done += e.nbytes
                         if progress is not None:
                             progress(done, total)
+                    _copy_all(w, src.fileno(), header, jobs)  # help with what is left to copy
                 finally:
+                    jobs.clear()
                     wait([copying])  # never close the files under the copying thread
                 copying.result()
-            copied = sum(e.nbytes for e in to_copy)
-            report.tensors_copied += len(to_copy)
-            report.bytes_written += copied
-            report.source_bytes += sum(e.nbytes for e in mine)
-            done += copied
-            if progress is not None and to_copy:
+            for e, runs in by_kernel:
+                report.bytes_written += e.nbytes if runs is None else sum(n for _, n in runs)
+                done += e.nbytes
+            report.tensors_sliced += len(in_memory) + sum(1 for _, runs in by_kernel if runs is not None)
+            report.tensors_copied += sum(1 for _, runs in by_kernel if runs is None)
+            report.rows_copied += sum(1 for _, runs in by_kernel if runs is not None)
+            report.source_bytes += sum(e.nbytes for e in header.entries.values())
+            if progress is not None and by_kernel:
                 progress(done, total)
             report.files.append(f)
+    del buffer
     if ckpt.index is not None:
         index_out = copy.deepcopy(ckpt.index)
         index_out.setdefault("metadata", {})
@@ -513,9 +541,37 @@ def write_pruned_shards(
         (out_dir / INDEX_FILE).write_text(json.dumps(index_out, indent=2) + "\n", encoding="utf-8")
 
 
-def _copy_all(w: ShardWriter, src_fd: int, header: Header, todo: List[Entry]) -> None:
-    for e in todo:
-        w.copy_from(e.name, src_fd, header.data_start + e.begin, e.nbytes)
+def _row_runs(e: Entry, header: Header, kept: List[int]) -> List[Tuple[int, int]]:
+    """File byte ranges ``(offset, nbytes)`` of rows ``kept`` of tensor ``e``,
+    in that order, consecutive rows merged into one range."""
+    row = e.nbytes // e.shape[0] if e.shape and e.shape[0] else 0
+    base = header.data_start + e.begin
+    runs: List[Tuple[int, int]] = []
+    start = prev = -2
+    for k in kept:
+        if k == prev + 1:
+            prev = k
+            continue
+        if start >= 0:
+            runs.append((base + start * row, (prev - start + 1) * row))
+        start = prev = k
+    if start >= 0:
+        runs.append((base + start * row, (prev - start + 1) * row))
+    return runs
+
+
+def _copy_all(w: ShardWriter, src_fd: int, header: Header,
+              jobs: "collections.deque[Tuple[Entry, Optional[List[Tuple[int, int]]]]]") -> None:
+    """Take copies from ``jobs`` until none is left (two threads share it)."""
+    while True:
+        try:
+            e, runs = jobs.popleft()
+        except IndexError:
+            return
+        if runs is None:
+            w.copy_from(e.name, src_fd, header.data_start + e.begin, e.nbytes)
+        else:
+            w.copy_runs(e.name, src_fd, runs)
 
 
 def _copy_other_files(src: Path, dst: Path, report: StreamReport) -> None:

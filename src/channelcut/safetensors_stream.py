@@ -148,22 +148,37 @@ def read_header(path: PathLike) -> Header:
     return Header({e.name: e for e in entries}, metadata, 8 + n)
 
 
-def read_tensor(path_or_file: Union[PathLike, "object"], header: Header, name: str) -> torch.Tensor:
-    """Read one tensor into a new CPU tensor it owns (not a memory map).
-    ``path_or_file``: a path, or a binary file object opened on it."""
+def read_tensor(path_or_file: Union[PathLike, "object"], header: Header, name: str,
+                buffer: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Read one tensor into CPU memory (not a memory map). ``path_or_file``:
+    a path, or a binary file object opened on it (its position is not
+    used). ``buffer``: a ``uint8`` tensor to read into when it is large
+    enough (the result is then a view of it), saving a fresh allocation, and
+    its page faults, per tensor; else a new tensor is allocated."""
     e = header.entries[name]
-    buf = torch.empty(e.nbytes, dtype=torch.uint8)
-    if hasattr(path_or_file, "readinto"):
-        f = path_or_file
-        f.seek(header.data_start + e.begin)  # type: ignore[attr-defined]
-        got = f.readinto(buf.numpy()) if e.nbytes else 0  # type: ignore[attr-defined]
+    if buffer is not None and buffer.dtype == torch.uint8 and buffer.numel() >= e.nbytes:
+        buf = buffer[: e.nbytes]
     else:
-        with open(path_or_file, "rb") as f:  # type: ignore[arg-type]
-            f.seek(header.data_start + e.begin)
-            got = f.readinto(buf.numpy()) if e.nbytes else 0
-    if got != e.nbytes:
-        raise SafetensorsError(f"tensor {name!r}: read {got} of {e.nbytes} bytes (truncated file?)")
+        buf = torch.empty(e.nbytes, dtype=torch.uint8)
+    if hasattr(path_or_file, "fileno"):
+        _pread_into(path_or_file.fileno(), buf, header.data_start + e.begin, name)  # type: ignore[attr-defined]
+    else:
+        fd = os.open(path_or_file, os.O_RDONLY)  # type: ignore[arg-type]
+        try:
+            _pread_into(fd, buf, header.data_start + e.begin, name)
+        finally:
+            os.close(fd)
     return _from_bytes(buf, e)
+
+
+def _pread_into(fd: int, buf: torch.Tensor, offset: int, name: str) -> None:
+    view = memoryview(buf.numpy()) if buf.numel() else memoryview(b"")
+    done = 0
+    while done < len(view):  # one read returns at most ~2 GiB on Linux
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n == 0:
+            raise SafetensorsError(f"tensor {name!r}: read {done} of {len(view)} bytes (truncated file?)")
+        done += n
 
 
 def _from_bytes(buf: torch.Tensor, e: Entry) -> torch.Tensor:
@@ -272,6 +287,20 @@ class ShardWriter:
             raise SafetensorsError(f"{self.path}: {name!r} has {nbytes} bytes, the header announced {e.nbytes}")
         e = self._claim(name)
         copy_range(src_fd, src_offset, self._fd, self.data_start + e.begin, nbytes)
+
+    def copy_runs(self, name: str, src_fd: int, runs: Sequence[Tuple[int, int]]) -> None:
+        """Write one announced tensor as the concatenation of byte ranges
+        ``(offset, nbytes)`` of another file (e.g. the kept rows of a source
+        tensor), copied by the kernel where it can."""
+        e = self.entries.get(name)
+        total = sum(n for _, n in runs)
+        if e is not None and total != e.nbytes:
+            raise SafetensorsError(f"{self.path}: {name!r} has {total} bytes in its runs, the header announced {e.nbytes}")
+        e = self._claim(name)
+        at = self.data_start + e.begin
+        for offset, n in runs:
+            copy_range(src_fd, offset, self._fd, at, n)
+            at += n
 
     def close(self) -> None:
         if self._fd < 0:
