@@ -10,7 +10,7 @@ For one checkpoint shape (``--shape``):
 2. times, side by side and alternating which goes first, a plain copy of the
    checkpoint directory (``shutil.copytree``) and
    ``channelcut.hf.prune_pretrained`` of it (in a fresh process, timed from
-   the call, imports excluded), each followed by an ``fsync`` of every file
+   the call; imports, of transformers' Llama module too, excluded), each followed by an ``fsync`` of every file
    it wrote, each started with the source files evicted from the page cache
    (``posix_fadvise(DONTNEED)``, so both read from disk); median of
    ``--repeats``;
@@ -217,8 +217,11 @@ def _evict(folder: Path) -> None:
 def child_prune(src: str, dst: str, shape: str, seed: int, hetero: bool) -> None:
     """Print one prune_pretrained run as JSON: time, RSS by phase, report."""
     warnings.simplefilter("ignore")
+    import transformers
+
     from channelcut.hf import prune_pretrained
 
+    transformers.LlamaForCausalLM  # noqa: B018 - import the modeling module (lazy) before the clock starts
     config = llama_config(shape)
     pairs = request(config, seed, hetero)
     phase: Dict[str, int] = {}
@@ -254,8 +257,11 @@ def child_prune(src: str, dst: str, shape: str, seed: int, hetero: bool) -> None
 def child_plan(shape: str, seed: int) -> None:
     """Print the plan of ``shape`` on meta: time and peak RSS growth."""
     warnings.simplefilter("ignore")
+    import transformers
+
     from channelcut.hf_stream import plan_on_meta
 
+    transformers.LlamaForCausalLM  # noqa: B018 - as in child_prune
     config = llama_config(shape)
     pairs = request(config, seed)
     before = _kb("VmRSS")
