@@ -489,3 +489,13 @@ def test_plan_step_is_channelcut_io_format(tmp_path) -> None:
     (step,) = read_plan(tmp_path / "dst")["steps"]
     back = PruningSpec.from_dict({k: v for k, v in step.items() if k != "shapes_before"})
     assert (back.slices, back.zeros, back.subselections) == (spec.slices, spec.zeros, spec.subselections)
+
+
+def test_default_inputs_follow_the_modality() -> None:
+    from channelcut.hf_stream import default_inputs
+
+    assert default_inputs(_config("llama"))["input_ids"].shape == (1, 8)
+    vit = transformers.ViTConfig(image_size=32, num_channels=3)
+    assert default_inputs(vit)["pixel_values"].shape == (1, 3, 32, 32)
+    with pytest.raises(ChannelcutError, match="pass inputs="):
+        default_inputs(transformers.PretrainedConfig())

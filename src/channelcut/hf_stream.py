@@ -501,7 +501,7 @@ def write_pruned_shards(
                 buffer = torch.empty(need, dtype=torch.uint8)
             with open(ckpt.folder / f, "rb", buffering=0) as src, ShardWriter(out_dir / f, entries[f], meta) as w:
                 jobs = collections.deque(by_kernel)
-                copying = pool.submit(_copy_all, w, src.fileno(), header, jobs)
+                copying = pool.submit(_copy_all, w, ckpt.folder / f, header, jobs)
                 try:
                     for e in in_memory:
                         c = canon[e.name]
@@ -516,7 +516,7 @@ def write_pruned_shards(
                         done += e.nbytes
                         if progress is not None:
                             progress(done, total)
-                    _copy_all(w, src.fileno(), header, jobs)  # help with what is left to copy
+                    _copy_all(w, ckpt.folder / f, header, jobs)  # help with what is left to copy
                 finally:
                     jobs.clear()
                     wait([copying])  # never close the files under the copying thread
@@ -560,18 +560,27 @@ def _row_runs(e: Entry, header: Header, kept: List[int]) -> List[Tuple[int, int]
     return runs
 
 
-def _copy_all(w: ShardWriter, src_fd: int, header: Header,
+def _copy_all(w: ShardWriter, src: Path, header: Header,
               jobs: "collections.deque[Tuple[Entry, Optional[List[Tuple[int, int]]]]]") -> None:
-    """Take copies from ``jobs`` until none is left (two threads share it)."""
-    while True:
-        try:
-            e, runs = jobs.popleft()
-        except IndexError:
-            return
-        if runs is None:
-            w.copy_from(e.name, src_fd, header.data_start + e.begin, e.nbytes)
-        else:
-            w.copy_runs(e.name, src_fd, runs)
+    """Take copies from ``jobs`` until none is left (two threads share it).
+    Each thread reads through its own descriptor: the kernel keeps one
+    read-ahead state per open file, and two threads reading different
+    places through one would defeat it."""
+    fd = os.open(src, os.O_RDONLY)
+    try:
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        while True:
+            try:
+                e, runs = jobs.popleft()
+            except IndexError:
+                return
+            if runs is None:
+                w.copy_from(e.name, fd, header.data_start + e.begin, e.nbytes)
+            else:
+                w.copy_runs(e.name, fd, runs)
+    finally:
+        os.close(fd)
 
 
 def _copy_other_files(src: Path, dst: Path, report: StreamReport) -> None:
