@@ -249,7 +249,7 @@ def child_prune(src: str, dst: str, shape: str, seed: int, hetero: bool) -> None
         "rss_at_write_start_mb": phase["write_start_kb"] / 1024,
         "largest_sliced_mb": report.largest_sliced / 2**20,
         "bytes_written": report.bytes_written, "source_bytes": report.source_bytes,
-        "tensors_sliced": report.tensors_sliced, "tensors_copied": report.tensors_copied,
+        "tensors_sliced": report.tensors_sliced, "tensors_copied": report.tensors_copied, "rows_copied": report.rows_copied,
         "config": report.config, "loads_with": report.loads_with, "pairs": len(pairs),
     }))
 
@@ -387,6 +387,88 @@ def side_by_side(src: Path, work: Path, shape: str, seed: int, hetero: bool, rep
     }
 
 
+def render(results: Dict[str, Any]) -> str:
+    """docs/llm.md from docs/llm.json."""
+    gb, mb = 1e9, 1.0
+    lines = [
+        "# LLM scale: streaming export of Hugging Face checkpoints",
+        "",
+        "Written by `benchmarks/llm_scale.py` from `llm.json` (`python benchmarks/llm_scale.py --report-only` redraws it).",
+        "",
+        "`channelcut.hf.prune_pretrained(src, dst, pruned_inputs=..., pruned_outputs=..., constrained=...)` prunes a",
+        "checkpoint on disk without loading it: the model is built on the meta device and planned there (no weight",
+        "is read), then every output shard is written tensor by tensor from the source shards: a tensor the plan",
+        "leaves alone, or only keeps rows of, is copied file to file by the kernel (never in memory); any other is",
+        "read, passed through `pruner.sliced` (what `prune()` does to it) and written. See",
+        "[the module docstring](../src/channelcut/hf_stream.py).",
+        "",
+    ]
+    for key, r in results.items():
+        run, ck, sbs = r["run"], r["checkpoint"], r["side_by_side"]
+        runs = sbs["runs"]
+        writes = [x["write_s"] for x in runs]
+        med = statistics.median
+        lines += [
+            f"## {key}: {ck['bytes'] / gb:.2f} GB random Llama-shaped bfloat16 checkpoint, {ck['files']} shards",
+            "",
+            f"- command: `{run['command']}`",
+            f"- machine: {run['machine']}; {run['versions']}; channelcut at commit {run['commit']}; disk `{run['disk']}`",
+            f"- started {run['started']}, took {run['minutes']:.1f} min; 1-minute load average {run['load_start']:.2f} "
+            f"at the start, {run['load_end']:.2f} at the end (a shared machine: other jobs ran meanwhile)",
+            f"- request: {runs[0]['pairs']} `(down_proj.weight, channel)` pairs"
+            + (" (10-40% of each layer's MLP channels, one key/value head group in every other layer)" if run.get("hetero")
+               else " (a random 25% of every layer's MLP channels)")
+            + f"; result config: {runs[0]['config']}, loads with {runs[0]['loads_with']}",
+            f"- {run['repeats']} rounds, alternating which goes first; before each, the source files are evicted from the "
+            "page cache; each timing ends with an fsync of every file written",
+            "",
+            "| | median | runs |",
+            "|---|---|---|",
+            f"| plain copy (`shutil.copytree` + fsync) | {sbs['copy_median_s']:.1f} s | {', '.join(f'{x:.1f}' for x in sbs['copy_s'])} |",
+            f"| `prune_pretrained` + fsync | {sbs['prune_median_s']:.1f} s | {', '.join(f'{x:.1f}' for x in sbs['prune_s'])} |",
+            f"| of which plan (config, meta model, trace, resolve, shapes, config) | {med(sbs['plan_s']):.1f} s | {', '.join(f'{x:.1f}' for x in sbs['plan_s'])} |",
+            f"| of which write (shards, index, config, plan.json, other files) | {med(writes):.1f} s | {', '.join(f'{x:.1f}' for x in writes)} |",
+            f"| **`prune_pretrained` / copy** | **{sbs['ratio']:.2f}x** | |",
+            "",
+            f"Tensors: {runs[0]['tensors_sliced']} changed ({runs[0].get('rows_copied', '?')} of them by copying their kept "
+            f"rows in the kernel), {runs[0]['tensors_copied']} copied through; {runs[0]['source_bytes'] / gb:.2f} GB of "
+            f"source tensors, {runs[0]['bytes_written'] / gb:.2f} GB written.",
+            "",
+            "Peak resident set growth of `prune_pretrained` (VmHWM over VmRSS before the call, in the process that runs it; "
+            "the peak is reset through `/proc/self/clear_refs` when the plan is complete and writing starts):",
+            "",
+            "| phase | peak RSS growth (max over runs) |",
+            "|---|---|",
+            f"| plan | {sbs['max_plan_rss_growth_mb']:.0f} MB |",
+            f"| write (over the RSS when writing starts) | {sbs['max_write_rss_growth_mb']:.0f} MB |",
+            f"| whole call | {sbs['max_peak_rss_growth_mb']:.0f} MB |",
+            f"| largest tensor in the checkpoint | {ck['largest_tensor_bytes'] / 2**20:.0f} MiB (copied by the kernel) |",
+            f"| largest tensor held in memory (read to be sliced) | {runs[0]['largest_sliced_mb']:.0f} MiB |",
+            "",
+        ]
+        v = r.get("verify")
+        if v and "identical" in v:
+            lines += [f"Check: the same request exported in memory (`from_pretrained` + `PruningManager.compute().prune()`): "
+                      f"{v['identical']} of {v['tensors']} written tensors `torch.equal` to its state_dict "
+                      f"({v['state_dict_tensors']} tensors); loaded back with `channelcut.hf.load_pretrained` "
+                      f"({v['loaded_with']}), logits equal: {v['logits_equal']}.", ""]
+        elif v:
+            spots = ", ".join(f"`{n}` {'equal' if ok else 'DIFFERENT'}" for n, ok in v["spot_checks"])
+            lines += [f"Check (the model does not fit in this machine's memory twice): every written shape equals the "
+                      f"model built from the written `config.json` on meta: {v['shapes_match_config']} "
+                      f"({v['tensors']} tensors); tensors read back against the source sliced here by `index_select` with "
+                      f"the plan's kept indices: {spots}; the kept MLP channels of layer 0 are exactly those not "
+                      f"requested: {v['kept_is_complement_of_request']}.", ""]
+        if r.get("plans"):
+            lines += ["Planning only, on meta (build the model on meta, `compute`, apply the spec to the meta model), "
+                      "each in a fresh process, same request pattern:", "",
+                      "| shape | parameters after | request pairs | plan | peak RSS growth |", "|---|---|---|---|---|"]
+            for shape, p in r["plans"].items():
+                lines.append(f"| {shape} | {p['params_after'] / 1e9:.1f} B | {p['pairs']} | {p['plan_s']:.1f} s | {p['rss_growth_mb'] / 1024:.2f} GB |")
+            lines.append("")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", choices=[s for s in SHAPES if s in ("small", "8b")], default="small")
@@ -398,6 +480,8 @@ def main() -> None:
     ap.add_argument("--verify", choices=["full", "shapes", "none"], default=None)
     ap.add_argument("--plan-shapes", default="", help="comma-separated shapes to plan on meta only, e.g. 8b,70b,405b")
     ap.add_argument("--out", default=str(ROOT / "docs" / "llm.json"))
+    ap.add_argument("--md", default=str(ROOT / "docs" / "llm.md"))
+    ap.add_argument("--report-only", action="store_true", help="redraw --md from --out")
     ap.add_argument("--child-prune", nargs=4, metavar=("SRC", "DST", "SHAPE", "SEED"))
     ap.add_argument("--child-plan", nargs=2, metavar=("SHAPE", "SEED"))
     args = ap.parse_args()
@@ -406,6 +490,9 @@ def main() -> None:
         return child_prune(src, dst, shape, int(seed), args.hetero)
     if args.child_plan:
         return child_plan(args.child_plan[0], int(args.child_plan[1]))
+    if args.report_only:
+        Path(args.md).write_text(render(json.loads(Path(args.out).read_text())) + "\n")
+        return print(f"wrote {args.md}")
 
     started = time.time()
     base = Path(args.dir)
@@ -447,7 +534,8 @@ def main() -> None:
     old = json.loads(out.read_text()) if out.is_file() else {}
     old[args.shape + ("-hetero" if args.hetero else "")] = result
     out.write_text(json.dumps(old, indent=1) + "\n")
-    print(f"wrote {out}")
+    Path(args.md).write_text(render(old) + "\n")
+    print(f"wrote {out} and {args.md}")
 
 
 def _versions() -> str:
