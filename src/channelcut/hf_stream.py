@@ -15,14 +15,15 @@ result. Start at :func:`prune_pretrained` and :func:`load_pretrained`
    ``from_pretrained`` where the modeling code honours it, by
    :func:`load_pretrained` elsewhere), else the source config with the plan;
 3. **write** (:func:`write_pruned_shards`): each output shard's header is
-   computed from the shapes, then each tensor is read from the source shard,
-   passed through :func:`channelcut.pruning.pruner.sliced` (the one
-   definition of a pruned tensor, as ``prune()`` uses it: the result is bit
-   for bit the in-memory export) and written; tensors the spec does not
-   touch are copied file to file by the kernel. Memory: one source tensor and
-   its pruned copy at a time. Shard names and the index file are the
-   source's, ``total_size`` updated; config, generation config, tokenizer
-   files and everything else that is not weights are copied; ``plan.json``
+   computed from the shapes, then each tensor the spec changes is read from
+   the source shard, passed through :func:`channelcut.pruning.pruner.sliced`
+   (the one definition of a pruned tensor, as ``prune()`` uses it: the
+   result is bit for bit the in-memory export) and written; tensors the spec
+   does not touch, and those it only keeps rows of, are copied file to file
+   by the kernel (in a second thread). Memory: one source tensor and its
+   pruned copy at a time. Shard names and the index file are the source's,
+   ``total_size`` updated; config, generation config, tokenizer files and
+   everything else that is not weights are copied; ``plan.json``
    (``channelcut.io``'s plan format) records the export.
 
 The output directory is written under a temporary name next to ``dst`` and
