@@ -499,3 +499,18 @@ def test_default_inputs_follow_the_modality() -> None:
     assert default_inputs(vit)["pixel_values"].shape == (1, 3, 32, 32)
     with pytest.raises(ChannelcutError, match="pass inputs="):
         default_inputs(transformers.PretrainedConfig())
+
+
+def test_a_config_that_loses_an_attribute_the_export_sets_is_not_used(tmp_path) -> None:
+    """Where the spec sets a module attribute (e.g. a parameterless module's
+    channel count), a config is used only if the model it builds has it."""
+    from channelcut.hf_stream import describe_config, plan_on_meta
+
+    src = _save(tmp_path / "src", "llama", torch.float32)
+    config = transformers.AutoConfig.from_pretrained(src)
+    model, spec, _ = plan_on_meta(config, pruned_inputs=UNIFORM)
+    source = json.loads((src / "config.json").read_text())
+    assert describe_config(model, source, spec.attributes)[1] == "pruned"
+    raw, kind, loads_with, why = describe_config(model, source, {"model.layers.0.self_attn": {"num_key_value_groups": 7}})
+    assert (kind, loads_with) == ("source", "channelcut.hf.load_pretrained") and "num_key_value_groups = 7" in why
+    assert raw["channelcut"]["plan"] == "plan.json"

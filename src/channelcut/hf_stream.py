@@ -330,7 +330,8 @@ def _layer_list(model: nn.Module, config: Any) -> Optional[str]:
     return min(found, key=len) if len(found) >= 1 and n else None
 
 
-def describe_config(model: nn.Module, source: Dict[str, Any]) -> Tuple[Dict[str, Any], str, str, Optional[str]]:
+def describe_config(model: nn.Module, source: Dict[str, Any], attributes: Optional[Dict[str, Dict[str, int]]] = None,
+                    ) -> Tuple[Dict[str, Any], str, str, Optional[str]]:
     """The ``config.json`` of the pruned (meta) ``model``, whose unpruned
     config file held ``source``. Returns (config dict, kind, loads_with, why):
 
@@ -346,6 +347,9 @@ def describe_config(model: nn.Module, source: Dict[str, Any]) -> Tuple[Dict[str,
       ``"channelcut"`` entry pointing at the plan; ``from_pretrained``
       refuses the shapes (a size-mismatch error), :func:`load_pretrained`
       applies the plan.
+
+    ``attributes``: the module attributes the spec sets (``spec.attributes``);
+    a config that builds the shapes but not these values is not used.
     """
     from .hf import NotExpressibleError, _observed, pruned_config
 
@@ -355,7 +359,10 @@ def describe_config(model: nn.Module, source: Dict[str, Any]) -> Tuple[Dict[str,
     except NotExpressibleError as exc:
         why = re.split(r"(?<!e\.g)\. (?=[A-Z])", str(exc))[0]  # the finding, not the advice that follows
     else:
-        return _updated(source, config, new), "pruned", LOADS_WITH_HF, None
+        why = _lost_attributes(build_on_meta(new, type(model)), attributes)
+        if why is None:
+            return _updated(source, config, new), "pruned", LOADS_WITH_HF, None
+        return _marked(source), "source", LOADS_WITH_US, why
     if any(is_subselect(m) for _, m in model.named_modules()):
         return _marked(source), "source", LOADS_WITH_US, why
     prefix = _layer_list(model, config)
@@ -380,12 +387,24 @@ def describe_config(model: nn.Module, source: Dict[str, Any]) -> Tuple[Dict[str,
         built = build_on_meta(_config_from_dict(raw), type(model))
         want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
         have = {k: tuple(v.shape) for k, v in built.state_dict().items()}
-        loads = want == have
+        loads = want == have and _lost_attributes(built, attributes) is None
     except Exception:  # e.g. Llama: AmbiguousGlobalPerLayerAttributeError (its config may not even validate)
         loads = False
     if loads:
         return raw, "per-layer", LOADS_WITH_HF, why
     return _marked(source), "source", LOADS_WITH_US, why + f"; {type(model).__name__} does not build per-layer widths from a config"
+
+
+def _lost_attributes(built: nn.Module, attributes: Optional[Dict[str, Dict[str, int]]]) -> Optional[str]:
+    """What a model built from a config gets wrong of the attributes the spec
+    sets (None: nothing)."""
+    modules = dict(built.named_modules())
+    for mname, attrs in (attributes or {}).items():
+        for attr, value in attrs.items():
+            have = getattr(modules.get(mname), attr, None)
+            if have != value:
+                return f"the export sets {mname}.{attr} = {value}, a model built from the config has {have}"
+    return None
 
 
 def _marked(source: Dict[str, Any]) -> Dict[str, Any]:
@@ -725,7 +744,7 @@ def prune_pretrained(
     persistent = set(model.state_dict(keep_vars=True))
     entries = _output_entries(ckpt, canon, before, after, set(spec.slices) | set(deltas) | set(zeros), persistent,
                               type(model).__name__)
-    raw, kind, loads_with, why = describe_config(model, source_raw)
+    raw, kind, loads_with, why = describe_config(model, source_raw, spec.attributes)
     config_before = {k: source_raw.get(k) for k in raw if source_raw.get(k, object()) != raw[k]}
     plan_s = time.perf_counter() - t0
 
