@@ -184,3 +184,26 @@ def test_layer_norm_couples_its_channels_and_says_why():
     net = LN()
     with pytest.raises(EmptyLayerError, match="coupled by layer_norm in n, which subtracts a mean"):
         PruningManager(net).compute([torch.randn(2, 8)], pruned_outputs=[("a.weight", 3)])
+
+
+def test_streamed_hidden_size_export_is_the_in_memory_one(tmp_path):
+    """prune_pretrained narrows the stream tensor by tensor, bit-identical to
+    the in-memory export (norm weights rescaled alike), and the result loads
+    with from_pretrained (its config holds hidden_size and rms_norm_eps)."""
+    from channelcut.hf import prune_pretrained
+
+    net = _tiny("llama", False)
+    net.save_pretrained(tmp_path / "src")
+    drop = DROP[:4]
+    report = prune_pretrained(tmp_path / "src", tmp_path / "dst",
+                              pruned_outputs=[("model.embed_tokens.weight", j) for j in drop])
+    assert report.spec.rescales
+    x = {"input_ids": torch.randint(0, 64, (1, 8))}
+    PruningManager(net).compute(x, pruned_outputs=[("model.embed_tokens.weight", j) for j in drop]).prune()
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "dst").eval()
+    assert back.config.hidden_size == 28
+    want = net.state_dict()
+    for k, v in back.state_dict().items():
+        assert torch.equal(v, want[k]), k
+    with torch.no_grad():
+        assert torch.equal(back(**x).logits, net(**x).logits)

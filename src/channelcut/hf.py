@@ -52,7 +52,7 @@ from .errors import NotExpressibleError  # defined in errors.py; re-exported her
 from .pruning.rmsnorm import rms_norm_modules
 from .pruning.subselect import is_subselect
 
-__all__ = ["NotExpressibleError", "pruned_config", "save_pretrained"]
+__all__ = ["NotExpressibleError", "pruned_config", "save_pretrained", "prune_pretrained", "load_pretrained"]
 
 
 # names (suffixes) of the layers whose output width is the config's MLP width
@@ -123,8 +123,9 @@ def pruned_config(model: nn.Module) -> Any:
                 "scope='local')), or save with channelcut.save.")
         (value,) = values
         if getattr(new, field, None) != value:
-            if field in ("num_attention_heads", "hidden_size") and hasattr(new, "head_dim"):
-                # keep the head size explicit: it defaults to hidden_size // heads
+            if field in ("num_attention_heads", "hidden_size"):
+                # keep the head size explicit: it defaults to hidden_size // heads (Qwen2 and Mistral configs
+                # have no head_dim field but their modeling code reads one; _check_shapes checks that it does)
                 new.head_dim = int(getattr(new, "head_dim", None) or new.hidden_size // new.num_attention_heads)
             setattr(new, field, value)
     _check_shapes(model, new)
@@ -133,7 +134,16 @@ def pruned_config(model: nn.Module) -> Any:
 
 def _check_shapes(model: nn.Module, config: Any) -> None:
     """Build ``type(model)`` from ``config`` on the meta device and compare
-    every tensor shape with ``model``'s."""
+    every tensor shape with ``model``'s. The config is first read back from
+    its dict, as ``from_pretrained`` will read it (transformers validates it
+    then: e.g. Llama's config refuses a head count that does not divide
+    ``hidden_size``, even with an explicit ``head_dim``)."""
+    try:
+        config = type(config).from_dict(config.to_dict())
+    except Exception as exc:
+        raise NotExpressibleError(
+            f"transformers refuses the pruned config of {type(model).__name__} ({type(exc).__name__}: "
+            f"{str(exc).strip().splitlines()[-1].strip()}); save with channelcut.save") from exc
     try:
         with torch.device("meta"):
             fresh = type(model)(config)
@@ -162,3 +172,24 @@ def save_pretrained(model: nn.Module, path: Union[str, Path], **kwargs: Any) -> 
     finally:
         model.config = old
     return Path(path)
+
+
+def prune_pretrained(src: Union[str, Path], dst: Union[str, Path], pruned_inputs: Any = None, pruned_outputs: Any = None,
+                     constrained: bool = False, **kwargs: Any) -> Any:
+    """Prune the Hugging Face checkpoint in directory ``src`` into ``dst``
+    tensor by tensor, never loading the model (plan on the meta device, slice
+    each tensor as it is read from the safetensors shards). See
+    :func:`channelcut.hf_stream.prune_pretrained`; returns its
+    :class:`~channelcut.hf_stream.StreamReport`."""
+    from .hf_stream import prune_pretrained as run
+
+    return run(src, dst, pruned_inputs, pruned_outputs, constrained, **kwargs)
+
+
+def load_pretrained(path: Union[str, Path], **kwargs: Any) -> nn.Module:
+    """Load a checkpoint written by :func:`prune_pretrained` (also one with a
+    different width in every layer) as a Hugging Face model. See
+    :func:`channelcut.hf_stream.load_pretrained`."""
+    from .hf_stream import load_pretrained as run
+
+    return run(path, **kwargs)

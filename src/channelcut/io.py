@@ -56,7 +56,7 @@ from .errors import (  # the plan errors live in errors.py; re-exported here for
     PlanMismatchError,
     StateError,
 )
-from .pruning.modules import subselection_of
+from .pruning.subselect import subselection_of
 from .pruning.pruner import Rollback, applied_specs, prune_model
 from .pruning.spec import PruningSpec, Subselection
 

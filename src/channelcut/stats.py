@@ -32,7 +32,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .pruning.modules import subselection_of
+from .pruning.subselect import subselection_of
 
 __all__ = [
     "Inputs",

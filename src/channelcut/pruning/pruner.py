@@ -158,7 +158,7 @@ def shrink(t: torch.Tensor, dims: Dict[int, List[int]], delta: Optional[List[flo
 
     def record(dim: int, before: torch.Tensor, kept_i: torch.Tensor) -> None:
         n = before.shape[dim]
-        keep = set(kept_i.tolist())
+        keep = set(dims[dim])  # (a plain list: the index may be on the meta device)
         gone = _index([i for i in range(n) if i not in keep], before.device, index)
         steps.append((dim, n, kept_i, gone, before.index_select(dim, gone)))
 
