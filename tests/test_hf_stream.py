@@ -516,3 +516,20 @@ def test_a_config_that_loses_an_attribute_the_export_sets_is_not_used(tmp_path) 
     raw, kind, loads_with, why = describe_config(model, source, {"model.layers.0.self_attn": {"num_key_value_groups": 7}})
     assert (kind, loads_with) == ("source", "channelcut.hf.load_pretrained") and "num_key_value_groups = 7" in why
     assert raw["channelcut"]["plan"] == "plan.json"
+
+
+def test_command_line_prune_pretrained(tmp_path, capsys) -> None:
+    """``channelcut prune-pretrained SRC --out DST --pruned-inputs JSON``:
+    the same checkpoint as the function; a bad request is a usage error."""
+    from channelcut.cli import main
+
+    src = _save(tmp_path / "src", "llama", torch.float32)
+    request = [("model.layers.0.mlp.down_proj.weight", c) for c in range(8)]
+    assert main(["prune-pretrained", str(src), "--out", str(tmp_path / "dst"), "--quiet", "--json",
+                 "--pruned-inputs", json.dumps(request)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["config"] in ("pruned", "per-layer", "source") and out["files"]
+    model, _ = _in_memory(src, request)
+    _assert_identical(tmp_path / "dst", src, model)
+    assert main(["prune-pretrained", str(src), "--out", str(tmp_path / "x"), "--pruned-inputs", "[oops"]) == 2
+    assert main(["prune-pretrained", str(src), "--out", str(tmp_path / "x")]) == 2

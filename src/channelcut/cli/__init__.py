@@ -6,6 +6,7 @@ Commands (``channelcut <command> --help`` for options)::
     channelcut inspect MODEL
     channelcut bench MODEL_OR_SAVED
     channelcut export SAVED --format onnx --out model.onnx  (or --check)
+    channelcut prune-pretrained SRC --out DST --pruned-outputs JSON  (a Hugging Face checkpoint, streamed)
     channelcut demo
 
 ``MODEL`` is a torchvision model name (``resnet50``), a timm model name
@@ -23,6 +24,7 @@ The command line only parses, calls the library and renders: the reports
 come from :mod:`channelcut.report`, the channel choice from
 :class:`channelcut.MaskingManager`. Modules:
 
+- ``pretrained``: ``prune-pretrained`` (a checkpoint on disk, tensor by tensor);
 - ``commands``: ``prune``, ``inspect``, ``bench``, ``export``; each an object
   with ``add_arguments(parser)`` and ``run(args) -> int`` listed in
   :data:`SUBCOMMANDS` (``demo`` lives in :mod:`channelcut.demo`);
@@ -69,6 +71,7 @@ SUBCOMMANDS: Tuple[Tuple[str, str, Optional[str]], ...] = (
     ("inspect", "channelcut.cli.commands:InspectCommand", None),
     ("bench", "channelcut.cli.commands:BenchCommand", None),
     ("export", "channelcut.cli.commands:ExportCommand", None),
+    ("prune-pretrained", "channelcut.cli.pretrained:PrunePretrainedCommand", None),
     ("demo", "channelcut.demo", "prune a torchvision resnet three ways and report size, MACs, copies and latency"),
 )
 
