@@ -74,13 +74,24 @@ def request(cfg, kind: str, amount: float) -> Dict[str, Any]:
         k = int(cfg.intermediate_size * amount)
         out["pruned_inputs"] += [(f"model.layers.{i}.mlp.down_proj.weight", c) for i in range(n_layers) for c in range(k)]
     if kind in ("kv_groups", "all"):
+        # at least ``amount`` of the KV groups, rounded up to a count whose
+        # remaining query heads divide the hidden size (transformers' configs
+        # refuse anything else, and the ideal model is built from one)
+        per = cfg.num_attention_heads // cfg.num_key_value_heads
+        hidden = cfg.hidden_size - (_hidden_cut(cfg, amount) if kind == "all" else 0)
         groups = max(1, int(cfg.num_key_value_heads * amount))
+        while groups < cfg.num_key_value_heads - 1 and hidden % (per * (cfg.num_key_value_heads - groups)):
+            groups += 1
         out["pruned_outputs"] += [(f"model.layers.{i}.self_attn.k_proj.weight", g * cfg.head_dim)
                                   for i in range(n_layers) for g in range(groups)]
     if kind in ("hidden", "all"):
-        k = int(cfg.hidden_size * amount) // cfg.num_attention_heads * cfg.num_attention_heads  # keep it divisible
-        out["pruned_outputs"] += [("model.embed_tokens.weight", c) for c in range(k)]
+        out["pruned_outputs"] += [("model.embed_tokens.weight", c) for c in range(_hidden_cut(cfg, amount))]
     return out
+
+
+def _hidden_cut(cfg, amount: float) -> int:
+    """Stream channels removed: ``amount`` of them, a multiple of the head count."""
+    return int(cfg.hidden_size * amount) // cfg.num_attention_heads * cfg.num_attention_heads
 
 
 def build(cfg, kind: str, amount: float, device: torch.device, dtype: torch.dtype):
@@ -99,8 +110,9 @@ def build(cfg, kind: str, amount: float, device: torch.device, dtype: torch.dtyp
     t1 = time.perf_counter()
     pm.prune(verify=False)
     t2 = time.perf_counter()
+    cfg_pruned = pruned_config(net)
     with torch.device(device):
-        ideal = transformers.LlamaForCausalLM(pruned_config(net)).to(dtype).eval()
+        ideal = transformers.LlamaForCausalLM(cfg_pruned).to(dtype).eval()
     return net, ideal, t1 - t0, t2 - t1
 
 

@@ -78,8 +78,8 @@ def rms_norm_modules(model: nn.Module) -> Dict[int, RmsForm]:
 
 def _classify(m: nn.Module, d: int) -> Optional[RmsForm]:
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(3, d, dtype=torch.float64, generator=g) * 2
-    w = torch.rand(d, dtype=torch.float64, generator=g) + 0.5
+    x = torch.randn(3, d, dtype=torch.float64, generator=g, device="cpu") * 2  # (whatever the default device)
+    w = torch.rand(d, dtype=torch.float64, generator=g, device="cpu") + 0.5
     for attr in EPS_ATTRS:
         eps = getattr(m, attr, None)
         if not isinstance(eps, float):
