@@ -469,7 +469,7 @@ def _output_entries(
                 f"{before[c]}: the config does not describe this checkpoint")
         seen.add(c)
         out[f].append(Entry(e.name, e.dtype, after[c]))
-    for f, es in out.items():  # widest dtype first (stable): every tensor stays aligned to its item size
+    for es in out.values():  # widest dtype first (stable): every tensor stays aligned to its item size
         es.sort(key=lambda e: -DTYPES[e.dtype].itemsize)
     missing = sorted(n for n in touched if n not in seen and n in persistent)
     if missing:

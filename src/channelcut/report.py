@@ -186,7 +186,7 @@ class InspectReport:
             "producer_output_channels": self.producer_output_channels,
             "prunable_producer_output_channels": self.prunable_producer_output_channels,
             "barriers": [b.to_dict() for b in self.barriers],
-            "layers": [l.to_dict() for l in self.layers],
+            "layers": [layer.to_dict() for layer in self.layers],
         }
 
 
@@ -298,7 +298,7 @@ class ExportReport:
 
     def changed_layers(self) -> List[LayerWidth]:
         """The producers that lost output channels."""
-        return [l for l in self.layers if l.after != l.before]
+        return [layer for layer in self.layers if layer.after != layer.before]
 
     def to_dict(self) -> Dict[str, Any]:
         return {
@@ -313,7 +313,7 @@ class ExportReport:
             "subselections": {"views": self.views, "copies": self.copies},
             "copied_channels_per_inference": self.copied_channels,
             "verified": self.verified,
-            "layers": [l.to_dict() for l in self.layers],
+            "layers": [layer.to_dict() for layer in self.layers],
         }
 
 

@@ -60,8 +60,8 @@ def _rows_or_more(table: str, shown: int, total: int, more: str) -> str:
 def render_inspect(rep: InspectReport, max_rows: int) -> str:
     """``channelcut inspect``: counts, the layer table, pinned reasons, barrier ops."""
     rows = [
-        [l.name, l.kind, _cell(l.in_channels), _cell(l.prunable_in), _cell(l.out_channels), _cell(l.prunable_out)]
-        for l in rep.layers[:max_rows]
+        [r.name, r.kind, _cell(r.in_channels), _cell(r.prunable_in), _cell(r.out_channels), _cell(r.prunable_out)]
+        for r in rep.layers[:max_rows]
     ]
     lines = [
         f"{rep.model}: {rep.producers} producers, {rep.consumers} consumers, input {rep.input_shape}",
@@ -89,7 +89,7 @@ def render_inspect(rep: InspectReport, max_rows: int) -> str:
 def render_export(rep: ExportReport, out: str, max_rows: int) -> str:
     """``channelcut prune``: sizes before/after, groups, copies, changed producers."""
     changed = rep.changed_layers()
-    rows = [[l.name, l.kind, l.before, l.after, ratio(l.after, l.before)] for l in changed[:max_rows]]
+    rows = [[r.name, r.kind, r.before, r.after, ratio(r.after, r.before)] for r in changed[:max_rows]]
     b, a = rep.before, rep.after
     return "\n".join(
         [

@@ -176,7 +176,7 @@ def _build_segments(st: Structure) -> None:
     for grp in st.groups:
         by_root.setdefault(sfind(grp.id), []).append(grp)
     segs: List[Segment] = []
-    for i, (root, gs) in enumerate(sorted(by_root.items())):
+    for i, (_root, gs) in enumerate(sorted(by_root.items())):
         prods: List[str] = []
         cons: List[str] = []
         for grp in gs:

@@ -224,7 +224,7 @@ def _choose_subset_readers(r: Resolution) -> None:
     projections of nn.MultiheadAttention) keep zero columns instead."""
     graph, dropped = r.graph, r.dropped
     physical = r.physical = {op: c.physical and r.mode != "constrained" for op, c in graph.consumers.items()}
-    for param, ops in graph.consumers_by_param.items():
+    for ops in graph.consumers_by_param.values():
         if len(ops) > 1:
             shared: Set[int] = set().union(*(dropped.get(op, set()) for op in ops))
             for op in ops:

@@ -167,6 +167,17 @@ def _generic_reduce(self: nn.Module, protocol: int) -> Any:
     return (_rebuild, (type(self).subselect_base, self.__getstate__()))  # type: ignore[attr-defined]
 
 
+def _narrowing_forward(cls: Type[nn.Module]) -> Callable[..., Any]:
+    """``forward`` that narrows the first argument, then runs ``cls.forward``."""
+    original: Callable[..., Any] = cls.forward
+
+    def forward(self: nn.Module, input: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        return original(self, self.subselect(input), *args, **kwargs)  # type: ignore[attr-defined]
+
+    forward.__doc__ = f"Narrow the input's channels, then run ``{cls.__qualname__}.forward``."
+    return forward
+
+
 def subselect_class(cls: Type[nn.Module]) -> Type[nn.Module]:
     """The Subselect class for modules of class ``cls`` (made once, then cached).
 
@@ -189,13 +200,7 @@ def subselect_class(cls: Type[nn.Module]) -> Type[nn.Module]:
             body["forward"] = sub.forward
             break
     else:
-        original: Callable[..., Any] = cls.forward
-
-        def forward(self: nn.Module, input: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-            return original(self, self.subselect(input), *args, **kwargs)  # type: ignore[attr-defined]
-
-        forward.__doc__ = f"Narrow the input's channels, then run ``{cls.__qualname__}.forward``."
-        body["forward"] = forward
+        body["forward"] = _narrowing_forward(cls)
     made = type(f"Subselect{cls.__name__}", (SubselectMixin, cls), body)
     made.__doc__ = f"``{cls.__qualname__}`` that reads a subset of its input channels."
     _DYNAMIC[cls] = made

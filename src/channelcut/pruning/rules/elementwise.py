@@ -140,7 +140,7 @@ def elementwise_into(rec: Recorder, what: str, tensors: List[torch.Tensor], targ
         return
     merged = None
     scalars = []
-    for x, t in tracked:
+    for _x, t in tracked:
         if t.vdim is not None:
             merged = t.ids if merged is None else rec.union_pairs(merged, t.ids)
     assert merged is not None

@@ -11,7 +11,7 @@ are kept). Start at :func:`_reshape_fast`.
 
 from __future__ import annotations
 
-from typing import Any, List, Optional, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -98,21 +98,31 @@ def _dim_groups(s_in: List[int], s_out: List[int]) -> Optional[List[Tuple[List[i
         gi, gj = [], []
         pi = pj = 1
         if i < len(s_in):
-            gi.append(i); pi *= s_in[i]; i += 1
+            gi.append(i)
+            pi *= s_in[i]
+            i += 1
         if j < len(s_out):
-            gj.append(j); pj *= s_out[j]; j += 1
+            gj.append(j)
+            pj *= s_out[j]
+            j += 1
         while pi != pj:
             if pi < pj and i < len(s_in):
-                gi.append(i); pi *= s_in[i]; i += 1
+                gi.append(i)
+                pi *= s_in[i]
+                i += 1
             elif pj < pi and j < len(s_out):
-                gj.append(j); pj *= s_out[j]; j += 1
+                gj.append(j)
+                pj *= s_out[j]
+                j += 1
             else:
                 return None
         # absorb trailing size-1 dims
         while i < len(s_in) and s_in[i] == 1 and (j >= len(s_out) or s_out[j] != 1):
-            gi.append(i); i += 1
+            gi.append(i)
+            i += 1
         while j < len(s_out) and s_out[j] == 1 and (i >= len(s_in) or s_in[i] != 1):
-            gj.append(j); j += 1
+            gj.append(j)
+            j += 1
         groups.append((gi, gj))
     return groups
 
