@@ -58,6 +58,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     ap.add_argument("--repeats", type=int, default=30, help="timed rounds")
     ap.add_argument("--warmup", type=int, default=10, help="untimed rounds first")
     ap.add_argument("--device", default="cuda", help="cuda (default) or cpu for a smoke run")
+    ap.add_argument("--no-device-costs", action="store_true",
+                    help="skip the variant exported with the costs calibrated on the device (calibrate_costs)")
     ap.add_argument("--cudnn-benchmark", action="store_true",
                     help="let cudnn tune each conv shape during warm-up (slower start: every pruned width is a new shape)")
     ap.add_argument("--no-peers", action="store_true", help="skip apple-upscale and torch-pruning even if installed")
@@ -136,6 +138,14 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         "models": {},
     }
     t_start = time.perf_counter()
+    costs: Dict[str, Dict[str, float]] = {}
+    if not args.no_device_costs:
+        from channelcut.pruning.costs import calibrate_costs
+
+        for dname in args.dtype_list:
+            costs[dname] = calibrate_costs(device=device, dtype=DTYPES[dname])
+        results["meta"]["device_costs"] = costs
+        print(f"costs on {device_name(device)}: {costs}", flush=True)
     for name in args.model_list:
         t0 = time.perf_counter()
         size = V.image_size(name, args.image_size)
@@ -153,8 +163,15 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
             models = {k: copy.deepcopy(m).to(device=device, dtype=dtype) for k, m in cpu_models.items()}
             for b in args.batch_list:
                 xb = torch.rand(b, 3, size, size, device=device, dtype=dtype)
+                timed = models
+                if dname in costs:  # exported for this device and batch
+                    e = V.export_channelcut(model, torch.rand(b, 3, size, size), masks[args.amount], "unconstrained", **costs[dname])
+                    timed = dict(models, device_costs=e.model.to(device=device, dtype=dtype))
+                    res.setdefault("device_costs", {})[f"{dname}/{b}"] = {
+                        "copied_channels": e.info.get("copied_channels"), "copy_ops": e.info.get("copy_ops"),
+                        "view_ops": e.info.get("view_ops"), "superset_reads": e.info.get("superset_reads")}
                 try:
-                    lat = time_round_robin(models, xb, args.repeats, args.warmup)
+                    lat = time_round_robin(timed, xb, args.repeats, args.warmup)
                 except Exception as exc:  # e.g. a dtype an op does not support on this device
                     res["latency"][f"{dname}/{b}"] = {"error": f"{type(exc).__name__}: {str(exc)[:160]}"}
                     continue
@@ -192,8 +209,9 @@ def report(results: Dict[str, Any], args: argparse.Namespace) -> str:
     for key in keys:
         dname, b = key.split("/")
         L.append(f"## {dname}, batch {b}\n")
-        L.append("| model | " + " | ".join(V.LABELS[v] for v in V.VARIANTS) + " | unc / ideal | unc / apple-upscale | unc / dense |")
-        L.append("|---|" + "---:|" * (len(V.VARIANTS) + 3))
+        L.append("| model | " + " | ".join(V.LABELS[v] for v in V.VARIANTS)
+                 + " | unc / ideal | unc (device costs) / ideal | unc / apple-upscale | unc / dense |")
+        L.append("|---|" + "---:|" * (len(V.VARIANTS) + 4))
         for name, r in results["models"].items():
             lat = r["latency"].get(key)
             if lat is None:
@@ -203,7 +221,9 @@ def report(results: Dict[str, Any], args: argparse.Namespace) -> str:
                 continue
             g = lambda v: lat[v]["median_ms"] if v in lat else None  # noqa: E731
             cells = [f"{g(v):.3f}" if g(v) is not None else "-" for v in V.VARIANTS]
-            rat = [(g("unconstrained") / g(d) if g(d) else None) for d in ("ideal", "upscale", "dense")]
+            rat = [(g("unconstrained") / g(d) if g(d) else None) for d in ("ideal",)]
+            rat.append(g("device_costs") / g("ideal") if g("device_costs") and g("ideal") else None)
+            rat += [(g("unconstrained") / g(d) if g(d) else None) for d in ("upscale", "dense")]
             L.append(f"| {name} | " + " | ".join(cells) + " | " + " | ".join(f"{v:.3f}" if v else "-" for v in rat) + " |")
         L.append("")
     L.append("## Copies per inference\n")

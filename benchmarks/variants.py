@@ -50,10 +50,11 @@ from channelcut.stats import count_macs
 
 Pair = Tuple[str, int]
 
-VARIANTS = ["dense", "unconstrained", "gather", "baseline", "upscale", "constrained", "torch_pruning", "ideal"]
+VARIANTS = ["dense", "unconstrained", "device_costs", "gather", "baseline", "upscale", "constrained", "torch_pruning", "ideal"]
 LABELS = {
     "dense": "dense",
     "unconstrained": "channelcut unconstrained",
+    "device_costs": "channelcut unconstrained, the device's costs (calibrate_costs, exported at this batch)",
     "gather": "channelcut unconstrained, no cost model (always gather)",
     "baseline": "channelcut baseline (no reorder)",
     "upscale": "apple-upscale (same masks)",
@@ -120,16 +121,18 @@ class Export:
 
 
 def export_channelcut(
-    model: nn.Module, x: torch.Tensor, pairs: List[Pair], mode: str, copy_cost: Optional[float] = None
+    model: nn.Module, x: torch.Tensor, pairs: List[Pair], mode: str, copy_cost: Optional[float] = None,
+    op_cost: Optional[float] = None,
 ) -> Export:
     """channelcut's export of ``pairs`` on a copy of ``model``; ``mode`` is
-    ``unconstrained``, ``baseline`` or ``constrained``; ``copy_cost`` as in
-    ``compute`` (None: its default cost model, 0: always gather)."""
+    ``unconstrained``, ``baseline`` or ``constrained``; ``copy_cost`` and
+    ``op_cost`` as in ``compute`` (None: its default cost model, copy_cost 0:
+    always gather)."""
     net = copy.deepcopy(model)
     t0 = time.perf_counter()
     m = PruningManager(net).compute(
         [x], pruned_inputs=pairs, constrained=mode == "constrained", baseline=mode == "baseline",
-        copy_cost=copy_cost,
+        copy_cost=copy_cost, op_cost=op_cost,
     )
     t1 = time.perf_counter()
     m.prune(verify=False)

@@ -1,12 +1,15 @@
-"""Measure what a memory copy costs against arithmetic on this machine.
+"""Measure what memory copies and ops cost against arithmetic on a device.
 
-The export's cost model (``compute(..., copy_cost=...)``) compares, for a
-consumer whose kept channels are scattered, gathering them (a copy of every
-kept value) with reading a contiguous superset as a view and multiplying the
-extra channels by zero weight columns (more multiply-accumulates, no copy).
-:func:`calibrate_copy_cost` measures the exchange rate: the time to gather one
-value divided by the time of one multiply-accumulate in a 1x1 convolution of
-the same input, median of repeats.
+The export's cost model (``compute(..., copy_cost=..., op_cost=...)``)
+compares, for a consumer that drops some input channels, gathering the kept
+ones (a copy of every kept value, and one op), reading a contiguous superset
+as a view (one op) and multiplying the extra channels by zero weight columns,
+and reading the whole input (no op, the most zero columns).
+:func:`calibrate_copy_cost` measures the exchange rate of a copied value: the
+time to gather one value divided by the time of one multiply-accumulate in a
+1x1 convolution of the same input, median of repeats;
+:func:`calibrate_op_cost` the fixed cost of one op (a launch and a call) in
+multiply-accumulates; :func:`calibrate_costs` both.
 
 >>> cost = calibrate_copy_cost(channels=32, size=16, repeats=3)
 >>> cost > 0
@@ -22,7 +25,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-__all__ = ["calibrate_copy_cost"]
+__all__ = ["calibrate_copy_cost", "calibrate_op_cost", "calibrate_costs"]
 
 
 def _median_time(fn, repeats: int) -> float:
@@ -67,3 +70,43 @@ def calibrate_copy_cost(
     t_copy = _median_time(gather, repeats) / (batch * idx.numel() * size * size)
     t_mac = _median_time(conv, repeats) / (batch * out_channels * channels * size * size)
     return t_copy / t_mac
+
+
+@torch.no_grad()
+def calibrate_op_cost(
+    repeats: int = 20,
+    device: Optional[torch.device] = None,
+    dtype: torch.dtype = torch.float32,
+    calls: int = 50,
+) -> float:
+    """Fixed cost of one view or gather op, in multiply-accumulates: the time
+    of a gather on a tiny activation (a kernel launch and a Python call,
+    ``calls`` back to back) over the time of one MAC in a large 1x1
+    convolution. On a GPU at batch 1 this fixed cost is what subset reads
+    cost; pass it as ``PruningManager.compute(..., op_cost=...)``."""
+    tiny = torch.randn(1, 64, 4, 4, device=device, dtype=dtype)
+    idx = torch.arange(0, 64, 2, device=tiny.device)
+    x = torch.randn(8, 256, 56, 56, device=device, dtype=dtype)
+    w = torch.randn(256, 256, 1, 1, device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+
+    def ops() -> None:
+        for _ in range(calls):
+            tiny.index_select(1, idx)
+        sync()
+
+    def conv() -> None:
+        F.conv2d(x, w)
+        sync()
+
+    t_op = _median_time(ops, repeats) / calls
+    t_mac = _median_time(conv, repeats) / (8 * 256 * 256 * 56 * 56)
+    return t_op / t_mac
+
+
+def calibrate_costs(device: Optional[torch.device] = None, dtype: torch.dtype = torch.float32, repeats: int = 20) -> dict:
+    """``{"copy_cost": ..., "op_cost": ...}`` measured on ``device``: the
+    keyword arguments of ``PruningManager.compute`` for a model that runs
+    there."""
+    return {"copy_cost": calibrate_copy_cost(device=device, dtype=dtype, repeats=repeats),
+            "op_cost": calibrate_op_cost(device=device, dtype=dtype, repeats=repeats)}

@@ -211,6 +211,7 @@ class Consumer:
     activation_dim: int = 1  # dim of the input activation that holds channels
     physical: bool = True
     kind: str = "conv"
+    positions: int = 1  # output positions per call on the example input (batch x spatial, or tokens)
 
 
 @dataclass

@@ -29,7 +29,7 @@ from .mock import make_mock
 from .prepare import add_prefix_aliases, refuse_reparametrized, reparametrized_weights, unwrap_model
 from .pruner import Rollback, prune_model
 from .request import export_mode, normalize_request
-from .resolve import DEFAULT_COPY_COST, resolve
+from .resolve import DEFAULT_COPY_COST, DEFAULT_OP_COST, resolve
 from .graph import TracedGraph
 from .model_run import flatten_tensors
 from .spec import PruningSpec
@@ -102,6 +102,7 @@ class PruningManager:
         baseline: bool = False,
         copy_cost: Optional[float] = None,
         shapes_only: bool = True,
+        op_cost: Optional[float] = None,
     ) -> "PruningManager":
         """Trace the model and compute the pruning spec.
 
@@ -125,6 +126,13 @@ class PruningManager:
                 reads the smallest contiguous range as a view, with zero
                 weight columns for the channels it drops, when the extra MACs
                 cost less than the copy. 0 always gathers.
+            op_cost: the fixed cost of one view or gather (a kernel launch and
+                a module call), in multiply-accumulates, spread over the
+                example input's positions (default 0: not counted). Where it
+                costs more than the zero columns would, a consumer reads its
+                whole input (no op at all): what a GPU at batch 1 wants.
+                :func:`channelcut.pruning.costs.calibrate_costs` measures both
+                costs on a device; export with the batch you deploy.
             shapes_only: see :meth:`trace`.
 
         With neither ``pruned_inputs`` nor ``pruned_outputs``, the channels
@@ -152,6 +160,7 @@ class PruningManager:
             mode=mode,
             reorder=reorder and not baseline,
             copy_cost=DEFAULT_COPY_COST if copy_cost is None else float(copy_cost),
+            op_cost=DEFAULT_OP_COST if op_cost is None else float(op_cost),
         )
         if zeros is not None:  # the model's own zeros: the model itself is the reference
             spec.reference = "model"

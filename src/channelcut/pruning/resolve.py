@@ -29,6 +29,8 @@ from .graph import TracedGraph
 MODES = ("unconstrained", "constrained", "baseline")
 # what copying one value costs, in multiply-accumulates (see _cheaper_superset)
 DEFAULT_COPY_COST = 4.0
+# the fixed cost of one view or gather op, in multiply-accumulates (0: not counted)
+DEFAULT_OP_COST = 0.0
 
 
 def _lookup(name: str, by_param: Dict[str, List[str]], ops: Mapping[str, object],
@@ -114,6 +116,7 @@ class Resolution:
     absent: Set[int] = field(default_factory=set)  # groups the pruned model does not have
     kept_by_any: Set[int] = field(default_factory=set)  # groups some consumer keeps
     depthwise: List[Tuple[str, List[int]]] = field(default_factory=list)  # (weight, groups it passes)
+    op_cost: float = 0.0  # the fixed cost of one view or gather, in MACs (see _cheaper_superset)
 
     @property
     def find(self):
@@ -127,16 +130,20 @@ def resolve(
     mode: str = "unconstrained",
     reorder: bool = True,
     copy_cost: float = DEFAULT_COPY_COST,
+    op_cost: float = DEFAULT_OP_COST,
 ) -> PruningSpec:
     """Compute the :class:`PruningSpec` for the given pruned channels.
 
     ``copy_cost``: the cost of copying one value, in multiply-accumulates;
     a consumer whose kept channels are not contiguous reads a contiguous
     superset with zero weight columns instead of gathering when that costs
-    less (0 turns this off: always gather)."""
+    less (0 turns this off: always gather). ``op_cost``: the fixed cost of
+    one view or gather op (a launch and a module call), in MACs; with it a
+    consumer may read its whole input with zero columns, no op at all."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     r = _start(graph, mode)
+    r.op_cost = float(op_cost)
     _read_inputs(r, pruned_inputs)  # 1. the request, per consumer
     _read_outputs(r, pruned_outputs)
     _choose_subset_readers(r)
@@ -505,7 +512,8 @@ def _consumer_read(r: Resolution, spec: PruningSpec, slices: _Slices, op: str, o
     if c.groups == 1:
         superset = None
         if physical and len(kept) != len(order) and r.mode == "unconstrained" and copy_cost > 0:
-            superset = _cheaper_superset(order, d, r.graph.param_shapes[c.param], c.weight_dim, copy_cost)
+            superset = _cheaper_superset(order, d, r.graph.param_shapes[c.param], c.weight_dim, copy_cost,
+                                         r.op_cost, c.positions)
         if superset is not None:
             # read the smallest contiguous range as a view; the extra
             # channels meet zero weight columns (more MACs, no copy)
@@ -571,29 +579,40 @@ def _additions(
 
 
 def _cheaper_superset(
-    order: List[int], dropped: Set[int], wshape: Tuple[int, ...], weight_dim: int, copy_cost: float
+    order: List[int], dropped: Set[int], wshape: Tuple[int, ...], weight_dim: int, copy_cost: float,
+    op_cost: float = 0.0, positions: int = 1,
 ) -> Optional[Tuple[int, int]]:
-    """For a consumer whose kept channels are not one range: the range
-    ``(lo, hi)`` of its input to read as a view instead of gathering, when
-    that is estimated cheaper, else None.
+    """For a consumer that drops some input channels: the range ``(lo, hi)``
+    of its input to read as a view (or, ``(0, n)``, the whole input: no op
+    at all) with zero weight columns for the dropped channels inside it, when
+    that is estimated cheaper than the plain read (a view of a contiguous
+    kept range, else a gather); else None.
 
-    Cost per input position: a gather copies the kept values, each
-    costing ``copy_cost`` multiply-accumulates (bytes moved vs FLOPs; see
-    :func:`channelcut.pruning.costs.calibrate_copy_cost`); reading the range
-    instead adds ``extra * macs_per_channel`` MACs for its ``extra`` dropped
-    channels (``macs_per_channel``: the weight's other dims, e.g. out
-    channels x kernel area).
+    Costs per output position, in multiply-accumulates: a gather copies the
+    kept values, each costing ``copy_cost`` (bytes moved vs FLOPs; see
+    :func:`channelcut.pruning.costs.calibrate_copy_cost`); reading a range
+    adds ``extra * macs_per_channel`` MACs for its ``extra`` dropped channels
+    (``macs_per_channel``: the weight's other dims, e.g. out channels x
+    kernel area); every view or gather is also one op of fixed cost
+    ``op_cost`` (a kernel launch and a module call, what dominates a GPU at
+    batch 1), spread over the call's ``positions``. With ``op_cost`` 0 a
+    contiguous kept range is always a view.
     """
     idx = [i for i, p in enumerate(order) if p not in dropped]
     lo, hi = idx[0], idx[-1] + 1
-    if hi - lo == len(idx):
-        return None  # already one range: a view anyway
     macs_per_channel = 1
     for k, n in enumerate(wshape):
         if k != weight_dim:
             macs_per_channel *= n
-    extra = (hi - lo) - len(idx)
-    if extra * macs_per_channel <= copy_cost * len(idx):
+    per_op = op_cost / max(positions, 1)
+    whole = (len(order) - len(idx)) * macs_per_channel  # read everything: no op
+    if hi - lo == len(idx):  # one range already: a view, unless no op at all costs less
+        return (0, len(order)) if op_cost > 0 and whole < per_op else None
+    gather = copy_cost * len(idx) + per_op
+    ranged = ((hi - lo) - len(idx)) * macs_per_channel + (per_op if hi - lo != len(order) else 0)
+    if op_cost > 0 and whole < min(gather, ranged):
+        return 0, len(order)
+    if ranged <= gather:
         return lo, hi
     return None
 

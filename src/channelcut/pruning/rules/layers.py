@@ -116,7 +116,8 @@ def _conv(rec: Recorder, call: OpCall, transposed: bool, groups: Any) -> None:
     if groups == 1:
         atoms = rec.new_atom_ids(op, cout)
         atoms_l = atoms.tolist()
-        rec.graph.add_consumer(Consumer(op, wname, module, in_ids.tolist(), 0 if transposed else 1, 1, 1, physical, name))
+        rec.graph.add_consumer(Consumer(op, wname, module, in_ids.tolist(), 0 if transposed else 1, 1, 1, physical, name,
+                                        out.numel() // max(cout, 1)))
         rec.graph.add_producer(Producer(op, wname, atoms_l, name, 1 if transposed else 0, bname))
         rec.record_param_use(wname, 1 if transposed else 0, list(range(cout)), atoms_l)
     elif not transposed and w.shape[1] == 1:  # depthwise: channels pass through
@@ -233,7 +234,8 @@ def _linear_like(rec: Recorder, name: str, x, w, bias, out, weight_in_dim: int) 
     physical = rec.module == module and name == "linear"  # matmul/addmm: read outside a Linear: zero columns
     atoms = rec.new_atom_ids(op, cout)
     atoms_l = atoms.tolist()
-    rec.graph.add_consumer(Consumer(op, wname, module, in_ids.tolist(), weight_in_dim, 1, -1, physical, name))
+    rec.graph.add_consumer(Consumer(op, wname, module, in_ids.tolist(), weight_in_dim, 1, -1, physical, name,
+                                    out.numel() // max(cout, 1)))
     rec.graph.add_producer(Producer(op, wname, atoms_l, name, 1 - weight_in_dim, bname))
     rec.record_param_use(wname, 1 - weight_in_dim, list(range(cout)), atoms_l)
     if bname is not None:
