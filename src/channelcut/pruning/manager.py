@@ -26,7 +26,7 @@ from torch import nn
 
 from ..errors import ExportError, StateError, TracingError
 from .mock import make_mock
-from .prepare import add_prefix_aliases, refuse_reparametrized, reparametrized_weights, unwrap_model
+from .prepare import add_prefix_aliases, refuse_offloaded, refuse_reparametrized, reparametrized_weights, unwrap_model
 from .pruner import Rollback, prune_model
 from .request import export_mode, normalize_request
 from .resolve import DEFAULT_COPY_COST, DEFAULT_OP_COST, resolve
@@ -239,6 +239,7 @@ class PruningManager:
         spec = self._need_spec()
         if self._pruned:
             raise StateError("prune() was already called; the model is pruned")
+        refuse_offloaded(self.net, [*spec.slices, *(z.param for z in spec.zeros), *(f.bias for f in spec.folds)])
         reference = None
         if verify:
             reference = reference_outputs(self.net, self._inputs, spec, self._need_graph())

@@ -16,11 +16,11 @@
 
 from __future__ import annotations
 
-from typing import Dict, List, Tuple
+from typing import Dict, Iterable, List, Tuple
 
 from torch import nn
 
-from ..errors import NotPrunableError, TracingError
+from ..errors import ExportError, NotPrunableError, TracingError
 from .graph import TracedGraph
 
 
@@ -104,3 +104,25 @@ def refuse_reparametrized(found: Dict[str, str], names: List[str]) -> None:
 
 def _listed(names: List[str]) -> str:
     return ", ".join(names[:5]) + (f", ... ({len(names)} in all)" if len(names) > 5 else "")
+
+
+def refuse_offloaded(net: nn.Module, names: Iterable[str]) -> None:
+    """``prune()`` slices tensors in place; a layer that accelerate offloads
+    (``dispatch_model`` / ``device_map`` with ``"cpu"`` or ``"disk"`` entries
+    on a model whose main device is another) keeps its weights in a weights
+    map and loads them into a fresh tensor before each forward, so slicing
+    the module's tensor would not prune what runs. Refused before anything
+    changes, with the paths that work."""
+    hit = []
+    for mname, m in net.named_modules():
+        hook = getattr(m, "_hf_hook", None)
+        if hook is not None and (getattr(hook, "offload", False) or getattr(hook, "weights_map", None) is not None):
+            prefix = f"{mname}." if mname else ""
+            if any(n.startswith(prefix) for n in names):
+                hit.append(mname or "<model>")
+    if hit:
+        raise ExportError(
+            f"layers {_listed(hit)} are offloaded by accelerate: their weights live in its weights map (CPU or disk) "
+            "and are loaded for each forward, so prune() can not slice them in place. The plan from compute() is "
+            "fine: write the pruned checkpoint with channelcut.hf.prune_pretrained(src_dir, dst_dir, ...) (it reads "
+            "and slices one tensor at a time from disk), or load the model without offloading and prune it")

@@ -333,15 +333,27 @@ class Recorder:
         index tensor shaped like ``x`` holding flat indices into it); else None."""
         if not isinstance(x, torch.Tensor):
             return None
-        name = self.param_names.get(id(x))
+        name = self.param_name(x)
         if name is not None:
             return [(name, torch.arange(x.numel()).reshape(x.shape))]
         return self.param_provenance.get(x)
 
     def param_name(self, x: Any) -> Optional[str]:
-        if isinstance(x, torch.Tensor):
-            return self.param_names.get(id(x))
-        return None
+        """The name of parameter (or buffer) ``x``: the one it had when
+        tracing began, or, for a tensor a hook put in its module's place
+        since (accelerate loads offloaded weights into a fresh Parameter
+        before each forward), its name in the module running now."""
+        if not isinstance(x, torch.Tensor):
+            return None
+        name = self.param_names.get(id(x))
+        if name is None and self.traces.get(x) is None:
+            m = self.modules.running()
+            if m is not None:
+                for pname, p in m._parameters.items():
+                    if p is x:
+                        full = f"{self.modules.current}.{pname}" if self.modules.current else pname
+                        return full if full in self.graph.param_shapes else None
+        return name
 
     def ids_along(self, x: torch.Tensor, dim: int) -> torch.Tensor:
         """One atom per index of ``dim`` of ``x`` (coupling other dims away)."""
