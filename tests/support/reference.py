@@ -15,6 +15,7 @@ consumer weight columns set to zero *by hand* (DESIGN.md, invariant 7):
   (exactly that, in unconstrained export); constrained export may also
   remove the consumer inputs of the group of a requested input, the whole
   group or nothing beyond the request, and nothing else;
+- no consumer ends with every input column removed (resolve's own rule);
 - a column is zeroed in the module's own weight layout (:func:`zero_columns_`),
   not with channelcut's masking code; only a weight used functionally (not a
   conv or linear module's ``weight``) falls back to the traced graph's
