@@ -422,7 +422,7 @@ def run_mode(case: Case, size: int, inputs: Any, pruned: List[Tuple[str, int]], 
         res["copied_channels"] = spec.copied_channels
         res["copy_ops"] = spec.copy_ops
         stage = "removal check"
-        removed, removal_problems = check_removal(spec, m.channel_groups(), pruned)
+        removed, removal_problems = check_removal(spec, m.channel_groups(), pruned, widths=m.consumers())
         res["removed_beyond_request"] = sum(len(a.channels) for a in spec.additions)
         if removal_problems:
             res["removal_problems"] = removal_problems[:3]

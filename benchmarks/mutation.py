@@ -2,7 +2,8 @@
 
 Each mutant below is one hand-written, plausible bug in the export engine
 (resolve, reorder, the mock, the pruner and its Subselect layers, the op
-rules, attention): a snippet of source text and what it becomes. The
+rules, attention, the model's own zeros and constant folds, verification):
+a snippet of source text and what it becomes. The
 snippet is looked up in *every* ``src/channelcut/**.py`` file (no file paths
 are written down, so the mutants survive files being moved or renamed) and
 must occur exactly once; a missing or ambiguous snippet is an error that
@@ -79,8 +80,8 @@ MUTANTS: List[Mutant] = [
     Mutant(
         "resolve-extra-masked-channel", "resolve",
         "each requested input channel also drops its neighbour (one extra masked channel)",
-        "        for op in ops:\n            dropped[op].add(ch)\n",
-        "        for op in ops:\n            dropped[op].update({ch, (ch + 1) % n})\n",
+        "        for op in ops:\n            r.dropped[op].add(ch)\n",
+        "        for op in ops:\n            r.dropped[op].update({ch, (ch + 1) % n})\n",
         gap="needs a reference built from the request itself (the original model with exactly the "
             "requested columns zeroed) or a check that the spec masks nothing beyond the request "
             "and its reported additions; the mock and the pruned model share the wrong plan",
@@ -88,14 +89,14 @@ MUTANTS: List[Mutant] = [
     Mutant(
         "resolve-presence-any-drop", "resolve",
         "unconstrained export removes a channel group when any consumer drops it (the constrained rule)",
-        "absent = (dropped_by_any - kept_by_any) | removed_req",
-        "absent = dropped_by_any | removed_req",
+        "absent = (dropped_by_any - r.kept_by_any) | r.removed_req",
+        "absent = dropped_by_any | r.removed_req",
     ),
     Mutant(
         "resolve-constrained-keeps-dropped", "resolve",
         "constrained export keeps a channel group that another consumer still reads (a dropped channel is not removed)",
-        "absent = {g for g in absent if g not in pinned}",
-        "absent = {g for g in absent if g not in pinned and g not in kept_by_any}",
+        "r.absent = {g for g in absent if g not in r.pinned}",
+        "r.absent = {g for g in absent if g not in r.pinned and g not in r.kept_by_any}",
         gap="needs an expectation on what constrained export removes: every channel group some "
             "consumer drops is gone from the producers (the model stays correct, only bigger)",
     ),
@@ -207,8 +208,8 @@ MUTANTS: List[Mutant] = [
     Mutant(
         "pruner-zero-columns-skipped", "pruner",
         "zero weight columns of the spec are not zeroed in the pruned model",
-        "        zero_input_channels(t, entry)\n        out[entry.param] = t\n",
-        "        out[entry.param] = t\n",
+        "shrink(held, spec.slices.get(name, {}), deltas.get(name), zeros.get(name, []), rb, index)",
+        "shrink(held, spec.slices.get(name, {}), deltas.get(name), [], rb, index)",
     ),
     Mutant(
         "pruner-bn-num-features", "pruner",
@@ -225,22 +226,75 @@ MUTANTS: List[Mutant] = [
         "new_in = new_out",
     ),
     Mutant(
-        "modules-narrow-dim1", "modules",
+        "modules-narrow-dim1", "subselect",
         "a contiguous subset read narrows dim 1 whatever the layer's channel dim (wrong slice dim)",
         "return x.narrow(self.subselect_dim, self.subselect_start, self.subselect_length)",
         "return x.narrow(1, self.subselect_start, self.subselect_length)",
     ),
     Mutant(
-        "modules-gather-as-narrow", "modules",
+        "modules-gather-as-narrow", "subselect",
         "a gathered subset is read as the range from its first index (dropped gather: narrow for index_select)",
         "return x.index_select(self.subselect_dim, self.subselect_index)",
         "return x.narrow(self.subselect_dim, self.subselect_indices[0], len(self.subselect_indices))",
     ),
     Mutant(
-        "modules-start-off-by-one", "modules",
+        "modules-start-off-by-one", "subselect",
         "a Subselect layer's range starts one channel late",
         '"subselect_start": idx[0],',
         '"subselect_start": idx[0] + 1,',
+    ),
+    Mutant(
+        "pruner-undo-gone-positions", "pruner",
+        "undo rebuilds a sliced tensor with the removed values at the wrong positions (the removed indices reversed)",
+        "full.index_copy_(dim, gone, values)",
+        "full.index_copy_(dim, gone.flip(0), values)",
+        gap="needs an undo test that removes two or more channels of one tensor and compares every value "
+            "bit for bit with the model before",
+    ),
+    # -- zeros: channels the model zeroed itself, and the constants they leave ----------
+    Mutant(
+        "zeros-fold-sign", "zeros",
+        "a constant input channel is folded into the reader's bias with the wrong sign",
+        "k = torch.tensor(values, dtype=torch.float64)",
+        "k = -torch.tensor(values, dtype=torch.float64)",
+        gap="needs an export of a model's own zeros whose reader folds a non-zero constant, checked against "
+            "the user's model as it is (the mock adds the same wrong delta)",
+    ),
+    Mutant(
+        "zeros-fold-wrong-channel", "zeros",
+        "a folded constant is multiplied by the weight column of the next input channel (the wrong channel)",
+        "idx = torch.tensor(chans, dtype=torch.long)",
+        "idx = (torch.tensor(chans, dtype=torch.long) + 1) % w.shape[1]",
+    ),
+    Mutant(
+        "zeros-zero-as-constant", "zeros",
+        "a channel that is exactly zero at its reader is taken for a constant (folded as 0.0 into the bias, "
+        "or kept where no bias can absorb it) instead of being dropped",
+        "        elif all(lo == 0.0 and hi == 0.0 for lo, hi in values):\n            zero.append(p)\n",
+        "",
+        gap="needs an expectation that a channel which stays zero is removed without a fold",
+    ),
+    Mutant(
+        "zeros-constant-as-zero", "zeros",
+        "a channel that is one non-zero constant at its reader is taken for zero: dropped without a fold",
+        "elif all(lo == 0.0 and hi == 0.0 for lo, hi in values):",
+        "elif all(lo == hi for lo, hi in values):",
+    ),
+    # -- verify: the check against a reference that does not come from the plan --------
+    Mutant(
+        "verify-additions-not-zeroed", "verify",
+        "the verification reference zeroes only the request, not the channels the spec reports adding "
+        "(constrained coupling, pruned_outputs groups)",
+        "    for a in spec.additions:\n        out.setdefault(a.param, set()).update(a.channels)\n",
+        "",
+    ),
+    Mutant(
+        "verify-tolerance-dtype", "verify",
+        "the reduced-precision tolerance uses bfloat16's epsilon whatever the output's dtype "
+        "(float16 outputs get an 8x looser bound)",
+        "tol = 3 * budget + 4 * torch.finfo(x.dtype).eps * scale",
+        "tol = 3 * budget + 4 * torch.finfo(torch.bfloat16).eps * scale",
+        gap="needs a float16 check that an error of a few tens of float16 epsilons fails verification",
     ),
     # -- op rules ----------------------------------------------------------------------
     Mutant(
@@ -252,8 +306,8 @@ MUTANTS: List[Mutant] = [
     Mutant(
         "rules-sdpa-swapped-heads", "rules",
         "scaled_dot_product_attention couples value head h with query/key head H-1-h (swapped heads)",
-        "merged = tr.union_pairs(tr.union_pairs(heads[0].ids, heads[1].ids), heads[2].ids)",
-        "merged = tr.union_pairs(tr.union_pairs(heads[0].ids, heads[1].ids), heads[2].ids.flip(0))",
+        "merged = rec.union_pairs(rec.union_pairs(heads[0].ids, heads[1].ids), heads[2].ids)",
+        "merged = rec.union_pairs(rec.union_pairs(heads[0].ids, heads[1].ids), heads[2].ids.flip(0))",
     ),
     Mutant(
         "rules-gqa-head-map", "rules",
@@ -264,20 +318,20 @@ MUTANTS: List[Mutant] = [
     Mutant(
         "rules-reduction-no-couple", "rules",
         "a reduction over the channel dim (sum, mean, max, ...) does not couple the channels it reads",
-        "tr.set(out, Tr.scalar(tr.couple(t.ids), out.dim()))",
-        "tr.set(out, Tr.scalar(int(t.ids[0]), out.dim()))",
+        "rec.set(out, CompactTrace.scalar(rec.couple(t.ids), out.dim()))",
+        "rec.set(out, CompactTrace.scalar(int(t.ids[0]), out.dim()))",
     ),
     Mutant(
         "rules-permute-keeps-dim", "rules",
         "permute/transpose leave the channel dim where it was (the permutation maps the wrong dim)",
-        "tr.set(y, Tr(res.contiguous(), vd[0] if vd else None))",
-        "tr.set(y, Tr(res.contiguous(), t.vdim))",
+        "rec.set(y, CompactTrace(res.contiguous(), vd[0] if vd else None))",
+        "rec.set(y, CompactTrace(res.contiguous(), t.vdim))",
     ),
     Mutant(
         "rules-flatten-order", "rules",
         "flatten/reshape lays channels out position-major instead of channel-major",
-        ".expand(shape_in).reshape([s_out[d] for d in gj])",
-        ".expand(shape_in).transpose(0, -1).reshape([s_out[d] for d in gj])",
+        ".expand(shape_in).reshape(shape_out)",
+        ".expand(shape_in).transpose(0, -1).reshape(shape_out)",
     ),
     Mutant(
         "rules-chunk-interleaved", "rules",
@@ -300,20 +354,20 @@ MUTANTS: List[Mutant] = [
     Mutant(
         "rules-add-no-union", "rules",
         "an elementwise op (residual add) does not union the channels of its operands",
-        "        if t.vdim is not None:\n            merged = t.ids if merged is None else tr.union_pairs(merged, t.ids)\n",
+        "        if t.vdim is not None:\n            merged = t.ids if merged is None else rec.union_pairs(merged, t.ids)\n",
         "        if t.vdim is not None:\n            merged = t.ids if merged is None else merged\n",
     ),
     Mutant(
         "rules-full-size-not-unioned", "rules",
         "a full-size operand with one coupled group (a norm's output) is treated as a broadcast, not unioned",
-        "merged = tr.union_pairs(merged, t.ids[:1].expand(merged.numel()))  # full size: aligned",
+        "merged = rec.union_pairs(merged, t.ids[:1].expand(merged.numel()))  # full size: aligned",
         "scalars.append(int(t.ids[0]))  # full size: treated as a broadcast",
     ),
     Mutant(
         "rules-norm-reversed", "rules",
         "per-channel norm parameters (BatchNorm, InstanceNorm) are aligned with the channels in reverse",
-        "tr.record_param_use(name, 0, list(range(p.numel())), ids_l)",
-        "tr.record_param_use(name, 0, list(range(p.numel()))[::-1], ids_l)",
+        "rec.record_param_use(name, 0, list(range(p.numel())), ids_l)",
+        "rec.record_param_use(name, 0, list(range(p.numel()))[::-1], ids_l)",
     ),
     # -- attention --------------------------------------------------------------------
     Mutant(
@@ -324,11 +378,23 @@ MUTANTS: List[Mutant] = [
     ),
     Mutant(
         "attention-num-heads", "attention",
-        "a pruned nn.MultiheadAttention keeps its old num_heads attribute",
-        'set_attr(m, "num_heads", q_rows // head_dim)',
-        'set_attr(m, "num_heads", m.num_heads)',
-        gap="needs an attribute check after pruning nn.MultiheadAttention heads (num_heads equals the "
-            "heads left, invariant 8): the pruned forward derives the head count from the weights, so "
+        "a pruned nn.MultiheadAttention keeps its old num_heads attribute. Closest equivalent of the original "
+        "mutant (fix_multihead_attention alone writing the old value), which changes nothing: the tracer also "
+        "records num_heads as a head count and the pruner rewrites it from spec.attributes, so here the pruner "
+        "skips num_heads of nn.MultiheadAttention on both paths",
+        "                fix_multihead_attention(m, rb.set_attr)\n"
+        "        for mod_name, attrs in spec.attributes.items():\n"
+        "            m = mods.module(mod_name)\n"
+        "            for attr, value in attrs.items():\n"
+        "                rb.set_attr(m, attr, value)\n",
+        "                fix_multihead_attention(m, lambda mod, a, v: None if a == \"num_heads\" else rb.set_attr(mod, a, v))\n"
+        "        for mod_name, attrs in spec.attributes.items():\n"
+        "            m = mods.module(mod_name)\n"
+        "            for attr, value in attrs.items():\n"
+        "                if not (isinstance(m, nn.MultiheadAttention) and attr == \"num_heads\"):\n"
+        "                    rb.set_attr(m, attr, value)\n",
+        gap="needs an attribute check after pruning nn.MultiheadAttention heads (num_heads * head_dim equals the "
+            "projections' width, invariant 8): the pruned forward derives the head count from the weights, so "
             "outputs stay right and only the attribute lies",
     ),
 ]
@@ -344,6 +410,8 @@ ORACLE: List[str] = [
     "tests/pruning/test_attention_and_attributes.py",
     "tests/pruning/test_shape_only_trace.py",
     "tests/pruning/test_errors.py",
+    "tests/pruning/test_constant_channels.py",
+    "tests/pruning/test_verification.py",
     "tests/test_regressions.py",
     "tests/test_bad_input.py",
     "tests/test_op_rules.py",
@@ -615,7 +683,9 @@ def markdown(report: Dict) -> str:
         "Oracle selection (in this order, `-x`): `" + shlex.join(a.replace("{src}", "src") for a in report["oracle"]) + "`. "
         "Left out: `tests/test_cli.py` (a minute of subprocesses; the CLI renders what the library builds), "
         "`tests/test_export.py` (TorchScript/ONNX/compile of pruned models), the masking and importance tests "
-        "(they choose channels, not export them) and the tests marked slow.",
+        "(they choose channels, not export them), `tests/test_report.py` and `tests/test_stats.py` (reports and "
+        "counts built from a spec), `tests/test_support_widths.py` (the widths oracle's own test), "
+        "`tests/test_mutation.py` (this harness) and the tests marked slow.",
         "",
         "| id | file | bug | result | first failing test |",
         "| --- | --- | --- | --- | --- |",

@@ -36,7 +36,17 @@ Properties (each violation is one line in ``Outcome.problems``):
    the groups of the requested outputs (none with only ``pruned_inputs``:
    nothing is pruned that was not asked for); constrained, at least those
    and at most those plus the groups of the requested inputs. The spec's
-   ``requested``, ``removed_inputs()`` and ``masks`` agree with it.
+   ``requested``, ``removed_inputs()`` and ``masks`` agree with it, and no
+   consumer ends with every input column masked (resolve's own rule:
+   constrained growth never empties a layer).
+8. Widths stay consistent (DESIGN.md, invariant 8; ``support.widths``):
+   after every ``prune()`` (the export, and the second one of property 5),
+   every module's width attributes agree with its tensors (conv/linear
+   channels and groups, norms' ``num_features`` / ``num_channels`` /
+   ``normalized_shape``, ``nn.MultiheadAttention``'s ``embed_dim``,
+   ``num_heads``, ``head_dim``, ``kdim``, ``vdim``), and each Subselect
+   layer's selection is well formed and its recorded input width is the
+   width of the input it gets.
 
 Every network has random norms (affine parameters, running statistics),
 layer scales and biases (``randnet``), so a per-channel tensor sliced at the
@@ -60,6 +70,7 @@ from channelcut import ChannelcutError, EmptyLayerError, NotPrunableError, Pruni
 from channelcut.pruning.model_run import rounding_floor
 from randnet import make_net
 from support.reference import check_removal, zeroed_reference
+from support.widths import check_widths
 
 RTOL = 1e-10
 MODES = ("unconstrained", "constrained", "baseline")
@@ -482,6 +493,7 @@ def _run(seed: int, out: Outcome) -> None:
         problems.append(f"pruned model != independent reference: {d}")
     if n_params(net) > params_before:
         problems.append(f"pruned model has more parameters: {params_before} -> {n_params(net)}")
+    problems += [f"after prune, widths: {w}" for w in check_widths(net, xs)]
     if req.kind == "empty":
         d = compare(y_pruned, y_orig, rtol=None)
         if d:
@@ -514,6 +526,7 @@ def _run(seed: int, out: Outcome) -> None:
     d = compare(y2, y_pruned, rtol=None)
     if d:
         problems.append(f"second prune (nothing pruned) changed the outputs: {d}")
+    problems += [f"after the second prune, widths: {w}" for w in check_widths(net, xs)]
 
 
 def _reference_outputs(m: PruningManager, net: nn.Module, xs: List[torch.Tensor], req: Request,
@@ -521,7 +534,8 @@ def _reference_outputs(m: PruningManager, net: nn.Module, xs: List[torch.Tensor]
     """Property 7: check what the spec says it removes against the request
     and the channel groups; return the outputs of the original model with
     the request plus the reported additions zeroed by hand."""
-    removed, why = check_removal(m.spec, m.channel_groups(), req.pruned_inputs, req.pruned_outputs)
+    removed, why = check_removal(m.spec, m.channel_groups(), req.pruned_inputs, req.pruned_outputs,
+                                 widths=m.consumers())
     problems += why
     ref = zeroed_reference(net, removed, m.graph)
     with torch.no_grad():

@@ -39,9 +39,14 @@ mutation = _load()
 
 def test_every_target_occurs_exactly_once():
     found = mutation.check_all(mutation.MUTANTS, ROOT / "src")
-    assert len(found) == len(mutation.MUTANTS) >= 24
-    files = {path.name for path, _ in found.values()}
-    assert {"resolve.py", "reorder.py", "mock.py", "pruner.py", "modules.py", "rules.py", "attention.py"} <= files, files
+    assert len(found) == len(mutation.MUTANTS) >= 40
+    engine = ROOT / "src" / "channelcut" / "pruning"
+    files = {path.relative_to(engine).as_posix() for path, _ in found.values()}
+    assert {"resolve.py", "reorder.py", "mock.py", "pruner.py", "subselect.py", "attention.py", "zeros.py",
+            "verify.py"} <= files, files
+    assert len({f for f in files if f.startswith("rules/")}) >= 5, files  # the op rules, across their families
+    areas = {m.area for m in mutation.MUTANTS}
+    assert {"resolve", "reorder", "mock", "pruner", "subselect", "rules", "attention", "zeros", "verify"} <= areas
     for m in mutation.MUTANTS:
         assert m.bug and m.replacement != m.target, m.id
 

@@ -7,7 +7,10 @@ norms (affine parameters, running statistics), layer scales and biases
 unconstrained and constrained, both the mock model and the independent
 reference: the original model with the request plus the reported additions
 zeroed by hand (``support.reference``; unconstrained adds nothing,
-constrained only channels of the request's channel groups).
+constrained only channels of the request's channel groups, and no layer
+is left reading nothing), and every width attribute of the pruned model must
+agree with its tensors (``support.widths``: attention heads, norms, Subselect
+layers).
 The full sweep (every torchvision model, ~80 timm architectures) is the
 benchmark script; these cover one model per family of ops: residual streams,
 concatenation, grouped / depthwise convs, channel shuffle, squeeze-excite,
@@ -29,6 +32,7 @@ from torch import nn
 from channelcut import PruningManager
 from support.randomize import randomize_norms
 from support.reference import check_removal, zeroed_reference
+from support.widths import check_widths
 
 SEED = 0
 
@@ -139,6 +143,8 @@ def test_zoo_model_exports_exactly(build, size, constrained):
         ref = manager.get_mock_model()(x)
     y_indep = _independent_reference(manager, net, [x], pruned)
     manager.prune(verify=False)
+    widths = check_widths(net, [x])
+    assert not widths, "widths after prune:\n" + "\n".join(widths)
     with torch.no_grad():
         out = net(x)
     err = _max_rel_error(out, ref)
@@ -154,7 +160,7 @@ def _independent_reference(manager: PruningManager, net: nn.Module, inputs: Any,
     """The outputs of the original ``net`` with the request plus the spec's
     reported additions zeroed by hand, after checking those additions against
     the channel groups (``support.reference.check_removal``)."""
-    removed, problems = check_removal(manager.spec, manager.channel_groups(), pruned)
+    removed, problems = check_removal(manager.spec, manager.channel_groups(), pruned, widths=manager.consumers())
     assert not problems, "\n".join(problems)
     ref = zeroed_reference(net, removed, manager.graph)
     with torch.no_grad():
@@ -185,6 +191,8 @@ def test_zoo_transformers_export_exactly(kind, constrained):
         ref = manager.get_mock_model()(**inputs).last_hidden_state
     y_indep = _independent_reference(manager, net, inputs, pruned).last_hidden_state
     manager.prune(verify=False)
+    widths = check_widths(net, inputs)
+    assert not widths, "widths after prune:\n" + "\n".join(widths)
     with torch.no_grad():
         out = net(**inputs).last_hidden_state
     err = _max_rel_error(out, ref)

@@ -5,7 +5,8 @@
   bias 0, running statistics, zero biases, layer-scale 1e-6, ...) gets random
   values, so a mis-sliced or mis-ordered per-channel tensor changes the output.
 - :func:`export` runs compute -> mock -> prune(verify=True) and checks that the
-  pruned model equals the mock on the example inputs and on a second input.
+  pruned model equals the mock on the example inputs and on a second input,
+  and that its width attributes agree with its tensors (``support.widths``).
 - :func:`snapshot` / :func:`assert_unchanged` hold "the model is exactly as
   before" (values, parameter objects, attributes, hooks, structure); they
   live in ``tests/export_props.py``, with ``raises_unchanged``, for all tests.
@@ -26,6 +27,7 @@ from channelcut import PruningManager
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from export_props import assert_unchanged, snapshot  # noqa: E402  (one implementation for all tests)
+from support.widths import check_widths  # noqa: E402
 
 Inputs = Union[List[Any], Dict[str, Any]]
 
@@ -146,38 +148,12 @@ def attr(obj: Any, path: str) -> Any:
 # ---------------------------------------------------------------------------
 
 
-def assert_module_attributes_consistent(net: nn.Module) -> None:
-    """Every shape-describing attribute agrees with the tensors it describes."""
-    for name, m in net.named_modules():
-        where = name or "<model>"
-        if isinstance(m, nn.modules.conv._ConvNd):
-            w = m.weight
-            assert m.in_channels % m.groups == 0 and m.out_channels % m.groups == 0, f"{where}: {m}"
-            if m.transposed:
-                assert (m.in_channels, m.out_channels) == (w.shape[0], w.shape[1] * m.groups), f"{where}: {m} vs weight {tuple(w.shape)}"
-            else:
-                assert (m.out_channels, m.in_channels) == (w.shape[0], w.shape[1] * m.groups), f"{where}: {m} vs weight {tuple(w.shape)}"
-            if m.bias is not None:
-                assert m.bias.shape == (m.out_channels,), f"{where}: bias {tuple(m.bias.shape)} vs out_channels {m.out_channels}"
-        elif isinstance(m, nn.Linear):
-            assert (m.out_features, m.in_features) == tuple(m.weight.shape), f"{where}: {m} vs weight {tuple(m.weight.shape)}"
-            if m.bias is not None:
-                assert m.bias.shape == (m.out_features,), f"{where}: bias {tuple(m.bias.shape)}"
-        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
-            for t in (m.weight, m.bias, m.running_mean, m.running_var):
-                if t is not None:
-                    assert t.shape == (m.num_features,), f"{where}: {m} has a tensor of shape {tuple(t.shape)}"
-        elif isinstance(m, nn.GroupNorm):
-            assert m.num_channels % m.num_groups == 0, f"{where}: {m}"
-            for t in (m.weight, m.bias):
-                if t is not None:
-                    assert t.shape == (m.num_channels,), f"{where}: {m} has a tensor of shape {tuple(t.shape)}"
-        elif isinstance(m, nn.Embedding):
-            assert (m.num_embeddings, m.embedding_dim) == tuple(m.weight.shape), f"{where}: {m} vs weight {tuple(m.weight.shape)}"
-        elif isinstance(m, nn.LayerNorm):
-            for t in (m.weight, m.bias):
-                if t is not None:
-                    assert tuple(t.shape) == tuple(m.normalized_shape), f"{where}: {m} has a tensor of shape {tuple(t.shape)}"
+def assert_module_attributes_consistent(net: nn.Module, inputs: Optional[Inputs] = None) -> None:
+    """Every width attribute agrees with the tensors it describes (DESIGN.md,
+    invariant 8: ``support.widths.check_widths``); with ``inputs``, each
+    Subselect layer also gets an input of the width it recorded."""
+    problems = check_widths(net, inputs)
+    assert not problems, "widths: " + "\n".join(problems)
 
 
 def producer_out_channels(net: nn.Module, param: str) -> int:
@@ -232,7 +208,8 @@ def export(
     Also checks that compute() and get_mock_model() leave the model untouched,
     that the pruned model matches the mock on ``other_inputs`` (a different
     batch size / resolution than the traced one), and that every module's
-    shape attributes agree with its tensors. With ``train_check``, the pruned
+    width attributes agree with its tensors (``support.widths``: conv/linear,
+    norms, ``nn.MultiheadAttention``'s heads, Subselect layers). With ``train_check``, the pruned
     model and the mock also agree in train mode (batch statistics) and the
     pruned model back-propagates into every parameter.
     """
@@ -251,7 +228,7 @@ def export(
     if other_inputs is not None:
         y2 = call(net, other_inputs)
         assert_close(y2, y_mock2, rtol, f"{what}: pruned vs mock on a second input")
-    assert_module_attributes_consistent(net)
+    assert_module_attributes_consistent(net, inputs)
     if train_check:
         net.train(), mock.train()
         assert_close(call(net, inputs), call(mock, inputs), rtol, f"{what}: pruned vs mock in train mode")

@@ -456,6 +456,18 @@ class DepthwiseOnStream(nn.Module):
         return self.pw(F.relu(self.dw(y))) + self.head(y)
 
 
+class DisjointReaders(nn.Module):
+    """One 4-channel stem read by two 1x1 convs (their outputs summed)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.a, self.b = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 5, 1), nn.Conv2d(4, 5, 1)
+
+    def forward(self, x):
+        y = F.relu(self.stem(x))
+        return self.a(y) + self.b(y)
+
+
 def _tokens(shape, seed):
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(0, 10, tuple(shape), generator=g)]
@@ -856,6 +868,17 @@ CASES = [
                                                                           "head.in_channels": 5},
                                     subselections=0)},
     ),
+    # a drops stem channels 0, 1 and b drops 2, 3: every channel is dropped
+    # by someone, so constrained growth would remove all four and empty both
+    # readers; each keeps what it asked for instead (nothing is removed, the
+    # request becomes zero columns). Unconstrained: both read a subset.
+    Case(
+        "disjoint_readers", DisjointReaders, _ins("a.weight", 0, 1) + _ins("b.weight", 2, 3),
+        expect={"U": dict(kept={"stem.weight": (4, 4)}, attrs={"a.in_channels": 2, "b.in_channels": 2},
+                          subselections=2),
+                "constrained": dict(kept={"stem.weight": (4, 4)}, attrs={"a.in_channels": 4, "b.in_channels": 4},
+                                    subselections=0, shrinks=False)},
+    ),
 ]
 
 CASE_IDS = [c.name for c in CASES]
@@ -927,7 +950,8 @@ def _assert_independent_reference(case: Case, original: nn.Module, res, tag: str
     if case.pruned_inputs is None and case.pruned_outputs is None:
         ref = original
     else:
-        removed, problems = check_removal(m.spec, m.channel_groups(), case.pruned_inputs or [], case.pruned_outputs or [])
+        removed, problems = check_removal(m.spec, m.channel_groups(), case.pruned_inputs or [], case.pruned_outputs or [],
+                                          widths=m.consumers())
         assert not problems, f"{tag}: " + "\n".join(problems) + f"\n{m.spec.summary()}"
         ref = zeroed_reference(original, removed, m.graph)
     assert_close(res.y_pruned, call(ref, case.inputs(seed=1)), 1e-10, f"{tag}: pruned vs independent reference")
@@ -1087,7 +1111,7 @@ def _zoo_check(net, x, m, consumers, pruned_inputs, constrained, tag) -> None:
     y_orig = call(net, x)
     y_mock = call(mock, x)
     del mock
-    removed, problems = check_removal(m.spec, m.channel_groups(), pruned_inputs)
+    removed, problems = check_removal(m.spec, m.channel_groups(), pruned_inputs, widths=m.consumers())
     assert not problems, f"{tag}: " + "\n".join(problems)
     y_ref = call(zeroed_reference(net, removed, m.graph), x)
     p0 = n_params(net)
@@ -1098,7 +1122,7 @@ def _zoo_check(net, x, m, consumers, pruned_inputs, constrained, tag) -> None:
     assert float(y_mock.abs().max()) > 0, f"{tag}: the mock's output is all zero; the comparison would be vacuous"
     assert max_rel_difference(y_mock, y_orig) > 1e-6, f"{tag}: the mock ignores the pruned channels"
     assert n_params(net) < p0, tag
-    assert_module_attributes_consistent(net)
+    assert_module_attributes_consistent(net, x)
     if constrained:
         assert m.spec.copied_channels == 0 and not m.spec.subselections, tag
     _assert_request_honoured(m.spec, pruned_inputs, [])

@@ -3,6 +3,9 @@
 - :mod:`support.reference`: the independent reference (the original model
   with exactly the removed consumer weight columns zeroed by hand) and the
   removal set a request implies, from the trace-level channel groups;
+- :mod:`support.widths`: every width attribute of a (pruned) model agrees
+  with its tensors (DESIGN.md, invariant 8): conv/linear channels and groups,
+  norms, embeddings, ``nn.MultiheadAttention``'s heads, Subselect layers;
 - :mod:`support.randomize`: deterministic random values for every norm's
   affine parameters and running statistics, layer scales and biases, so that
   a channel sliced in the wrong place or order changes the output.

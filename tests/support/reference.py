@@ -15,6 +15,7 @@ consumer weight columns set to zero *by hand* (DESIGN.md, invariant 7):
   (exactly that, in unconstrained export); constrained export may also
   remove the consumer inputs of the group of a requested input, the whole
   group or nothing beyond the request, and nothing else;
+- no consumer ends with every input column removed (resolve's own rule);
 - a column is zeroed in the module's own weight layout (:func:`zero_columns_`),
   not with channelcut's masking code; only a weight used functionally (not a
   conv or linear module's ``weight``) falls back to the traced graph's
@@ -188,7 +189,8 @@ def _partial_groups(groups: List[Any], removed: Mapping[str, Set[int]], request:
 
 
 def check_removal(spec: Any, groups: Iterable[Any], pruned_inputs: Iterable[Tuple[str, int]],
-                  pruned_outputs: Iterable[Tuple[str, int]] = ()) -> Tuple[Dict[str, List[int]], List[str]]:
+                  pruned_outputs: Iterable[Tuple[str, int]] = (),
+                  widths: Optional[Mapping[str, int]] = None) -> Tuple[Dict[str, List[int]], List[str]]:
     """What the reference must zero, and every way the spec's report disagrees
     with the request and the channel groups.
 
@@ -204,7 +206,13 @@ def check_removal(spec: Any, groups: Iterable[Any], pruned_inputs: Iterable[Tupl
       of the requested inputs; within each channel group, either just the
       requested inputs or all of the group's consumer inputs are removed
       (constrained export removes whole groups, never a pinned one);
-    - ``spec.removed_inputs()`` and ``spec.masks`` say the same as ``removed``.
+    - ``spec.removed_inputs()`` and ``spec.masks`` say the same as ``removed``;
+    - no consumer ends with every input column removed or masked (resolve's
+      own rule: a request that empties a layer is an EmptyLayerError, and
+      constrained growth never empties one). ``widths`` is each consumer
+      weight's number of input channels, from the trace
+      (``PruningManager.consumers()``); without it, the widths the spec
+      lists for its consumers (``spec.consumers``, also copied from the trace).
     """
     problems: List[str] = []
     request = by_param(pruned_inputs)
@@ -244,7 +252,25 @@ def check_removal(spec: Any, groups: Iterable[Any], pruned_inputs: Iterable[Tupl
     if masks != removed:
         problems.append(f"spec.masks mask {_fmt(_not_within(masks, removed)) or 'nothing'} beyond request + additions "
                         f"and miss {_fmt(_not_within(removed, masks)) or 'nothing'}")
+    problems += emptied_consumers(spec, _union(removed, masks), widths)
     return {p: sorted(c) for p, c in removed.items()}, problems
+
+
+def emptied_consumers(spec: Any, removed: Mapping[str, Iterable[int]],
+                      widths: Optional[Mapping[str, int]] = None) -> List[str]:
+    """The consumers that ``removed`` (``{weight: input channels}``) leaves
+    with no input column at all, one line each (see :func:`check_removal`)."""
+    if widths is None:
+        widths = {s.name: s.before for s in spec.consumers}
+    out = []
+    for p, chans in sorted(removed.items()):
+        n = widths.get(p)
+        if n is None:
+            out.append(f"{p!r} has removed input columns {sorted(chans)[:8]} but is not a consumer of the trace")
+        elif set(range(n)) <= set(chans):
+            out.append(f"{spec.mode}: consumer {p!r} ends with every input column masked ({n} of {n}): "
+                       "a layer that reads nothing (resolve never empties a consumer)")
+    return out
 
 
 def request_pairs(request: Mapping[str, Iterable[int]]) -> List[Tuple[str, int]]:
