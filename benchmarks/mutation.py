@@ -208,8 +208,8 @@ MUTANTS: List[Mutant] = [
     Mutant(
         "pruner-zero-columns-skipped", "pruner",
         "zero weight columns of the spec are not zeroed in the pruned model",
-        "shrink(held, spec.slices.get(name, {}), deltas.get(name), zeros.get(name, []), rb, index)",
-        "shrink(held, spec.slices.get(name, {}), deltas.get(name), [], rb, index)",
+        "shrink(held, spec.slices.get(name, {}), deltas.get(name), zeros.get(name, []), rb, index, rescales.get(name))",
+        "shrink(held, spec.slices.get(name, {}), deltas.get(name), [], rb, index, rescales.get(name))",
     ),
     Mutant(
         "pruner-bn-num-features", "pruner",
@@ -285,8 +285,8 @@ MUTANTS: List[Mutant] = [
         "verify-additions-not-zeroed", "verify",
         "the verification reference zeroes only the request, not the channels the spec reports adding "
         "(constrained coupling, pruned_outputs groups)",
-        "    for a in spec.additions:\n        out.setdefault(a.param, set()).update(a.channels)\n",
-        "",
+        "    for a in spec.additions:\n        if a.dim is None:\n            cols.setdefault(a.param, set()).update(a.channels)\n",
+        "    for a in spec.additions:\n        if a.dim is None:\n            pass\n",
     ),
     Mutant(
         "verify-tolerance-dtype", "verify",
@@ -376,6 +376,32 @@ MUTANTS: List[Mutant] = [
         "out = out.permute(2, 0, 1, 3).reshape(tgt_len, bsz, -1)",
         "out = out.permute(2, 0, 3, 1).reshape(tgt_len, bsz, -1)",
     ),
+    # -- RMS norms rescaled when the stream narrows; the cost model's fixed op cost -------
+    Mutant(
+        "rmsnorm-eps-unscaled", "resolve",
+        "a narrower RMS norm keeps its eps (the mean of squares over fewer channels is larger: eps must grow by d/d')",
+        "use.eps * d / kept",
+        "use.eps",
+    ),
+    Mutant(
+        "rmsnorm-weight-unscaled", "rmsnorm",
+        "a narrower RMS norm's weight is not multiplied by sqrt(d/d') (x * r * w form)",
+        "return (w + 1) * factor - 1 if plus_one else w * factor",
+        "return (w + 1) * factor - 1 if plus_one else w",
+    ),
+    Mutant(
+        "rmsnorm-stream-not-zeroed", "resolve",
+        "the reference and the mock do not zero the removed stream channels where they are made "
+        "(a narrower RMS norm is exact only when they are zero)",
+        "        spec.masks.append(MaskEntry(param, dim, 1, ordered))\n",
+        "",
+    ),
+    Mutant(
+        "cost-whole-read-off-by-one", "resolve",
+        "a consumer that reads its whole input (a costly op) starts the range at channel 1",
+        "return (0, len(order)) if op_cost > 0 and whole < per_op else None",
+        "return (1, len(order)) if op_cost > 0 and whole < per_op else None",
+    ),
     Mutant(
         "attention-num-heads", "attention",
         "a pruned nn.MultiheadAttention keeps its old num_heads attribute. Closest equivalent of the original "
@@ -383,11 +409,15 @@ MUTANTS: List[Mutant] = [
         "records num_heads as a head count and the pruner rewrites it from spec.attributes, so here the pruner "
         "skips num_heads of nn.MultiheadAttention on both paths",
         "                fix_multihead_attention(m, rb.set_attr)\n"
+        "        for r in spec.rescales:  # an RMS norm over fewer channels: its eps\n"
+        "            rb.set_attr(mods.module(r.module or \"\"), r.eps_attr, r.eps)\n"
         "        for mod_name, attrs in spec.attributes.items():\n"
         "            m = mods.module(mod_name)\n"
         "            for attr, value in attrs.items():\n"
         "                rb.set_attr(m, attr, value)\n",
         "                fix_multihead_attention(m, lambda mod, a, v: None if a == \"num_heads\" else rb.set_attr(mod, a, v))\n"
+        "        for r in spec.rescales:  # an RMS norm over fewer channels: its eps\n"
+        "            rb.set_attr(mods.module(r.module or \"\"), r.eps_attr, r.eps)\n"
         "        for mod_name, attrs in spec.attributes.items():\n"
         "            m = mods.module(mod_name)\n"
         "            for attr, value in attrs.items():\n"
@@ -412,6 +442,8 @@ ORACLE: List[str] = [
     "tests/pruning/test_errors.py",
     "tests/pruning/test_constant_channels.py",
     "tests/pruning/test_verification.py",
+    "tests/pruning/test_cost_model.py",
+    "tests/test_hidden_size.py",
     "tests/test_regressions.py",
     "tests/test_bad_input.py",
     "tests/test_op_rules.py",
