@@ -447,7 +447,7 @@ def report(digits: Dict[str, Any], minilm: Optional[Dict[str, Any]], elapsed: fl
             rs = [r for r in digits["rows"] if r["mode"] == mode and r["amount"] == a]
             if not rs:
                 continue
-            mean = lambda k: sum(r[k] for r in rs) / len(rs)
+            mean = lambda k, rs=rs: sum(r[k] for r in rs) / len(rs)
             L.append(f"| {mode} | {int(a * 100)}% | {mean('params') / base:.2f} | {mean('copied'):.0f} | "
                      f"{mean('acc'):.3f} | {mean('acc_bn'):.3f} | {mean('acc_ft'):.3f} |")
     L.append("")

@@ -419,9 +419,9 @@ def write_report(results: Dict[str, Any], out: str) -> str:
         f"{meta['load_start'][0]:.2f} at the start, {meta.get('load_end', [float('nan')])[0]:.2f} at the end")
     add(f"- {meta['threads']} torch thread(s) for every export and every timing (`torch.set_num_threads`), to keep a shared "
         f"machine's noise out; float32; randomly initialised torchvision models (`weights=None`, seed 0)")
-    add(f"- masks: per-consumer L1-magnitude input-channel masks (`MaskingManager(...).importance(L1()).select(amount)`, "
-        f"classifier head kept), the same `(weight, channel)` pairs for every channelcut variant and for apple-upscale; "
-        f"torch-pruning: `MagnitudePruner` (L1) at the ratio whose MACs come closest to the unconstrained export's")
+    add("- masks: per-consumer L1-magnitude input-channel masks (`MaskingManager(...).importance(L1()).select(amount)`, "
+        "classifier head kept), the same `(weight, channel)` pairs for every channelcut variant and for apple-upscale; "
+        "torch-pruning: `MagnitudePruner` (L1) at the ratio whose MACs come closest to the unconstrained export's")
     add(f"- latency: median of {meta['repeats']} rounds at batch 1 ({meta['image_size']}x{meta['image_size']}) and "
         f"{max(3, meta['repeats'] // 2)} rounds at larger batches ({meta['large_image_size']}x{meta['large_image_size']} images to keep "
         f"CPU time in check; ViTs only take 224x224 and are not timed at large batches on CPU), {meta['warmup']} warm-up rounds; "
@@ -433,7 +433,6 @@ def write_report(results: Dict[str, Any], out: str) -> str:
         "pattern (`variants.make_ideal`).\n")
 
     add("## Headline\n")
-    names = list(s["models"])
     ups = [m["up_over_cc"] for m in s["models"].values() if m["up_over_cc"]]
     tps = [m["tp_over_cc_total"] for m in s["models"].values() if m["tp_over_cc_total"]]
     if ups:
@@ -450,7 +449,7 @@ def write_report(results: Dict[str, Any], out: str) -> str:
             f"on {len(tpd)} models" + (f"; slower on {', '.join(slower)}" if slower else "; faster on every one"))
     upd = [(n, m["up_total_over_cc_default"]) for n, m in s["models"].items() if m.get("up_total_over_cc_default")]
     if upd:
-        add(f"- export, channelcut's default path vs apple-upscale's compute + prune: "
+        add("- export, channelcut's default path vs apple-upscale's compute + prune: "
             + ", ".join(f"{n} {r:.1f}x" for n, r in upd))
     for b in batches:
         vi = [(n, m["latency"][b]["vs_ideal_median"]) for n, m in s["models"].items() if b in m["latency"]]
@@ -548,7 +547,7 @@ def write_report(results: Dict[str, Any], out: str) -> str:
             add(f"| {n} | {fmt(lm['vs_ideal_ref'], 3)} | {fmt(lm['vs_ideal_median'], 3)} | {fmt(lm['vs_upscale_median'], 3)} | "
                 f"{fmt(lm['vs_upscale_max'], 3)} | {fmt(pa.get('baseline_vs_ideal'), 3)} | {fmt(pa.get('upscale_vs_ideal'), 3)} | {fmt(pa.get('vs_dense'), 3)} |")
         add("")
-        add(f"Median latency in ms (`-`: the tool could not export this model).\n")
+        add("Median latency in ms (`-`: the tool could not export this model).\n")
         add("| model | amount | " + " | ".join(V.LABELS[v] for v in V.VARIANTS) + " |")
         add("|---|---:|" + "---:|" * len(V.VARIANTS))
         for n, res in rows:
@@ -567,7 +566,7 @@ def write_report(results: Dict[str, Any], out: str) -> str:
     add("|---|---:|---:|---:|---:|")
     for n, res in results["models"].items():
         info = res["amounts"][ref]["info"]
-        g = lambda k: fmt(info[k]["macs"] / 1e6, 0) if "macs" in info.get(k, {}) else "-"  # noqa: E731
+        g = lambda k, info=info: fmt(info[k]["macs"] / 1e6, 0) if "macs" in info.get(k, {}) else "-"
         tpr = info.get("torch_pruning", {}).get("ratio")
         add(f"| {n} | {g('dense')} | {g('unconstrained')} | {g('constrained')} | {g('torch_pruning')}"
             + (f" ({tpr:.2f})" if tpr is not None else "") + " |")

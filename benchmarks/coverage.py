@@ -509,7 +509,7 @@ def run_case(case: Case, timeout: int, low_memory_params: int = LOW_MEMORY_PARAM
                 res["consumers"] = len(consumers)
                 res["pin_reasons"] = dict(sorted(reasons.items(), key=lambda kv: -kv[1]))
                 barriers: Dict[str, int] = {}
-                for name, module, reason in m.graph.barriers:
+                for name, _module, reason in m.graph.barriers:
                     key = f"{name}: {reason}" if reason != "no rule for this op" else name
                     barriers[key] = barriers.get(key, 0) + 1
                 res["barriers"] = barriers

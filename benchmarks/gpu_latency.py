@@ -219,7 +219,7 @@ def report(results: Dict[str, Any], args: argparse.Namespace) -> str:
             if "error" in lat:
                 L.append(f"| {name} | {lat['error']} |")
                 continue
-            g = lambda v: lat[v]["median_ms"] if v in lat else None  # noqa: E731
+            g = lambda v, lat=lat: lat[v]["median_ms"] if v in lat else None
             cells = [f"{g(v):.3f}" if g(v) is not None else "-" for v in V.VARIANTS]
             rat = [(g("unconstrained") / g(d) if g(d) else None) for d in ("ideal",)]
             rat.append(g("device_costs") / g("ideal") if g("device_costs") and g("ideal") else None)

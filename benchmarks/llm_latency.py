@@ -156,8 +156,8 @@ def measure(models: Dict[str, torch.nn.Module], prefill: int, repeats: int, warm
         for r in range(warmup + repeats):
             order = names[r % len(names):] + names[:r % len(names)]
             for n in order:
-                tp = timed(lambda: models[n](input_ids=x, use_cache=False))
-                td = timed(lambda: decode(n))
+                tp = timed(lambda n=n: models[n](input_ids=x, use_cache=False))
+                td = timed(lambda n=n: decode(n))
                 if r >= warmup:
                     times[n]["prefill"].append(tp)
                     times[n]["decode"].append(td)

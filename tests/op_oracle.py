@@ -41,7 +41,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Set, Tuple, Union
 
@@ -356,10 +355,10 @@ def run_case(case: Case, seed: int = 0) -> Report:
 
     # consumers: input channel i may be cut by zeroing the weight's column i
     explained: Set[Tuple[int, int]] = set()
-    for (k, i), masks in truth.items():
+    for (k, i) in truth:
         a = int(t.atoms[k][i])
         ra = G.root(a)
-        for op, c in g.consumers.items():
+        for c in g.consumers.values():
             if _reads_tracked_dim(c, case.ins[k], t.xs[k]) and i < len(c.in_ids) and G.root(c.in_ids[i]) == ra:
                 err = _consumer_column_check(t, case, k, i, c, seed)
                 if err:
@@ -408,7 +407,7 @@ def run_case(case: Case, seed: int = 0) -> Report:
 
     # info: over-claims
     rep.info += _overclaims(t, case, G, truth)
-    for name, module, reason in g.barriers:
+    for name, _module, reason in g.barriers:
         rep.info.append(f"barrier: {name}: {reason}")
     return rep
 
@@ -517,7 +516,6 @@ def _removal_check(t: Traced, case: Case, G: Groups, base, seed: int) -> List[st
     for a in t.atoms:
         if a is not None:
             roots |= {G.root(int(x)) for x in a}
-    needed_by_others: Dict[int, bool] = {}
     all_roots = set(roots)
     for c in t.claims:
         all_roots |= {G.root(int(x)) for x in torch.unique(c).tolist() if x >= 0}

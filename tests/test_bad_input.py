@@ -1,7 +1,7 @@
 """Bad or unusual input: each case gets a clear ChannelcutError or a documented,
 tested behaviour, and after any error the model is exactly as before
 (parameters, buffers, structure, hooks and attributes compared by
-``export_props.snapshot``).
+``support.unchanged.snapshot``).
 
 Basic errors (unknown names, channels out of range, prune before compute)
 live in ``tests/pruning/test_errors.py``. Here:
@@ -39,7 +39,8 @@ from torch import nn
 
 from channelcut import (ChannelcutError, ChannelRangeError, EmptyLayerError, ExportError, NotPrunableError,
                         PruningManager, RequestError, StateError, TracingError, UnknownParameterError)
-from export_props import compare, diff_snapshot, n_params, raises_unchanged, snapshot
+from support.compare import compare, n_params
+from support.unchanged import diff_snapshot, raises_unchanged, snapshot
 
 D = torch.float64
 
@@ -328,7 +329,7 @@ class CalledTwiceInSeries(nn.Module):
 def test_module_called_twice_on_parallel_branches(req):
     torch.manual_seed(0)
     net = CalledTwiceInParallel().to(D).eval()
-    m = export_ok(net, [_x(2, 3, 4, 4)], **req)
+    export_ok(net, [_x(2, 3, 4, 4)], **req)
     assert net.shared.weight.shape[1] == net.shared.in_channels
 
 

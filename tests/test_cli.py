@@ -111,7 +111,7 @@ def test_inspect_json(tmp_path):
     assert rep["producers"] == 4 and rep["consumers"] == 4
     assert [b["op"] for b in rep["barriers"]] == ["sort"]
     assert 0 < rep["prunable_fraction"] < 1
-    layers = {l["name"]: l for l in rep["layers"]}
+    layers = {row["name"]: row for row in rep["layers"]}
     assert layers["stem.weight"]["prunable_out"] == 0  # feeds the barrier
     assert layers["stem.weight"]["prunable_in"] == 0  # reads the image
     assert layers["fc.weight"]["prunable_in"] == 16

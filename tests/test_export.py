@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from support.compare import assert_close as support_assert_close
 from channelcut import PruningManager
 from channelcut.pruning.subselect import (
     SubselectConv2d,
@@ -47,12 +48,8 @@ RTOL = 1e-4  # float32: different backends sum in different orders
 
 
 def assert_close(y: torch.Tensor, ref: torch.Tensor, what: str) -> None:
-    y = torch.as_tensor(y).detach()
-    ref = ref.detach()
-    assert y.shape == ref.shape, f"{what}: shape {tuple(y.shape)} != {tuple(ref.shape)}"
-    scale = float(ref.abs().max())
-    err = float((y - ref).abs().max())
-    assert err <= RTOL * max(scale, 1e-30), f"{what}: max error {err:.3g} (max |ref| {scale:.3g})"
+    """An exported model's output (a tensor or an onnxruntime array) against the eager one."""
+    support_assert_close(torch.as_tensor(y).detach(), ref.detach(), RTOL, what)
 
 
 # ----------------------------------------------------------------------------

@@ -178,7 +178,7 @@ def test_per_layer_widths_round_trip_and_generate(tmp_path, arch, dtype) -> None
     model, manager = _in_memory(src, HETERO)
     back = load_pretrained(tmp_path / "dst")
     assert not back.training and all(not p.is_meta for p in back.parameters())
-    assert [l.mlp.down_proj.in_features for l in back.model.layers] == [INTER - 10, INTER - 24, INTER]
+    assert [layer.mlp.down_proj.in_features for layer in back.model.layers] == [INTER - 10, INTER - 24, INTER]
     assert back.model.layers[1].self_attn.q_proj.out_features == HIDDEN // 2
     assert {k: v.dtype for k, v in back.state_dict().items()} == {k: v.dtype for k, v in model.state_dict().items()}
     for k, v in model.state_dict().items():

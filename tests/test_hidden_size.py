@@ -19,6 +19,7 @@ import pytest
 import torch
 from torch import nn
 
+from support.compare import rel_error
 from channelcut import EmptyLayerError, ExportError, PruningManager
 
 transformers = pytest.importorskip("transformers")
@@ -26,8 +27,6 @@ transformers = pytest.importorskip("transformers")
 DROP = [3, 7, 8, 20, 31]  # of 32 stream channels
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max() / b.abs().max().detach())
 
 
 def _tiny(family: str, tie: bool, **extra):
@@ -78,10 +77,10 @@ def test_hidden_size_pruning_is_exact(family, tie):
     rows = {(a.param, a.dim) for a in pm.spec.additions if a.dim is not None}
     assert ("model.layers.1.mlp.down_proj.weight", 0) in rows and ("model.embed_tokens.weight", 1) in rows
     with torch.no_grad():
-        assert _rel(pm.get_mock_model()(**x).logits, y_ref) <= 1e-5
+        assert rel_error(pm.get_mock_model()(**x).logits, y_ref) <= 1e-5
     pm.prune()  # verified against the reference built from the reported additions
     with torch.no_grad():
-        assert _rel(net(**x).logits, y_ref) <= 1e-5
+        assert rel_error(net(**x).logits, y_ref) <= 1e-5
     assert net.model.embed_tokens.weight.shape == (64, 27)
     assert net.lm_head.weight.shape == (64, 27)
     assert net.model.norm.weight.shape == (27,)
@@ -154,7 +153,7 @@ def test_float64_rms_norm_stream_is_exact_to_1e_10(eps):
             b["down"].bias[drop] = 0
     pm = PruningManager(net).compute([x], pruned_outputs=[("inp.weight", j) for j in drop]).prune()
     with torch.no_grad():
-        assert _rel(net(x), ref(x)) <= 1e-10
+        assert rel_error(net(x), ref(x)) <= 1e-10
     assert net.norm.normalized_shape == (12,) and net.norm.eps == pytest.approx((eps or torch.finfo(torch.float64).eps) * 16 / 12)
     assert len(pm.spec.rescales) == 3
 

@@ -26,7 +26,7 @@ from channelcut import (
     PruningManager,
 )
 from channelcut.pruning.subselect import is_subselect
-from export_props import assert_unchanged, snapshot
+from support.unchanged import assert_unchanged, snapshot
 
 torchvision = pytest.importorskip("torchvision")
 

@@ -159,7 +159,7 @@ def test_already_zero_channels_count_as_removed(x):
     mm.importance(Contrarian()).mask(0.5)  # iterative pruning: 50% in all, not 25% + 50%
     second = set(mm.selection.pruned_inputs)
     assert first <= second
-    for name, (n, k) in mm.selection.layers.items():
+    for name, (n, _k) in mm.selection.layers.items():
         assert zero_cols(weight(net, name)) == count_for(0.5, n)
 
 
@@ -193,7 +193,7 @@ def test_layers_never_empty(x, mode, scope):
     mm = MaskingManager(net, [x]).importance(Lopsided())
     mm.mask(0.95, mode=mode, scope=scope)
     pm = export_and_check(net, x)
-    for name, (before, after) in pm.spec.kept().items():
+    for name, (_before, after) in pm.spec.kept().items():
         assert after >= 1, name
     for m in net.modules():
         if isinstance(m, nn.Conv2d):

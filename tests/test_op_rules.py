@@ -44,9 +44,7 @@ Running ``python tests/test_op_rules.py`` prints the over-claim (info) report.
 from __future__ import annotations
 
 import copy
-import math
 import random
-import sys
 from typing import Callable, Dict, List
 
 import pytest

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from channelcut import ChannelcutError, PruningManager
-from export_props import compare, diff_snapshot, snapshot
+from support.compare import compare
+from support.unchanged import diff_snapshot, snapshot
 
 D = torch.float64
 

@@ -51,7 +51,7 @@ def test_inspect_report_counts_what_the_manager_says():
     assert rep.channel_groups == len(groups)
     assert rep.pinned_channel_groups == sum(g.pinned is not None for g in groups) == sum(rep.pinned_reasons.values())
     assert [(b.op, b.module, b.count) for b in rep.barriers] == [("sort", "<model>", 1)]
-    layers = {l.name: l for l in rep.layers}
+    layers = {layer.name: layer for layer in rep.layers}
     assert layers["stem.weight"].prunable_out == 0 and layers["stem.weight"].prunable_in == 0
     assert layers["fc.weight"].prunable_in == 8 and layers["fc.weight"].out_channels == 4
     assert layers["a.weight"].kind == "conv2d" and layers["fc.weight"].kind == "linear"
@@ -75,7 +75,7 @@ def test_export_report_before_and_after():
     spec = manager.spec
     assert (rep.views, rep.copies, rep.copied_channels) == (spec.view_ops, spec.copy_ops, spec.copied_channels)
     assert (rep.views, rep.copies, rep.copied_channels) == tuple(count_copies(net))
-    assert {l.name: (l.before, l.after) for l in rep.changed_layers()} == {
+    assert {layer.name: (layer.before, layer.after) for layer in rep.changed_layers()} == {
         n: ba for n, ba in spec.kept().items() if ba[0] != ba[1]
     }
     d = rep.to_dict()

@@ -9,7 +9,8 @@
   and that its width attributes agree with its tensors (``support.widths``).
 - :func:`snapshot` / :func:`assert_unchanged` hold "the model is exactly as
   before" (values, parameter objects, attributes, hooks, structure); they
-  live in ``tests/export_props.py``, with ``raises_unchanged``, for all tests.
+  live in ``tests/support/unchanged.py``, with ``raises_unchanged``, and the
+  output comparison in ``tests/support/compare.py``, for all tests.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from torch.utils._pytree import tree_flatten
 from channelcut import PruningManager
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from export_props import assert_unchanged, snapshot  # noqa: E402  (one implementation for all tests)
+from support.compare import assert_close, max_rel_difference, n_params, rel_error  # noqa: E402,F401  (one comparison for all tests)
+from support.unchanged import assert_unchanged, snapshot  # noqa: E402,F401  (one "unchanged" for all tests)
 from support.widths import check_widths  # noqa: E402
 
 Inputs = Union[List[Any], Dict[str, Any]]
@@ -107,33 +109,6 @@ def structure(out: Any) -> Any:
     if isinstance(out, (list, tuple)):
         return (type(out).__name__, tuple(structure(v) for v in out))
     return (type(out).__name__, out)
-
-
-def rel_error(y: torch.Tensor, ref: torch.Tensor) -> float:
-    """max |y - ref| / max |ref| (inf if ref is 0 and y is not)."""
-    err = float((y - ref).abs().max()) if y.numel() else 0.0
-    scale = float(ref.abs().max()) if ref.numel() else 0.0
-    if err == 0.0:
-        return 0.0
-    return err / scale if scale > 0 else float("inf")
-
-
-def assert_close(out: Any, ref: Any, rtol: float, what: str = "") -> None:
-    """Same structure, shapes and dtypes; each tensor within ``rtol`` relative."""
-    assert structure(out) == structure(ref), f"{what}: output structure {structure(out)} != {structure(ref)}"
-    for i, (y, r) in enumerate(zip(leaves(out), leaves(ref))):
-        assert y.dtype == r.dtype, f"{what}: output {i} dtype {y.dtype} != {r.dtype}"
-        assert torch.isfinite(r).all(), f"{what}: reference output {i} is not finite"
-        e = rel_error(y, r)
-        assert e <= rtol, f"{what}: output {i} differs by {e:.3g} relative (allowed {rtol:g})"
-
-
-def max_rel_difference(out: Any, ref: Any) -> float:
-    return max(rel_error(y, r) for y, r in zip(leaves(out), leaves(ref)))
-
-
-def n_params(net: nn.Module) -> int:
-    return sum(p.numel() for p in net.parameters())
 
 
 def attr(obj: Any, path: str) -> Any:

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.nn.utils import prune as torch_prune
 
+from support.compare import rel_error
 from channelcut import ExportError, PruningManager
 from channelcut.masking import from_torch_prune
 
@@ -38,8 +39,6 @@ def _randomize(net: nn.Module, seed: int = 0) -> nn.Module:
     return net
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).abs().max() / b.abs().max())
 
 
 def _params(net: nn.Module) -> int:
@@ -55,11 +54,11 @@ def _export_own_zeros(net: nn.Module, x: torch.Tensor, **kw) -> PruningManager:
     pm = PruningManager(net).compute([x], **kw)
     assert pm.spec.reference == "model"
     with torch.no_grad():
-        assert _rel(pm.get_mock_model()(x), ref) <= RTOL
+        assert rel_error(pm.get_mock_model()(x), ref) <= RTOL
     pm.prune()
     with torch.no_grad():
-        assert _rel(net(x), ref) <= RTOL
-        assert _rel(before(x), ref) == 0.0
+        assert rel_error(net(x), ref) <= RTOL
+        assert rel_error(before(x), ref) == 0.0
     return pm
 
 
@@ -238,5 +237,5 @@ def test_constrained_export_of_own_zeros_reports_what_it_adds(x):
     pm.prune()
     with torch.no_grad():
         ref_net.c.weight[:, 1] = 0
-        assert _rel(net(x), ref_net(x)) <= RTOL
+        assert rel_error(net(x), ref_net(x)) <= RTOL
     assert net.a.out_channels == 5

@@ -24,7 +24,7 @@ from channelcut import (
 )
 
 from ._helpers import assert_unchanged, call, n_params, prepare, rand_inputs, snapshot
-from export_props import global_hook_counts, raises_unchanged
+from support.unchanged import global_hook_counts, raises_unchanged
 
 
 class Net(nn.Module):

@@ -124,7 +124,7 @@ def test_a_wrong_bfloat16_model_fails_verification(monkeypatch):
 def test_undo_rebuilds_every_tensor_bit_for_bit(kind):
     """The pruner keeps only the removed values; undo (and a failed
     verification) rebuilds the model exactly: values, objects, attributes."""
-    from export_props import assert_unchanged, snapshot
+    from support.unchanged import assert_unchanged, snapshot
 
     net = _net()
     x = torch.rand(2, 3, 10, 10, dtype=torch.float64)

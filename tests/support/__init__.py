@@ -6,6 +6,10 @@
 - :mod:`support.widths`: every width attribute of a (pruned) model agrees
   with its tensors (DESIGN.md, invariant 8): conv/linear channels and groups,
   norms, embeddings, ``nn.MultiheadAttention``'s heads, Subselect layers;
+- :mod:`support.compare`: the one output comparison (``compare``,
+  ``assert_close``, ``rel_error``) and ``n_params``;
+- :mod:`support.unchanged`: the one "model exactly as before" helper
+  (``snapshot``, ``assert_unchanged``, ``raises_unchanged``);
 - :mod:`support.randomize`: deterministic random values for every norm's
   affine parameters and running statistics, layer scales and biases, so that
   a channel sliced in the wrong place or order changes the output.
