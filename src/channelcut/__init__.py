@@ -6,6 +6,7 @@
 from .errors import (
     ChannelcutError,
     ChannelRangeError,
+    CheckpointError,
     EmptyLayerError,
     ExportCheckError,
     ExportError,
@@ -40,6 +41,7 @@ __all__ = [
     "Subselection",
     "ChannelcutError",
     "ChannelRangeError",
+    "CheckpointError",
     "EmptyLayerError",
     "ExportError",
     "ExportCheckError",

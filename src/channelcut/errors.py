@@ -116,3 +116,8 @@ class NotExpressibleError(ChannelcutError, ValueError):
     """The pruned model's widths do not fit one Hugging Face config (per-layer
     widths, heads a BERT/GPT-2 config can not hold, or layers that read a
     channel subset); save it with :func:`channelcut.save` instead."""
+
+
+class CheckpointError(ChannelcutError, ValueError):
+    """The checkpoint cannot be streamed: no safetensors weights, a tensor the
+    model does not have, a shape that does not fit the config, ..."""

@@ -55,7 +55,9 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tupl
 import torch
 from torch import nn
 
-from .errors import ChannelcutError
+from .errors import ChannelcutError, CheckpointError  # noqa: F401  (CheckpointError: re-exported)
+from .hf_config import (LOADS_WITH_HF, LOADS_WITH_US, _build, _config_from_dict, _transformers,  # noqa: F401
+                        architecture, build_on_meta, describe_config)
 from .io import FORMAT, FORMAT_VERSION, PLAN_FILE, MissingTensorError, PlanMismatchError, read_plan
 from .io import _check_step, _check_subselections, _dumps, _parse_step  # one plan format, one parser
 from .pruning.manager import PruningManager
@@ -82,15 +84,8 @@ INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 WEIGHTS_FORMAT = "safetensors-hf"  # plan["weights"]["format"] of a prune_pretrained checkpoint
-LOADS_WITH_HF = "transformers"
-LOADS_WITH_US = "channelcut.hf.load_pretrained"
 # files of other weight formats: never copied (they would hold the unpruned weights)
 _OTHER_WEIGHTS = re.compile(r".*\.(bin|pt|pth|ckpt|h5|msgpack|gguf|onnx|onnx_data|npz)$|.*\.(bin|h5|msgpack)\.index\.json$")
-
-
-class CheckpointError(ChannelcutError, ValueError):
-    """The checkpoint cannot be streamed: no safetensors weights, a tensor the
-    model does not have, a shape that does not fit the config, ..."""
 
 
 @dataclass
@@ -176,45 +171,6 @@ def _open_checkpoint(folder: Path) -> _Checkpoint:
 # ----------------------------------------------------------------------------
 # the model on meta, and the plan
 # ----------------------------------------------------------------------------
-def _transformers():
-    try:
-        import transformers
-    except ImportError as exc:  # pragma: no cover - transformers is in the test extra
-        raise ChannelcutError("prune_pretrained/load_pretrained need transformers: pip install transformers") from exc
-    return transformers
-
-
-def architecture(config: Any, cls: Optional[type] = None) -> type:
-    """The class that builds the checkpoint: ``cls`` if given, else the
-    first of ``config.architectures``, else ``AutoModelForCausalLM``'s."""
-    if cls is not None:
-        return cls
-    tf = _transformers()
-    for name in getattr(config, "architectures", None) or ():
-        cls = getattr(tf, name, None)
-        if isinstance(cls, type):
-            return cls
-        raise CheckpointError(
-            f"the config names architecture {name!r}, which this transformers ({tf.__version__}) does not have "
-            "(custom code is not run); pass model_class=")
-    try:
-        return tf.AutoModelForCausalLM._model_mapping[type(config)]
-    except KeyError:
-        raise CheckpointError(f"the config ({type(config).__name__}) names no architecture; pass model_class=") from None
-
-
-def _build(cls: type, config: Any) -> nn.Module:
-    build = getattr(cls, "_from_config", None)
-    return build(config) if build is not None else cls(config)
-
-
-def build_on_meta(config: Any, cls: type) -> nn.Module:
-    """``cls`` built from ``config`` with every tensor on the meta device."""
-    with torch.device("meta"):
-        model = _build(cls, config)
-    return model.eval()
-
-
 def default_inputs(config: Any) -> Dict[str, torch.Tensor]:
     """An example input for the model's modality: 8 token ids for a text
     model, one image of the config's size for a vision model."""
@@ -323,126 +279,6 @@ def plan_on_meta(
     manager.graph = None  # the traces are the plan's largest data; the spec is all that is needed now
     apply_on_meta(model, spec)
     return model, spec, before
-
-
-# ----------------------------------------------------------------------------
-# the config of the pruned model
-# ----------------------------------------------------------------------------
-def _layer_list(model: nn.Module, config: Any) -> Optional[str]:
-    """The name of the ModuleList of decoder layers (``model.layers``)."""
-    n = getattr(config, "num_hidden_layers", None)
-    found = [name for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) == n and name]
-    return min(found, key=len) if len(found) >= 1 and n else None
-
-
-def describe_config(model: nn.Module, source: Dict[str, Any], attributes: Optional[Dict[str, Dict[str, int]]] = None,
-                    ) -> Tuple[Dict[str, Any], str, str, Optional[str]]:
-    """The ``config.json`` of the pruned (meta) ``model``, whose unpruned
-    config file held ``source``. Returns (config dict, kind, loads_with, why):
-
-    - ``"pruned"``: one value per field (:func:`channelcut.hf.pruned_config`),
-      loads with ``from_pretrained``;
-    - ``"per-layer"``: the source's fields plus transformers'
-      ``per_layer_config`` with each layer's widths, where the modeling code
-      builds those shapes from it (checked by building the model on meta):
-      loads with ``from_pretrained``;
-    - ``"source"``: no config the modeling code builds can hold the model
-      (subset reads, a field that is not per layer, per-layer widths that
-      Llama's modeling code refuses): the source config with a
-      ``"channelcut"`` entry pointing at the plan; ``from_pretrained``
-      refuses the shapes (a size-mismatch error), :func:`load_pretrained`
-      applies the plan.
-
-    ``attributes``: the module attributes the spec sets (``spec.attributes``);
-    a config that builds the shapes but not these values is not used.
-    """
-    from .hf import NotExpressibleError, _observed, pruned_config
-
-    config = model.config
-    try:
-        new = pruned_config(model)
-    except NotExpressibleError as exc:
-        why = re.split(r"(?<!e\.g)\. (?=[A-Z])", str(exc))[0]  # the finding, not the advice that follows
-    else:
-        why = _lost_attributes(build_on_meta(new, type(model)), attributes)
-        if why is None:
-            return _updated(source, config, new), "pruned", LOADS_WITH_HF, None
-        return _marked(source), "source", LOADS_WITH_US, why
-    if any(is_subselect(m) for _, m in model.named_modules()):
-        return _marked(source), "source", LOADS_WITH_US, why
-    prefix = _layer_list(model, config)
-    per_layer: Dict[int, Dict[str, int]] = {}
-    for fname, values in _observed(model, config).items():
-        for value, modules in values.items():
-            if value == getattr(config, fname, None):
-                continue
-            for mname in modules:
-                if prefix is None or not mname.startswith(prefix + "."):  # e.g. hidden_size: one for all layers
-                    return _marked(source), "source", LOADS_WITH_US, why
-                per_layer.setdefault(int(mname[len(prefix) + 1:].split(".")[0]), {})[fname] = value
-    raw = dict(source)
-    if source.get("per_layer_config"):
-        return _marked(source), "source", LOADS_WITH_US, why + " (the source config has its own per_layer_config)"
-    for overrides in per_layer.values():
-        if "num_attention_heads" in overrides and "head_dim" not in source:
-            raw["head_dim"] = int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
-    digits = len(str(max(per_layer, default=0)))
-    raw["per_layer_config"] = {str(i).zfill(digits): per_layer[i] for i in sorted(per_layer)}
-    try:
-        built = build_on_meta(_config_from_dict(raw), type(model))
-        want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        have = {k: tuple(v.shape) for k, v in built.state_dict().items()}
-        loads = want == have and _lost_attributes(built, attributes) is None
-    except Exception:  # e.g. Llama: AmbiguousGlobalPerLayerAttributeError (its config may not even validate)
-        loads = False
-    if loads:
-        return raw, "per-layer", LOADS_WITH_HF, why
-    return _marked(source), "source", LOADS_WITH_US, why + f"; {type(model).__name__} does not build per-layer widths from a config"
-
-
-def _lost_attributes(built: nn.Module, attributes: Optional[Dict[str, Dict[str, int]]]) -> Optional[str]:
-    """What a model built from a config gets wrong of the attributes the spec
-    sets (None: nothing)."""
-    modules = dict(built.named_modules())
-    for mname, attrs in (attributes or {}).items():
-        for attr, value in attrs.items():
-            have = getattr(modules.get(mname), attr, None)
-            if have != value:
-                return f"the export sets {mname}.{attr} = {value}, a model built from the config has {have}"
-    return None
-
-
-def _marked(source: Dict[str, Any]) -> Dict[str, Any]:
-    """The source config with an entry saying where the pruned shapes are."""
-    raw = dict(source)
-    raw["channelcut"] = {
-        "load_with": "channelcut.hf.load_pretrained(path)",
-        "plan": PLAN_FILE,
-        "note": "the weights are pruned; this config is the unpruned model's (from_pretrained refuses the shapes)",
-    }
-    return raw
-
-
-def _config_from_dict(raw: Dict[str, Any]) -> Any:
-    """The config object of a ``config.json`` dict (without AutoConfig's file lookup)."""
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-
-    model_type = raw.get("model_type")
-    if model_type not in CONFIG_MAPPING:
-        raise CheckpointError(f"config.json has model_type {model_type!r}, which this transformers does not know")
-    return CONFIG_MAPPING[model_type].from_dict(dict(raw))
-
-
-def _updated(source: Dict[str, Any], old: Any, new: Any) -> Dict[str, Any]:
-    """``source`` (the config file as read) with the fields where the config
-    objects ``old`` and ``new`` differ set to ``new``'s values (the rest of
-    the file is kept as it was)."""
-    a, b = old.to_dict(), new.to_dict()
-    out = dict(source)
-    for k, v in b.items():
-        if a.get(k, object()) != v:
-            out[k] = v
-    return out
 
 
 # ----------------------------------------------------------------------------
