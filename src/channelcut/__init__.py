@@ -25,7 +25,7 @@ from .io import load, save
 from .pruning import ChannelGroup, PruningManager, PruningSpec, Subselection
 from .masking import MaskingManager
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 __all__ = [
     "PruningManager",

@@ -467,7 +467,7 @@ def _copy_other_files(src: Path, dst: Path, report: StreamReport) -> None:
 
 def _plan(model: nn.Module, spec: PruningSpec, before: Dict[str, Tuple[int, ...]], config_kind: str,
           loads_with: str, config_before: Dict[str, Any], weights_file: str, source: Path) -> Dict[str, Any]:
-    from . import __version__
+    from ._version import __version__
 
     canon, _ = tensor_names(model)
     shapes_before = {n: list(before[n]) for n in dict.fromkeys([*spec.slices, *_per_tensor(spec)[0], *_per_tensor(spec)[1],

@@ -504,7 +504,7 @@ def _assign_weights(model: nn.Module, plan: Dict[str, Any], weights: Dict[str, t
 # helpers
 # ----------------------------------------------------------------------------
 def _version() -> str:
-    from . import __version__
+    from ._version import __version__
 
     return __version__
 
