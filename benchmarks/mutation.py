@@ -23,11 +23,11 @@ caught mutant stops at its first failure). The outcome is
 
 Run the score (about 20-30 minutes on 2 CPU cores) and write the results::
 
-    python benchmarks/mutation.py --out docs/mutation.json --md docs/_mutation_section.md
+    python benchmarks/mutation.py --out docs/mutation.json --md docs/reliability.md
 
 Quick runs: ``--list`` (the mutants and where their snippets are),
 ``--only ID,ID``, ``--sample 4 --seed N`` (which 4), ``--jobs 2``;
-``--render docs/mutation.json --md docs/_mutation_section.md`` rewrites the
+``--render docs/mutation.json --md docs/reliability.md`` rewrites the
 Markdown of a saved run without running anything.
 ``tests/test_mutation.py`` runs a small sample with a narrowed selection and
 checks that every snippet is still found exactly once.
@@ -455,6 +455,22 @@ ORACLE: List[str] = [
 ]
 
 
+START, END = "<!-- mutation score: written by benchmarks/mutation.py -->", "<!-- end of the mutation score -->"
+
+
+def write_section(path: Path, text: str) -> None:
+    """Write the score into ``path``: between the markers when the file has
+    them (docs/reliability.md), else the whole file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    block = f"{START}\n{text.strip()}\n{END}\n"
+    old = path.read_text() if path.exists() else ""
+    if START in old and END in old:
+        head, rest = old.split(START, 1)
+        path.write_text(head + block + rest.split(END, 1)[1].lstrip("\n"))
+    else:
+        path.write_text(block)
+
+
 class StaleMutant(Exception):
     """A mutant whose target snippet is missing from the source or ambiguous."""
 
@@ -764,7 +780,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.out:
             Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
         if args.md:
-            Path(args.md).write_text(text)
+            write_section(Path(args.md), text)
         else:
             print(text)
         return 0
@@ -832,8 +848,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
     if args.md:
-        Path(args.md).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.md).write_text(markdown(report))
+        write_section(Path(args.md), markdown(report))
     return 1 if c["error"] or c["timeout"] else 0
 
 

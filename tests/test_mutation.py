@@ -9,7 +9,7 @@
   harness tells the two apart).
 
 The full score is ``python benchmarks/mutation.py --out docs/mutation.json
---md docs/_mutation_section.md`` (about half an hour).
+--md docs/reliability.md`` (about half an hour).
 """
 
 from __future__ import annotations
