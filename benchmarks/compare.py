@@ -53,6 +53,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import variants as V  # noqa: E402
+from memstat import reset_peak, status_kb  # noqa: E402
 
 from channelcut.stats import compare_latency  # noqa: E402
 
@@ -125,14 +126,6 @@ def _export_once(tool: str, model: torch.nn.Module, x: torch.Tensor, pairs: List
         ).step()
 
 
-def _status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
-
-
 def memory_child(name: str, tool: str, pairs_json: str, ratio: str, threads: int, size: int, heap: bool) -> None:
     """Print ``{"rss_mb": ..., "heap_mb": ...}`` for one export of ``name`` by ``tool``.
 
@@ -152,13 +145,11 @@ def memory_child(name: str, tool: str, pairs_json: str, ratio: str, threads: int
     second = V.build_model(name) if heap else None
     gc.collect()
     try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset the peak RSS (VmHWM) to the current RSS
-        before, how = _status_kb("VmRSS"), "VmHWM"
+        before, how = reset_peak(), "VmHWM"  # the peak RSS (VmHWM) reset to the current RSS
     except OSError:
         before, how = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "ru_maxrss"
     _export_once(tool, model, x, pairs, float(ratio), data["head"])
-    after = _status_kb("VmHWM") if how == "VmHWM" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    after = status_kb("VmHWM") if how == "VmHWM" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     out: Dict[str, Any] = {"rss_mb": (after - before) / 1024.0, "rss_how": how}
     if heap:
         del model

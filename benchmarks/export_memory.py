@@ -26,29 +26,17 @@ import time
 from typing import Any, Dict, List
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def _kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
-
-
-def _reset_peak() -> int:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    return _kb("VmRSS")
+sys.path.insert(0, HERE)
+from memstat import reset_peak, status_kb  # noqa: E402
 
 
 def _phase(fn) -> Dict[str, float]:
     """Run ``fn``; MiB of peak RSS over the RSS before it, RSS after, seconds."""
-    before = _reset_peak()
+    before = reset_peak()
     t = time.perf_counter()
     fn()
     dt = time.perf_counter() - t
-    return {"peak_mb": (_kb("VmHWM") - before) / 1024, "after_mb": (_kb("VmRSS") - before) / 1024, "s": dt}
+    return {"peak_mb": (status_kb("VmHWM") - before) / 1024, "after_mb": (status_kb("VmRSS") - before) / 1024, "s": dt}
 
 
 def child(which: str) -> Dict[str, Any]:

@@ -61,6 +61,9 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from memstat import reset_peak, status_kb  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
@@ -178,19 +181,6 @@ def _random(shape: Tuple[int, ...], gen: torch.Generator, norm: bool) -> torch.T
 # ----------------------------------------------------------------------------
 # measurements (children)
 # ----------------------------------------------------------------------------
-def _kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
-
-
-def _reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-
-
 def _fsync_tree(folder: Path) -> None:
     for root, _, files in os.walk(folder):
         for name in files:
@@ -227,16 +217,16 @@ def child_prune(src: str, dst: str, shape: str, seed: int, hetero: bool) -> None
 
     def progress(done: int, total: int) -> None:
         if "plan_peak_kb" not in phase:  # called first with done == 0, when the plan is complete
-            phase["plan_peak_kb"] = _kb("VmHWM")
-            phase["write_start_kb"] = _kb("VmRSS")
-            _reset_peak()
+            phase["plan_peak_kb"] = status_kb("VmHWM")
+            phase["write_start_kb"] = status_kb("VmRSS")
+            reset_peak()
 
-    before = _kb("VmRSS")
-    _reset_peak()
+    before = status_kb("VmRSS")
+    reset_peak()
     t0 = time.perf_counter()
     report = prune_pretrained(src, dst, pruned_inputs=pairs, progress=progress)
     t1 = time.perf_counter()
-    write_peak = _kb("VmHWM")
+    write_peak = status_kb("VmHWM")
     _fsync_tree(Path(dst))
     t2 = time.perf_counter()
     print(json.dumps({
@@ -263,12 +253,12 @@ def child_plan(shape: str, seed: int) -> None:
     transformers.LlamaForCausalLM  # noqa: B018 - as in child_prune
     config = llama_config(shape)
     pairs = request(config, seed)
-    before = _kb("VmRSS")
-    _reset_peak()
+    before = status_kb("VmRSS")
+    reset_peak()
     t0 = time.perf_counter()
     model, spec, _ = plan_on_meta(config, pruned_inputs=pairs)
     t1 = time.perf_counter()
-    peak = _kb("VmHWM")
+    peak = status_kb("VmHWM")
     params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     print(json.dumps({"plan_s": t1 - t0, "rss_growth_mb": (peak - before) / 1024, "rss_before_mb": before / 1024,
                       "pairs": len(pairs), "params_after": params,
