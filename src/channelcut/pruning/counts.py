@@ -23,11 +23,26 @@ combining two channel sizes forgets the base (``None``).
 ((1, 2), None)
 >>> isinstance(int(c), ChannelCount)
 False
+
+While tracing, the plain int attributes of the model's own modules are
+:class:`StoredInt` objects, and comparing a channel count with one (``assert
+x.shape[1] == self.channels``, either way round) calls :data:`on_compare` (set
+by the tracer): that attribute counts those channels and is rewritten with
+them.
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional, Tuple
+import re
+from typing import Any, Callable, Optional, Tuple
+
+#: while tracing (the model's own code only): called with a ChannelCount and
+#: the module attribute (:class:`StoredInt`) it was found equal to by ``==``
+#: or ``!=``
+on_compare: Optional[Callable[["ChannelCount", "StoredInt"], None]] = None
+#: while tracing (the model's own code only): called with a :class:`StoredInt`
+#: that the model computes with (arithmetic on it)
+on_use: Optional[Callable[["StoredInt"], None]] = None
 
 
 class ChannelCount(int):
@@ -63,6 +78,20 @@ class ChannelCount(int):
     def __pos__(self): return self  # noqa: E704
     def __abs__(self): return ChannelCount(abs(int(self)), self.base)  # noqa: E704
     def __int__(self): return int.__int__(self)  # noqa: E704
+    __hash__ = int.__hash__
+
+    def __eq__(self, o):
+        eq = int.__eq__(self, o)
+        if eq is True and on_compare is not None and isinstance(o, StoredInt):
+            on_compare(self, o)
+        return eq
+
+    def __ne__(self, o):
+        ne = int.__ne__(self, o)
+        if ne is False and on_compare is not None and isinstance(o, StoredInt):
+            on_compare(self, o)
+        return ne
+
     def __repr__(self): return int.__repr__(self)  # noqa: E704
 
 
@@ -93,6 +122,92 @@ class HeadCount(int):
         return (int, (int(self),))
 
     def __repr__(self): return int.__repr__(self)  # noqa: E704
+
+
+class StoredInt(int):
+    """A plain int attribute of one of the model's own modules, while tracing.
+
+    Read by the model as an ordinary int (arithmetic gives plain ints); found
+    equal to a :class:`ChannelCount` by ``==`` or ``!=``, it tells the tracer
+    which attribute the model checks a width against; computed with
+    (arithmetic, :data:`on_use`) or passed to a torch function, it is an
+    attribute the traced code reads, which the rules have seen.
+
+    >>> s = StoredInt(64, "up.0", "channels")
+    >>> s == 64, (s.module, s.attr), type(s + 1) is int
+    (True, ('up.0', 'channels'), True)
+    """
+
+    module: str
+    attr: str
+
+    def __new__(cls, value: int, module: str, attr: str) -> "StoredInt":
+        obj = super().__new__(cls, value)
+        obj.module = module
+        obj.attr = attr
+        return obj
+
+    __hash__ = int.__hash__
+
+    def __eq__(self, o):
+        eq = int.__eq__(self, o)
+        if eq is True and on_compare is not None and isinstance(o, ChannelCount):
+            on_compare(o, self)
+        return eq
+
+    def __ne__(self, o):
+        ne = int.__ne__(self, o)
+        if ne is False and on_compare is not None and isinstance(o, ChannelCount):
+            on_compare(o, self)
+        return ne
+
+    def __reduce__(self):
+        return (int, (int(self),))
+
+    def __repr__(self): return int.__repr__(self)  # noqa: E704
+
+    def _used(self) -> None:
+        if on_use is not None:
+            on_use(self)
+
+
+def _noting_use(op: str) -> Callable[..., Any]:
+    base = getattr(int, op)
+
+    def method(self, *args):
+        self._used()
+        return base(self, *args)
+
+    method.__name__ = op
+    return method
+
+
+for _op in ("__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__", "__floordiv__",
+            "__rfloordiv__", "__truediv__", "__rtruediv__", "__mod__", "__rmod__", "__pow__", "__rpow__",
+            "__lshift__", "__rshift__", "__neg__", "__divmod__", "__rdivmod__"):
+    setattr(StoredInt, _op, _noting_use(_op))
+del _op
+
+
+#: words in an attribute's name that say it counts something other than
+#: channels (``num_key_value_groups``, ``layer_idx``, ``max_seq_len_cached``,
+#: ``reg_max``): such an attribute is never taken for a stored width
+COUNT_WORDS = frozenset((
+    "num", "n", "nb", "idx", "index", "layer", "layers", "head", "heads", "group", "groups", "stride", "strides",
+    "kernel", "patch", "window", "pad", "padding", "dilation", "vocab", "max", "min", "len", "length", "seq",
+    "pos", "position", "positions", "step", "steps", "class", "classes", "nc", "nl", "na", "no", "reg", "k",
+    "topk", "top", "depth", "block", "blocks", "order", "rank", "rep", "repeat", "repeats", "iter", "count",
+    "expert", "experts", "batch", "sample", "image", "img", "frames", "time", "tokens", "token", "seed",
+))
+
+
+def names_a_width(attr: str) -> bool:
+    """Whether an int attribute's name may hold a width (see :data:`COUNT_WORDS`).
+
+    >>> [names_a_width(a) for a in ("c", "c_", "hidden_size", "out_channels", "num_key_value_groups", "layer_idx")]
+    [True, True, True, True, False, False]
+    """
+    return not any(w in COUNT_WORDS for w in re.split(r"[_\d]+", attr.lower()) if w)
 
 
 # attribute names that count attention heads in the model zoos

@@ -263,6 +263,14 @@ class TracedGraph:
     # (module, attribute, channels of each section, is a tuple): a list of
     # section sizes (``torch.split(x, self.splits)``) rewritten when pruning
     module_lists: List[Tuple[str, str, List[List[int]], bool]] = field(default_factory=list)
+    # (module, int attribute) -> (its value, the channel atoms of each distinct
+    # tensor of that width that the module's own code made):
+    # an attribute that may hold a width, rewritten after pruning when all
+    # those tensors keep one same count (``Recorder.note_widths``)
+    stored_widths: Dict[Tuple[str, str], Tuple[int, List[Tuple[int, ...]]]] = field(default_factory=dict)
+    # (module, int attribute) that the traced code computed with or passed to
+    # a torch function: the rules saw those uses, so it is not a stored width
+    read_attributes: Set[Tuple[str, str]] = field(default_factory=set)
     # (weight, channels) of every depthwise conv: channels pass through it,
     # and it must keep at least one (torch has no conv with zero groups)
     depthwise: List[Tuple[str, List[int]]] = field(default_factory=list)

@@ -23,7 +23,7 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 import torch
 
 from .graph import NO_SOURCE, OpRecord, ParamUse, RmsNormUse, SourceTable, TracedGraph
-from .counts import HeadCount, ChannelCount
+from .counts import HEAD_COUNT_ATTRS, ChannelCount, HeadCount, StoredInt
 
 
 class TooBigToMaterialize(Exception):
@@ -236,7 +236,8 @@ class ModuleContext:
         m = self.running()
         if m is None:
             return []
-        return [k for k, v in vars(m).items() if type(v) is int and v == value and not k.startswith("_")]
+        # (plain ints, or the StoredInt marks they wear while tracing)
+        return [k for k, v in vars(m).items() if type(v) in (int, StoredInt) and v == value and not k.startswith("_")]
 
     def head_count_attrs(self, value: int) -> List[str]:
         """Head-count attributes (:class:`HeadCount`) of the running module equal to ``value``."""
@@ -278,8 +279,22 @@ class Recorder:
         self.attribute_uses: Dict[Tuple[Optional[str], str], List[int]] = {}
         # one walk over the modules: names of modules, parameters and buffers
         # (the first name of a shared one), shapes and owners for the graph
+        #: (module, attribute) of int attributes the traced code computed with
+        #: or passed to a torch function (see ``counts.StoredInt``)
+        self.used_attrs: set = set()
+        #: module name -> {value: [its plain int attributes of that value]}, for
+        #: modules not from torch (whose widths the pruner knows): attributes
+        #: that may hold a width of the module's tensors (see :meth:`note_widths`)
+        self.width_attrs: Dict[str, Dict[int, List[str]]] = {}
         for mname, m in model.named_modules(remove_duplicate=False):
             self.modules.names[id(m)] = mname
+            if not type(m).__module__.startswith("torch."):
+                ints: Dict[int, List[str]] = {}
+                for k, v in vars(m).items():
+                    if type(v) is int and v > 1 and not k.startswith("_") and k not in HEAD_COUNT_ATTRS:
+                        ints.setdefault(v, []).append(k)
+                if ints:
+                    self.width_attrs[mname] = ints
             for table in (m._parameters, m._buffers):
                 for pname, p in table.items():
                     if p is None:
@@ -430,6 +445,28 @@ class Recorder:
         module, attr, ids, divisor = entry
         self.couple_attribute_uses(module, attr, ids)
         self.graph.module_sizes.append((module, attr, ids, divisor))
+
+    def note_widths(self, module: Optional[str], tensors: Iterable[Any]) -> None:
+        """Tensors that ``module``'s own code made (outputs of the torch calls
+        it makes itself, not its submodules' or its inputs): remember
+        the channels of each whose channel width equals one of the module's
+        plain int attributes (``graph.stored_widths``), so that the attribute
+        follows them when pruning even if only an untraced code path reads it."""
+        ints = self.width_attrs.get(module) if module is not None else None
+        if not ints:
+            return
+        for x in tensors:
+            t = self.get(x)
+            if t is None or t.vdim is None:
+                continue
+            names = ints.get(x.shape[t.vdim])
+            if not names:
+                continue
+            ids = tuple(t.ids.tolist())
+            for attr in names:
+                entry = self.graph.stored_widths.setdefault((module, attr), (x.shape[t.vdim], []))
+                if ids not in entry[1]:
+                    entry[1].append(ids)
 
     def couple_attribute_uses(self, module: Optional[str], attr: str, ids: List[int]) -> None:
         """Channels ``ids`` are counted by attribute ``attr`` of ``module``:

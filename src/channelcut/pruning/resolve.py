@@ -21,6 +21,7 @@ from typing import Dict, Iterable, List, Mapping, Optional, Set, Tuple
 
 from ..errors import (ChannelRangeError, EmptyLayerError, ExportError, NotPrunableError, RequestError,
                       UnknownParameterError)
+from .counts import names_a_width
 from .reorder import GroupVectors, Layout, ReorderPlan, plan_reorder
 from .rmsnorm import rescale_factor
 from .spec import LayerStat, MaskAddition, MaskEntry, NormRescale, PruningSpec, Subselection
@@ -410,6 +411,36 @@ class _Slices:
         return out
 
 
+def _stored_widths(graph: TracedGraph, spec: PruningSpec, layout: Layout) -> None:
+    """Int attributes that held the width of some of their module's tensors
+    (``graph.stored_widths``), that the traced code never read and that no
+    rule already rewrites (an untraced code path may read them), whose name
+    may hold a width (``counts.names_a_width``), of modules with a pruned
+    parameter in them: the new width when all those tensors keep
+    one same count and no other attribute of the module held the same value
+    (``spec.inferred_attributes``), else reported in ``spec.stale_attributes``
+    and left alone."""
+    explicit = {(m, a) for m, a, _, _ in graph.module_sizes} | {(m, a) for m, a, _, _ in graph.module_lists}
+    sliced = {graph.param_modules.get(p) for p in spec.slices}
+    for (module, attr), (old, id_lists) in graph.stored_widths.items():
+        if (module, attr) in explicit or (module, attr) in graph.read_attributes or attr in spec.attributes.get(module, {}):
+            continue
+        if not names_a_width(attr):
+            continue  # its name says it counts something else
+        prefix = module + "." if module else ""
+        if not any(m is not None and (m == module or m.startswith(prefix)) for m in sliced):
+            continue  # nothing in it is pruned: its widths did not change
+        new = sorted({len(layout.order(ids)) for ids in id_lists})
+        if new == [old]:
+            continue
+        twins = [a for (m, a), (v, _) in graph.stored_widths.items() if m == module and v == old and a != attr]
+        if len(new) == 1 and not twins:
+            spec.attributes.setdefault(module, {})[attr] = new[0]
+            spec.inferred_attributes.append((module, attr))
+        else:
+            spec.stale_attributes.append((module, attr, old, new))
+
+
 def _write_spec(r: Resolution, plan: ReorderPlan, copy_cost: float) -> PruningSpec:
     """Phase 4: kept indices per parameter dim (in the new order), which
     consumers read a subset of their input, what the mock masks, and the
@@ -438,6 +469,7 @@ def _write_spec(r: Resolution, plan: ReorderPlan, copy_cost: float) -> PruningSp
                 m.channels = sorted(set(m.channels) | d)
         _consumer_read(r, spec, slices, op, layout.order(c.in_ids), d, copy_cost)
     spec.slices = slices.changed()
+    _stored_widths(graph, spec, layout)
     spec.masks = list(masks.values())
     spec.requested = {p: sorted(chs) for p, chs in r.requested.items()}
     spec.additions = _additions(graph, r.groups_of, masks, r.requested, r.outputs_of_group, r.mode)

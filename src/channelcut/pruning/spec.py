@@ -156,6 +156,14 @@ class PruningSpec:
     kept_zeros: List[str] = field(default_factory=list)
     # RMS norms over fewer channels, rescaled to stay exact
     rescales: List[NormRescale] = field(default_factory=list)
+    # (module, attribute) of ``attributes`` rewritten because they held the
+    # old width of tensors the module's own code made
+    # (no traced op read them: ``C2f.c``, read only by ultralytics' export path)
+    inferred_attributes: List[Tuple[str, str]] = field(default_factory=list)
+    # (module, attribute, its value, the new widths of the tensors it matched):
+    # attributes that held an old width but whose tensors now differ in
+    # width, so no one value is right; left as they are and reported
+    stale_attributes: List[Tuple[str, str, int, List[int]]] = field(default_factory=list)
 
     def removed_inputs(self) -> Dict[str, List[int]]:
         """Consumer weight -> every input channel the export removes: the
@@ -221,6 +229,9 @@ class PruningSpec:
                               ("rescales", NormRescale)):
                 kw[name] = [e if isinstance(e, typ) else typ(**e) for e in kw.get(name, [])]
             kw["barriers"] = [tuple(b) for b in kw.get("barriers", [])]
+            kw["inferred_attributes"] = [(str(m), str(a)) for m, a in kw.get("inferred_attributes", [])]
+            kw["stale_attributes"] = [(str(m), str(a), int(v), [int(n) for n in new])
+                                      for m, a, v, new in kw.get("stale_attributes", [])]
         except (TypeError, AttributeError, ValueError) as exc:
             raise ValueError(f"malformed pruning spec: {exc}") from exc
         return cls(**kw)
@@ -247,6 +258,10 @@ class PruningSpec:
             lines.append(f"  RMS norm {r.module or r.weight}: over fewer channels, eps -> {r.eps:.3g}, weight x {r.factor:.4f}")
         for note in self.kept_zeros[:max_rows]:
             lines.append(f"  kept: {note}")
+        for m, a in self.inferred_attributes[:max_rows]:
+            lines.append(f"  width attribute {m or '<model>'}.{a} -> {self.attributes[m][a]} (the width it held)")
+        for m, a, v, new in self.stale_attributes[:max_rows]:
+            lines.append(f"  left as it was: {m or '<model>'}.{a} = {v} held a width that is now {' or '.join(map(str, new))}")
         changed = [p for p in self.producers if p.after != p.before]
         lines.append(f"producers with removed outputs: {len(changed)} of {len(self.producers)}")
         w = max([len(p.name) for p in changed[:max_rows]] + [10])

@@ -19,7 +19,8 @@ from torch.overrides import TorchFunctionMode
 
 from ..errors import TracingError
 from . import rules, shape_only
-from .counts import HEAD_COUNT_ATTRS, ChannelCount, HeadCount
+from . import counts
+from .counts import HEAD_COUNT_ATTRS, ChannelCount, HeadCount, StoredInt
 from .graph import TracedGraph
 from .model_run import call_model, flatten_tensors, mismatch_hint, preserve_buffers
 from .recorder import CompactTrace, Recorder, TooBigToMaterialize
@@ -40,7 +41,17 @@ class Tracer(TorchFunctionMode):
         self.device = first.device if first is not None else torch.device("cpu")
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
+        # only the model's own comparisons of channel counts are watched, not
+        # those of torch's functions, of rules or of a decomposition
+        hook, use, counts.on_compare, counts.on_use = counts.on_compare, counts.on_use, None, None
+        try:
+            if use is not None:
+                _note_stored_args(self.recorder, args, kwargs)
+            return self._call(func, args, kwargs or {})
+        finally:
+            counts.on_compare, counts.on_use = hook, use
+
+    def _call(self, func, args, kwargs):
         if self.recorder.opaque:  # inside a module traced as one op (an RMS norm)
             if self.shapes_only:
                 return shape_only.run(func, rules.func_name(func), args, kwargs, self.meta_cache, self.device, rules.facts)
@@ -49,7 +60,7 @@ class Tracer(TorchFunctionMode):
         facts = rules.facts(name)
         if facts is not None and facts.decompose is not None:
             # an op run as the ops it is made of, each traced (attention)
-            run = facts.decompose(rules.OpCall(func, name, args, kwargs, None))
+            run = facts.decompose(rules.OpCall(func, name, args, kwargs, None), self.recorder)
             if run is not None:
                 with self:
                     return run()
@@ -62,10 +73,13 @@ class Tracer(TorchFunctionMode):
             return self._mark_sizes(func, args, kwargs, out)
 
         call = rules.OpCall(func, name, args, kwargs, out)
+        rec = self.recorder
         try:
-            rules.dispatch(self.recorder, call)
+            rules.dispatch(rec, call)
         except TooBigToMaterialize:
-            rules.barrier(self.recorder, call, "tensor too large to trace by materialising")
+            rules.barrier(rec, call, "tensor too large to trace by materialising")
+        if rec.modules.stack and rec.modules.stack[-1] in rec.width_attrs:
+            rec.note_widths(rec.modules.stack[-1], call.outs)
         return out
 
     def _mark_sizes(self, func, args, kwargs, out):
@@ -112,6 +126,26 @@ def module_hooks(rec: Recorder):
     return h1, h2
 
 
+def _note_stored_args(rec: Recorder, args: tuple, kwargs: Optional[dict]) -> None:
+    """Module attributes (:class:`StoredInt`) passed to a torch function
+    (``x.view(b, -1, self.head_dim)``): read by the traced code."""
+    for a in (*args, *(kwargs.values() if kwargs else ())):
+        if isinstance(a, StoredInt):
+            rec.used_attrs.add((a.module, a.attr))
+        elif isinstance(a, (list, tuple)):
+            for b in a:
+                if isinstance(b, StoredInt):
+                    rec.used_attrs.add((b.module, b.attr))
+
+
+def compared_with_attribute(rec: Recorder, count: ChannelCount, stored: StoredInt) -> None:
+    """The model's code found channel count ``count`` equal to a module's int
+    attribute (``assert x.shape[1] == self.channels``): the attribute counts
+    those channels and is rewritten with them."""
+    if count.base is not None and len(count.base) == int(stored):
+        rec.add_module_size((stored.module, stored.attr, list(count.base), 1))
+
+
 def rms_norm_module(rec: Recorder, module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
     """An RMS norm module ran as one op: its channels pass through, its
     weight is sliced with them, and it is rescaled when some are removed."""
@@ -128,16 +162,25 @@ def rms_norm_module(rec: Recorder, module: torch.nn.Module, x: torch.Tensor, y: 
     rec.set(y, CompactTrace(t.atoms, t.vdim))
 
 
-def _mark_head_counts(model: torch.nn.Module) -> List[Tuple[torch.nn.Module, str, int]]:
-    """Replace every module's head-count attribute by a :class:`HeadCount`
-    for the traced pass; return what to put back."""
-    marked: List[Tuple[torch.nn.Module, str, int]] = []
-    for name, m in model.named_modules():
+def _mark_attributes(rec: Recorder) -> List[Tuple[torch.nn.Module, str, int, int]]:
+    """For the traced pass, replace every module's head-count attribute by a
+    :class:`HeadCount`, and every other plain int attribute of the model's own
+    modules (``rec.width_attrs``) by a :class:`StoredInt`; return what to put
+    back."""
+    marked: List[Tuple[torch.nn.Module, str, int, int]] = []
+    for name, m in rec.model.named_modules():
+        d = m.__dict__
         for attr in HEAD_COUNT_ATTRS:
-            v = m.__dict__.get(attr)
+            v = d.get(attr)
             if type(v) is int and v > 1:
-                marked.append((m, attr, v))
-                m.__dict__[attr] = HeadCount(v, name, attr)
+                d[attr] = HeadCount(v, name, attr)
+                marked.append((m, attr, v, d[attr]))
+        for attrs in rec.width_attrs.get(name, {}).values():
+            for attr in attrs:
+                v = d.get(attr)
+                if type(v) is int:
+                    d[attr] = StoredInt(v, name, attr)
+                    marked.append((m, attr, v, d[attr]))
     return marked
 
 
@@ -181,7 +224,9 @@ def _trace_once(model: torch.nn.Module, inputs: Sequence[Any] | Dict[str, Any], 
             rec.set(x, rec.fresh_pinned(f"<input{i}>", x.dim(), "is a model input"))
     rec.rms_forms = rms_norm_modules(model)
     hooks = module_hooks(rec)
-    marked = _mark_head_counts(model)
+    marked = _mark_attributes(rec)
+    counts.on_compare = lambda count, value: compared_with_attribute(rec, count, value)
+    counts.on_use = lambda stored: rec.used_attrs.add((stored.module, stored.attr))
     try:
         # buffers are saved and restored outside the tracer: those copies are
         # not the model's ops
@@ -196,10 +241,13 @@ def _trace_once(model: torch.nn.Module, inputs: Sequence[Any] | Dict[str, Any], 
             + (hint or "Pass inputs that run the model, e.g. compute([torch.rand(1, 3, 224, 224)]).")
         ) from exc
     finally:
+        counts.on_compare = counts.on_use = None
+        graph.read_attributes = rec.used_attrs
         for h in hooks:
             h.remove()
-        for m, attr, value in marked:
-            m.__dict__[attr] = value
+        for m, attr, value, mark in marked:
+            if m.__dict__.get(attr) is mark:  # (unless the model set it meanwhile)
+                m.__dict__[attr] = value
     outs = flatten_tensors(out)
     if not outs:
         raise TracingError(
