@@ -71,10 +71,20 @@ def sdpa(rec: Recorder, call: OpCall) -> None:
         rec.set(out, CompactTrace.along(tv.ids, out.dim() - 1, out.dim()))
 
 
-def multi_head_attention(call: OpCall) -> Optional[Callable[[], Tuple[Tensor, Optional[Tensor]]]]:
+def multi_head_attention(call: OpCall, rec: Recorder) -> Optional[Callable[[], Tuple[Tensor, Optional[Tensor]]]]:
     """A ``F.multi_head_attention_forward`` call as :func:`mha_forward` (run
     under the tracer, each op traced), or None for the configurations that
-    stay a barrier."""
+    stay a barrier.
+
+    Called by ``nn.MultiheadAttention``, whose pruned form runs
+    :func:`mha_forward` itself, heads and embedding channels are free. Called
+    by any other module (CLIP's attention pooling passes its own projection
+    weights), the pruned model still runs ``F.multi_head_attention_forward``,
+    which takes the embedding width from the query and requires the query,
+    key and value projections to produce exactly that width in
+    ``num_heads`` equal heads: a count constraint channel groups cannot
+    express. There the query, key and value channels and the projected heads
+    are pinned, with that reason; the output projection's rows stay free."""
     if call.func is not F.multi_head_attention_forward:
         return None
     names = ("query", "key", "value", "embed_dim_to_check", "num_heads", "in_proj_weight", "in_proj_bias",
@@ -101,7 +111,7 @@ def multi_head_attention(call: OpCall) -> Optional[Callable[[], Tuple[Tensor, Op
     kpm = a["key_padding_mask"]
     if kpm is not None and kpm.dtype != torch.bool:
         kpm = kpm.to(query.dtype)
-    return lambda: mha_forward(
+    run = lambda: mha_forward(  # noqa: E731
         query, a["key"], a["value"], embed_dim // num_heads,
         None if separate else a["in_proj_weight"], a["in_proj_bias"],
         a["q_proj_weight"] if separate else None,
@@ -111,6 +121,28 @@ def multi_head_attention(call: OpCall) -> Optional[Callable[[], Tuple[Tensor, Op
         float(a["dropout_p"]), bool(a["training"]), kpm, bool(a["need_weights"]), mask,
         bool(a["average_attn_weights"]), bool(a["is_causal"]),
     )
+    if isinstance(rec.modules.running(), torch.nn.MultiheadAttention):
+        return run
+    return lambda: _pinned_functional_mha(rec, run, [query, a["key"], a["value"]])
+
+
+FUNCTIONAL_MHA = ("F.multi_head_attention_forward outside nn.MultiheadAttention takes its width from the "
+                  "query and needs num_heads equal heads of the query's width")
+
+
+def _pinned_functional_mha(rec: Recorder, run: Callable[[], Tuple[Tensor, Optional[Tensor]]],
+                           inputs: list) -> Tuple[Tensor, Optional[Tensor]]:
+    """Run the decomposed call; pin its inputs' channels and every channel it
+    created (the projected heads) except the output projection's rows."""
+    rec.pin_all(inputs, FUNCTIONAL_MHA)
+    start = len(rec.sources)
+    result = run()
+    t = rec.get(result[0])
+    free = set(t.ids.tolist()) if t is not None else set()
+    made = [a for a in range(start, len(rec.sources)) if a not in free]
+    if made:
+        rec.pin_ids(torch.tensor(made, dtype=torch.long), FUNCTIONAL_MHA)
+    return result
 
 
 declare("multi_head_attention_forward", decompose=multi_head_attention)

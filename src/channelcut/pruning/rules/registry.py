@@ -52,7 +52,7 @@ class OpRule:
     form's ``inplace`` flag; ``creates`` is "constant" for creation ops whose
     values depend on no tensor's values and "template" for those whose first
     argument lends only shape, dtype and device; ``same_on_meta``: a meta
-    tensor answers it like the real one. ``decompose(call)`` returns a
+    tensor answers it like the real one. ``decompose(call, rec)`` returns a
     function that computes the op from ops the tracer follows (run under the
     tracer instead of the op), or None to leave the call as it is."""
 
@@ -61,7 +61,7 @@ class OpRule:
     inplace_arg: Optional[int] = None
     creates: Optional[str] = None
     same_on_meta: bool = False
-    decompose: Optional[Callable[["OpCall"], Optional[Callable[[], Any]]]] = None
+    decompose: Optional[Callable[["OpCall", Any], Optional[Callable[[], Any]]]] = None
 
 
 #: function name -> its rule; in-place variants (``add_``, ``__iadd__``) use
@@ -75,7 +75,7 @@ def rule(
     inplace_arg: Optional[int] = None,
     creates: Optional[str] = None,
     same_on_meta: bool = False,
-    decompose: Optional[Callable[["OpCall"], Optional[Callable[[], Any]]]] = None,
+    decompose: Optional[Callable[["OpCall", Any], Optional[Callable[[], Any]]]] = None,
 ) -> Callable[[Optional[TraceRule]], Optional[TraceRule]]:
     """Register the decorated trace rule for ``names``, with the facts the
     shape-only pass uses (see :class:`OpRule`). Each op is registered once:
