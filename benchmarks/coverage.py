@@ -61,6 +61,7 @@ from torch import nn
 from channelcut import PruningManager, stats
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import export_props  # noqa: E402  (the shape-only trace check)
 from support.randomize import randomize_norms  # noqa: E402
 from support.reference import check_removal, zero_inputs_, zeroed_reference  # noqa: E402
@@ -717,6 +718,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--no-timm", dest="timm", action="store_false")
     ap.add_argument("--transformers", dest="transformers", action="store_true", default=True)
     ap.add_argument("--no-transformers", dest="transformers", action="store_false")
+    ap.add_argument("--families", dest="families", action="store_true", default=True,
+                    help="ultralytics, diffusers, open_clip, segment_anything and more Hugging Face (benchmarks/families.py)")
+    ap.add_argument("--no-families", dest="families", action="store_false")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "docs", "coverage.md"))
     ap.add_argument("--json", help="results file (default: --out with .json)")
     ap.add_argument("--fresh", action="store_true", help="drop earlier results instead of merging")
@@ -756,6 +760,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         cases += timm_cases()
     if args.transformers:
         cases += transformers_cases()
+    if args.families:
+        import families
+
+        cases += families.cases(Case)
     if args.zoo:
         cases = [c for c in cases if c.zoo in args.zoo]
     if args.subset:
