@@ -69,8 +69,13 @@ def child(which: str) -> Dict[str, Any]:
     req = request(cfg, "all", 0.25)
     meta = which == "llama8b-meta"
     device = torch.device("meta") if meta else torch.device("cpu")
-    with torch.device(device):
-        net = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # built in bfloat16 (a float32 build would need 32 GB)
+    try:
+        with torch.device(device):
+            net = transformers.LlamaForCausalLM(cfg).eval()
+    finally:
+        torch.set_default_dtype(old)
     out["model_mb"] = sum(p.numel() * p.element_size() for p in net.parameters()) / 2**20
     ids = {"input_ids": torch.zeros(1, 8, dtype=torch.long)}
     pm = PruningManager(net)
@@ -95,7 +100,8 @@ def main(argv=None) -> None:
     for m in models:
         r = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", m], capture_output=True, text=True)
         if r.returncode != 0:
-            rows.append({"model": m, "error": (r.stderr.strip().splitlines() or ["?"])[-1][:200]})
+            why = (r.stderr.strip().splitlines() or [f"exit status {r.returncode} (killed: out of memory?)"])[-1][:200]
+            rows.append({"model": m, "error": why})
         else:
             rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
         print(json.dumps(rows[-1]), flush=True)

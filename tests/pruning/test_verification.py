@@ -120,11 +120,18 @@ def test_a_wrong_bfloat16_model_fails_verification(monkeypatch):
     assert net[0].out_channels == 8
 
 
+@pytest.mark.parametrize("spilled", [False, True], ids=["in-memory", "spilled"])
 @pytest.mark.parametrize("kind", ["inputs", "outputs", "constrained", "superset"])
-def test_undo_rebuilds_every_tensor_bit_for_bit(kind):
+def test_undo_rebuilds_every_tensor_bit_for_bit(kind, spilled, monkeypatch):
     """The pruner keeps only the removed values; undo (and a failed
-    verification) rebuilds the model exactly: values, objects, attributes."""
+    verification) rebuilds the model exactly: values, objects, attributes.
+    ``spilled``: every kept value in a file-backed map (``spill.py``), as for
+    a model that fills the machine's memory."""
+    from channelcut.pruning import spill
     from support.unchanged import assert_unchanged, snapshot
+
+    if spilled:
+        monkeypatch.setattr(spill, "SPILL_BYTES", 0)
 
     net = _net()
     x = torch.rand(2, 3, 10, 10, dtype=torch.float64)
@@ -138,3 +145,26 @@ def test_undo_rebuilds_every_tensor_bit_for_bit(kind):
     pm.undo()
     assert_unchanged(net, before, "after undo")
     assert torch.equal(net(x), y0)
+
+
+def test_spilled_reference_columns_are_restored_after_a_failed_verification(monkeypatch):
+    """With every saved value in a file-backed map, a failed verification
+    still leaves the model bit for bit as it was."""
+    from channelcut.pruning import spill
+    from support.unchanged import assert_unchanged, snapshot
+
+    monkeypatch.setattr(spill, "SPILL_BYTES", 0)
+    real = manager_mod.resolve
+
+    def one_extra(graph, pruned_inputs, *a, **k):
+        spec = real(graph, list(pruned_inputs) + [("9.weight", 3)], *a, **k)
+        spec.requested = real(graph, pruned_inputs, *a, **k).requested
+        return spec
+
+    monkeypatch.setattr(manager_mod, "resolve", one_extra)
+    net = _net()
+    x = torch.rand(2, 3, 10, 10, dtype=torch.float64)
+    before = snapshot(net)
+    with pytest.raises(ExportError, match="verification failed"):
+        PruningManager(net).compute([x], pruned_inputs=REQUEST).prune()
+    assert_unchanged(net, before, "after a failed verification")

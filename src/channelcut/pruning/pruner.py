@@ -3,7 +3,8 @@
 Parameters are sliced one at a time, in place: each old tensor is freed as
 its slice is made, so the memory an export needs beyond the model is about
 one layer's weights. Every change is recorded in a :class:`Rollback` (for a
-sliced tensor, only the values it removed), so a failure (or a failed
+sliced tensor, only the values it removed; large ones in a file-backed map,
+``spill.py``), so a failure (or a failed
 verification) restores the model exactly: same parameter objects, same
 values, same attributes, no hooks.
 
@@ -24,6 +25,7 @@ import torch
 from torch import nn
 
 from ..errors import ExportError
+from . import spill
 from .attention import fix_multihead_attention
 from .mock import zero_input_channels
 from .rmsnorm import rescaled_weight
@@ -160,7 +162,7 @@ def shrink(t: torch.Tensor, dims: Dict[int, List[int]], delta: Optional[List[flo
         n = before.shape[dim]
         keep = set(dims[dim])  # (a plain list: the index may be on the meta device)
         gone = _index([i for i in range(n) if i not in keep], before.device, index)
-        steps.append((dim, n, kept_i, gone, before.index_select(dim, gone)))
+        steps.append((dim, n, kept_i, gone, spill.keep(before.index_select(dim, gone))))
 
     if delta is not None or rescale is not None or not dims:
         # a bias or a norm's weight (small), or zero columns only: the old tensor stays whole

@@ -34,6 +34,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from . import spill
 from .graph import TracedGraph
 from .model_run import compare_outputs, flatten_tensors, run_model
 from .spec import PruningSpec
@@ -106,9 +107,9 @@ def columns_zeroed(model: nn.Module, graph: TracedGraph, removed: List[Tuple[str
                     dim, groups = _layout(graph, param)
                 if groups == 1:  # keep only the columns it changes
                     idx = torch.tensor(chans, dtype=torch.long, device=w.device)
-                    saved.append((w, dim, idx, w.index_select(dim, idx)))
+                    saved.append((w, dim, idx, spill.keep(w.index_select(dim, idx))))
                 else:
-                    saved.append((w, 0, None, w.clone()))
+                    saved.append((w, 0, None, spill.keep(w.clone())))
                 _zero_columns(w, dim, groups, chans)
         yield
     finally:
