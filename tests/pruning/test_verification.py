@@ -50,15 +50,23 @@ def test_reference_is_the_request_zeroed_by_hand_and_leaves_the_model_as_it_was(
         assert torch.equal(ref.outputs, hand(x))
 
 
-def test_verification_makes_no_copy_of_the_model(monkeypatch):
-    net = _net()
-    x = torch.rand(2, 3, 10, 10, dtype=torch.float64)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_verification_makes_no_copy_of_the_model(monkeypatch, dtype):
+    """Not even in bfloat16, whose float64 reference run upcasts one module's
+    tensors at a time (``verify.run_in_float64``)."""
+    net = _net(dtype)
+    x = torch.rand(2, 3, 10, 10, dtype=dtype)
+    state = {k: v.clone() for k, v in net.state_dict().items()}
 
     def no_copy(*a, **k):
         raise AssertionError("verification copied the model")
 
     monkeypatch.setattr(manager_mod, "make_mock", no_copy)
     monkeypatch.setattr(verify.copy, "deepcopy", no_copy)
+    with verify.columns_zeroed(net, PruningManager(net).trace([x]), []):
+        y64 = verify.run_in_float64(net, [x])
+    assert y64.dtype == torch.float64
+    assert all(torch.equal(v, state[k]) and v.dtype == state[k].dtype for k, v in net.state_dict().items())
     PruningManager(net).compute([x], pruned_inputs=REQUEST).prune()
     assert net[9].in_features == 5
 

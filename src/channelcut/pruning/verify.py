@@ -17,8 +17,10 @@ weight layout, never from ``spec.masks``, so a plan that removes a channel it
 does not report fails verification. No copy of the model is made (two
 forward passes in all: this one and the pruned model's).
 
-Reduced precision (bfloat16, float16): the reference also runs in float64
-(on a float64 copy), and the pruned model passes when its distance to the
+Reduced precision (bfloat16, float16): the reference also runs in float64,
+without a float64 copy of the model: each module's own parameters and
+buffers are upcast while it runs (:func:`run_in_float64`), so the memory it
+takes is about the largest module's tensors in float64. The pruned model passes when its distance to the
 float64 result is within three times the distance of the unpruned model in
 its own dtype, plus four epsilons of the dtype times the output's scale: a
 bound derived from the dtype's rounding, with no absolute floor.
@@ -152,11 +154,61 @@ def reference_outputs(model: nn.Module, inputs: Any, spec: PruningSpec, graph: T
     with columns_zeroed(model, graph, removed):
         ref = Reference(run_deterministic(model, inputs))
     if any(t.dtype in REDUCED for t in flatten_tensors(ref.outputs)):
-        hi = copy.deepcopy(model).double()
-        with columns_zeroed(hi, graph, removed):
-            ref.outputs64 = run_deterministic(hi, _to64(inputs))
-        del hi
+        with columns_zeroed(model, graph, removed):
+            try:
+                ref.outputs64 = run_in_float64(model, inputs)
+            except Exception:  # a module that reads another's weights itself: a float64 copy
+                ref.outputs64 = None
+        if ref.outputs64 is None:
+            hi = copy.deepcopy(model).double()
+            with columns_zeroed(hi, graph, removed):
+                ref.outputs64 = run_deterministic(hi, _to64(inputs))
+            del hi
     return ref
+
+
+def run_in_float64(model: nn.Module, inputs: Any) -> Any:
+    """Run ``model`` in float64 with each module's own floating-point
+    parameters and buffers upcast only while that module runs (a tensor
+    shared by several modules once, until the last of them returns); every
+    tensor is put back as it was after. Raises if some op still meets a
+    tensor of the model's dtype (a module that reads another module's
+    weights in its own code)."""
+    ours = {id(m) for m in model.modules()}
+    active: Dict[int, List[Any]] = {}  # id(tensor) -> [tensor, original data, users]
+    stack: List[List[int]] = []
+
+    def pre(m: nn.Module, _args: Any) -> None:
+        ids: List[int] = []
+        if id(m) in ours:
+            for t in (*m._parameters.values(), *m._buffers.values()):
+                if t is None or not t.is_floating_point():
+                    continue
+                entry = active.get(id(t))
+                if entry is None:
+                    active[id(t)] = entry = [t, t.data, 0]
+                    t.data = t.data.double()
+                entry[2] += 1
+                ids.append(id(t))
+        stack.append(ids)
+
+    def post(_m: nn.Module, _args: Any, _out: Any) -> None:
+        for i in stack.pop() if stack else ():
+            entry = active[i]
+            entry[2] -= 1
+            if entry[2] == 0:
+                entry[0].data = entry[1]
+                del active[i]
+
+    h1 = torch.nn.modules.module.register_module_forward_pre_hook(pre)
+    h2 = torch.nn.modules.module.register_module_forward_hook(post, always_call=True)
+    try:
+        return run_deterministic(model, _to64(inputs))
+    finally:
+        h1.remove()
+        h2.remove()
+        for t, data, _ in active.values():
+            t.data = data
 
 
 def default_rtol(spec: PruningSpec) -> Optional[float]:
