@@ -27,8 +27,9 @@ from typing import Optional
 
 import torch
 
-#: tensors of at least this many bytes are kept in a file-backed map
-SPILL_BYTES = 64 * 2**20
+#: tensors of at least this many bytes are kept in a file-backed map (an 8B
+#: model's undo slices are a few MiB each, and gigabytes together)
+SPILL_BYTES = 2**20
 
 
 def keep(values: torch.Tensor, threshold: Optional[int] = None) -> torch.Tensor:
