@@ -35,7 +35,7 @@ def _outputs(y):
     return y
 
 
-@pytest.mark.parametrize("cfg", ["yolov8n.yaml", "yolo11n-seg.yaml"])
+@pytest.mark.parametrize("cfg", ["yolov8n.yaml", "yolo11n-seg.yaml", "yolov8n-pose.yaml", "yolo11n-obb.yaml", "yolov8n-cls.yaml", "yolov10n.yaml"])
 def test_pruned_yolo_saves_loads_predicts_and_exports_to_onnx(tmp_path, cfg: str) -> None:
     torch.manual_seed(0)
     yolo = YOLO(cfg, verbose=False)
