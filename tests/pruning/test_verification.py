@@ -71,9 +71,9 @@ def test_verification_makes_no_copy_of_the_model(monkeypatch, dtype):
     assert net[9].in_features == 5
 
 
-def test_an_unreported_extra_channel_fails_verification(monkeypatch):
-    """A resolve that removes a channel nobody asked for and does not report
-    it (so the mock agrees with the pruned model) is caught."""
+def _resolve_one_extra_channel(monkeypatch) -> None:
+    """Make resolve also remove input channel 3 of ``9.weight`` without
+    reporting it (the request it reports stays the caller's)."""
     real = manager_mod.resolve
 
     def one_extra(graph, pruned_inputs, *a, **k):
@@ -82,6 +82,12 @@ def test_an_unreported_extra_channel_fails_verification(monkeypatch):
         return spec
 
     monkeypatch.setattr(manager_mod, "resolve", one_extra)
+
+
+def test_an_unreported_extra_channel_fails_verification(monkeypatch):
+    """A resolve that removes a channel nobody asked for and does not report
+    it (so the mock agrees with the pruned model) is caught."""
+    _resolve_one_extra_channel(monkeypatch)
     net = _net()
     x = torch.rand(2, 3, 10, 10, dtype=torch.float64)
     pm = PruningManager(net).compute([x], pruned_inputs=REQUEST)
@@ -162,14 +168,7 @@ def test_spilled_reference_columns_are_restored_after_a_failed_verification(monk
     from support.unchanged import assert_unchanged, snapshot
 
     monkeypatch.setattr(spill, "SPILL_BYTES", 0)
-    real = manager_mod.resolve
-
-    def one_extra(graph, pruned_inputs, *a, **k):
-        spec = real(graph, list(pruned_inputs) + [("9.weight", 3)], *a, **k)
-        spec.requested = real(graph, pruned_inputs, *a, **k).requested
-        return spec
-
-    monkeypatch.setattr(manager_mod, "resolve", one_extra)
+    _resolve_one_extra_channel(monkeypatch)
     net = _net()
     x = torch.rand(2, 3, 10, 10, dtype=torch.float64)
     before = snapshot(net)

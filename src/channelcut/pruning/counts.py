@@ -82,14 +82,14 @@ class ChannelCount(int):
 
     def __eq__(self, o):
         eq = int.__eq__(self, o)
-        if eq is True and on_compare is not None and isinstance(o, StoredInt):
-            on_compare(self, o)
+        if eq is True:
+            _found_equal(self, o)
         return eq
 
     def __ne__(self, o):
         ne = int.__ne__(self, o)
-        if ne is False and on_compare is not None and isinstance(o, StoredInt):
-            on_compare(self, o)
+        if ne is False:
+            _found_equal(self, o)
         return ne
 
     def __repr__(self): return int.__repr__(self)  # noqa: E704
@@ -124,6 +124,17 @@ class HeadCount(int):
     def __repr__(self): return int.__repr__(self)  # noqa: E704
 
 
+def _found_equal(a: int, b: Any) -> None:
+    """``a == b`` held (or ``a != b`` failed): tell :data:`on_compare` when
+    one side is a channel count and the other a module attribute."""
+    if on_compare is None:
+        return
+    if isinstance(a, ChannelCount) and isinstance(b, StoredInt):
+        on_compare(a, b)
+    elif isinstance(a, StoredInt) and isinstance(b, ChannelCount):
+        on_compare(b, a)
+
+
 class StoredInt(int):
     """A plain int attribute of one of the model's own modules, while tracing.
 
@@ -148,18 +159,8 @@ class StoredInt(int):
         return obj
 
     __hash__ = int.__hash__
-
-    def __eq__(self, o):
-        eq = int.__eq__(self, o)
-        if eq is True and on_compare is not None and isinstance(o, ChannelCount):
-            on_compare(o, self)
-        return eq
-
-    def __ne__(self, o):
-        ne = int.__ne__(self, o)
-        if ne is False and on_compare is not None and isinstance(o, ChannelCount):
-            on_compare(o, self)
-        return ne
+    __eq__ = ChannelCount.__eq__
+    __ne__ = ChannelCount.__ne__
 
     def __reduce__(self):
         return (int, (int(self),))

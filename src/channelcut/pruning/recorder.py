@@ -277,15 +277,12 @@ class Recorder:
         self.modules = ModuleContext(model)
         #: (module, attribute) -> the channels its first use counted
         self.attribute_uses: Dict[Tuple[Optional[str], str], List[int]] = {}
-        # one walk over the modules: names of modules, parameters and buffers
-        # (the first name of a shared one), shapes and owners for the graph
-        #: (module, attribute) of int attributes the traced code computed with
-        #: or passed to a torch function (see ``counts.StoredInt``)
-        self.used_attrs: set = set()
         #: module name -> {value: [its plain int attributes of that value]}, for
         #: modules not from torch (whose widths the pruner knows): attributes
         #: that may hold a width of the module's tensors (see :meth:`note_widths`)
         self.width_attrs: Dict[str, Dict[int, List[str]]] = {}
+        # one walk over the modules: names of modules, parameters and buffers
+        # (the first name of a shared one), shapes and owners for the graph
         for mname, m in model.named_modules(remove_duplicate=False):
             self.modules.names[id(m)] = mname
             if not type(m).__module__.startswith("torch."):
@@ -452,7 +449,7 @@ class Recorder:
         the channels of each whose channel width equals one of the module's
         plain int attributes (``graph.stored_widths``), so that the attribute
         follows them when pruning even if only an untraced code path reads it."""
-        ints = self.width_attrs.get(module) if module is not None else None
+        ints = self.width_attrs.get(module)
         if not ints:
             return
         for x in tensors:

@@ -15,7 +15,7 @@ Start at :func:`resolve`. The steps:
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Mapping, Optional, Set, Tuple
 
@@ -421,20 +421,22 @@ def _stored_widths(graph: TracedGraph, spec: PruningSpec, layout: Layout) -> Non
     (``spec.inferred_attributes``), else reported in ``spec.stale_attributes``
     and left alone."""
     explicit = {(m, a) for m, a, _, _ in graph.module_sizes} | {(m, a) for m, a, _, _ in graph.module_lists}
-    sliced = {graph.param_modules.get(p) for p in spec.slices}
+    # modules with a pruned parameter in them: the owners and all their ancestors
+    pruned = {""} if spec.slices else set()
+    for p in spec.slices:
+        parts = (graph.param_modules.get(p) or "").split(".")
+        pruned.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+    # how many attributes of each module held each value
+    holders = Counter((m, v) for (m, _), (v, _) in graph.stored_widths.items())
     for (module, attr), (old, id_lists) in graph.stored_widths.items():
         if (module, attr) in explicit or (module, attr) in graph.read_attributes or attr in spec.attributes.get(module, {}):
             continue
-        if not names_a_width(attr):
-            continue  # its name says it counts something else
-        prefix = module + "." if module else ""
-        if not any(m is not None and (m == module or m.startswith(prefix)) for m in sliced):
-            continue  # nothing in it is pruned: its widths did not change
+        if not names_a_width(attr) or module not in pruned:
+            continue  # its name says it counts something else, or nothing in it changed
         new = sorted({len(layout.order(ids)) for ids in id_lists})
         if new == [old]:
             continue
-        twins = [a for (m, a), (v, _) in graph.stored_widths.items() if m == module and v == old and a != attr]
-        if len(new) == 1 and not twins:
+        if len(new) == 1 and holders[module, old] == 1:
             spec.attributes.setdefault(module, {})[attr] = new[0]
             spec.inferred_attributes.append((module, attr))
         else:

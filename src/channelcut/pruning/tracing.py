@@ -78,8 +78,8 @@ class Tracer(TorchFunctionMode):
             rules.dispatch(rec, call)
         except TooBigToMaterialize:
             rules.barrier(rec, call, "tensor too large to trace by materialising")
-        if rec.modules.stack and rec.modules.stack[-1] in rec.width_attrs:
-            rec.note_widths(rec.modules.stack[-1], call.outs)
+        if rec.module in rec.width_attrs:
+            rec.note_widths(rec.module, call.outs)
         return out
 
     def _mark_sizes(self, func, args, kwargs, out):
@@ -131,11 +131,11 @@ def _note_stored_args(rec: Recorder, args: tuple, kwargs: Optional[dict]) -> Non
     (``x.view(b, -1, self.head_dim)``): read by the traced code."""
     for a in (*args, *(kwargs.values() if kwargs else ())):
         if isinstance(a, StoredInt):
-            rec.used_attrs.add((a.module, a.attr))
+            rec.graph.read_attributes.add((a.module, a.attr))
         elif isinstance(a, (list, tuple)):
             for b in a:
                 if isinstance(b, StoredInt):
-                    rec.used_attrs.add((b.module, b.attr))
+                    rec.graph.read_attributes.add((b.module, b.attr))
 
 
 def compared_with_attribute(rec: Recorder, count: ChannelCount, stored: StoredInt) -> None:
@@ -226,7 +226,7 @@ def _trace_once(model: torch.nn.Module, inputs: Sequence[Any] | Dict[str, Any], 
     hooks = module_hooks(rec)
     marked = _mark_attributes(rec)
     counts.on_compare = lambda count, value: compared_with_attribute(rec, count, value)
-    counts.on_use = lambda stored: rec.used_attrs.add((stored.module, stored.attr))
+    counts.on_use = lambda stored: graph.read_attributes.add((stored.module, stored.attr))
     try:
         # buffers are saved and restored outside the tracer: those copies are
         # not the model's ops
@@ -242,7 +242,6 @@ def _trace_once(model: torch.nn.Module, inputs: Sequence[Any] | Dict[str, Any], 
         ) from exc
     finally:
         counts.on_compare = counts.on_use = None
-        graph.read_attributes = rec.used_attrs
         for h in hooks:
             h.remove()
         for m, attr, value, mark in marked:
