@@ -146,6 +146,7 @@ def test_undo_rebuilds_every_tensor_bit_for_bit(kind, spilled, monkeypatch):
 
     if spilled:
         monkeypatch.setattr(spill, "SPILL_BYTES", 0)
+        monkeypatch.setattr(spill, "SPILL_BELOW_AVAILABLE", 1.0)
 
     net = _net()
     x = torch.rand(2, 3, 10, 10, dtype=torch.float64)
@@ -168,6 +169,7 @@ def test_spilled_reference_columns_are_restored_after_a_failed_verification(monk
     from support.unchanged import assert_unchanged, snapshot
 
     monkeypatch.setattr(spill, "SPILL_BYTES", 0)
+    monkeypatch.setattr(spill, "SPILL_BELOW_AVAILABLE", 1.0)
     _resolve_one_extra_channel(monkeypatch)
     net = _net()
     x = torch.rand(2, 3, 10, 10, dtype=torch.float64)
@@ -175,3 +177,67 @@ def test_spilled_reference_columns_are_restored_after_a_failed_verification(monk
     with pytest.raises(ExportError, match="verification failed"):
         PruningManager(net).compute([x], pruned_inputs=REQUEST).prune()
     assert_unchanged(net, before, "after a failed verification")
+
+
+class _Tokens(nn.Module):
+    """Linear layers on a few tokens (inputs smaller than weights: the
+    reference zeroes their inputs), one called by keyword (it does not fit
+    the input hook: the reference falls back to zeroing weight columns)."""
+
+    def __init__(self, by_keyword: bool = False) -> None:
+        super().__init__()
+        self.by_keyword = by_keyword
+        self.up = nn.Linear(16, 32)
+        self.down = nn.Linear(32, 16)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.up(x))
+        h = self.down(input=h) if self.by_keyword else self.down(h)
+        return self.head(h + x)
+
+
+TOKEN_REQUEST = [("down.weight", c) for c in (0, 5, 9, 31)] + [("up.weight", 3), ("head.weight", 7)]
+
+
+@pytest.mark.parametrize("by_keyword", [False, True], ids=["input-hooks", "fallback-to-columns"])
+def test_reference_zeroes_inputs_where_cheaper_and_equals_the_model_zeroed_by_hand(by_keyword, monkeypatch):
+    torch.manual_seed(1)
+    net = _Tokens(by_keyword).double().eval()
+    x = torch.randn(1, 3, 16, dtype=torch.float64)
+    pm = PruningManager(net).compute([x], pruned_inputs=TOKEN_REQUEST)
+    hand = copy.deepcopy(net)
+    with torch.no_grad():
+        hand.down.weight[:, [0, 5, 9, 31]] = 0
+        hand.up.weight[:, 3] = 0
+        hand.head.weight[:, 7] = 0
+    hooked = []
+    real = verify._zero_input_hook
+    monkeypatch.setattr(verify, "_zero_input_hook", lambda *a: hooked.append(a) or real(*a))
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    ref = verify.reference_outputs(net, [x], pm.spec, pm.graph)
+    assert len(hooked) >= 3  # every linear was tried with its input zeroed
+    assert torch.allclose(ref.outputs, hand(x), rtol=0, atol=1e-14)
+    assert all(torch.equal(state[k], v) for k, v in net.state_dict().items())
+    assert not any(m._forward_pre_hooks for m in net.modules())
+    pm.prune()
+    assert net.down.in_features == 28
+
+
+def test_input_zeroing_still_catches_an_unreported_channel(monkeypatch):
+    """A plan that removes one more input of a hooked linear than it reports
+    fails verification (the reference zeroes only what was asked)."""
+    real = manager_mod.resolve
+
+    def one_extra(graph, pruned_inputs, *a, **k):
+        spec = real(graph, list(pruned_inputs) + [("down.weight", 2)], *a, **k)
+        spec.requested = real(graph, pruned_inputs, *a, **k).requested
+        return spec
+
+    monkeypatch.setattr(manager_mod, "resolve", one_extra)
+    torch.manual_seed(2)
+    net = _Tokens().double().eval()
+    x = torch.randn(1, 3, 16, dtype=torch.float64)
+    with pytest.raises(ExportError, match="verification failed"):
+        PruningManager(net).compute([x], pruned_inputs=TOKEN_REQUEST).prune()
+    assert net.down.in_features == 32

@@ -7,15 +7,19 @@ bfloat16 on a 24 GB machine) those values are a sizeable fraction of the
 weights. :func:`keep` moves a large CPU tensor into a file-backed shared
 memory map in the temporary directory, unlinked at once: the kernel can write
 its pages to disk instead of running out of memory, and the file is gone when
-the tensor is freed. Small tensors, and tensors on an accelerator, stay as
-they are.
+the tensor is freed. Small tensors, tensors on an accelerator, and every
+tensor while the machine has plenty of memory available (at least
+:data:`SPILL_BELOW_AVAILABLE` of its total: writing pages to a file costs
+about as much as a forward pass of a small model) stay as they are.
 
 >>> import torch
 >>> v = torch.arange(6.0).reshape(2, 3)
->>> kept = keep(v, threshold=0)
+>>> kept = keep(v, threshold=0, available=0.0)
 >>> torch.equal(kept, v), kept.data_ptr() != v.data_ptr()
 (True, True)
 >>> keep(v) is v   # below the default threshold
+True
+>>> keep(v, threshold=0, available=0.9) is v   # plenty of memory: no file
 True
 """
 
@@ -31,14 +35,34 @@ import torch
 #: model's undo slices are a few MiB each, and gigabytes together)
 SPILL_BYTES = 2**20
 
+#: ... but only while the memory available is below this fraction of the
+#: machine's total (1.0 or more: always; 0: never)
+SPILL_BELOW_AVAILABLE = 0.5
 
-def keep(values: torch.Tensor, threshold: Optional[int] = None) -> torch.Tensor:
+
+def available_fraction() -> float:
+    """MemAvailable / MemTotal from ``/proc/meminfo`` (0.0 where it can not
+    be read: spill, the safe side)."""
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        total = float(info["MemTotal"].split()[0])
+        return float(info["MemAvailable"].split()[0]) / total if total else 0.0
+    except (OSError, KeyError, ValueError):
+        return 0.0
+
+
+def keep(values: torch.Tensor, threshold: Optional[int] = None, available: Optional[float] = None) -> torch.Tensor:
     """``values``, or an equal tensor backed by an unlinked temporary file
-    (``threshold``: bytes, default :data:`SPILL_BYTES`)."""
+    (``threshold``: bytes, default :data:`SPILL_BYTES`; ``available``: the
+    fraction of memory available, read from the system when None)."""
     nbytes = values.numel() * values.element_size()
     limit = SPILL_BYTES if threshold is None else threshold
     if values.device.type != "cpu" or nbytes < max(limit, 1) or os.name != "posix":
         return values
+    if SPILL_BELOW_AVAILABLE < 1.0:
+        if (available_fraction() if available is None else available) >= SPILL_BELOW_AVAILABLE:
+            return values
     fd, path = tempfile.mkstemp(prefix="channelcut-undo-")
     try:
         os.close(fd)

@@ -92,20 +92,90 @@ def _zero_columns(w: torch.Tensor, dim: int, groups: int, chans: Sequence[int]) 
         per_group[c // k, :, c % k] = 0
 
 
+#: modules whose forward multiplies its first argument by its weight and
+#: nothing else: zeroing that argument's channel ``c`` is zeroing weight column ``c``
+_PLAIN_FORWARDS = (nn.Linear.forward, nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward)
+
+
+class _NotPlain(Exception):
+    """A module chosen for input zeroing was called in a way that does not
+    allow it; the reference is run again with the weight columns zeroed."""
+
+
+def _input_zeroable(model: nn.Module, graph: TracedGraph, param: str, aliased: set) -> Optional[Tuple[nn.Module, int]]:
+    """``(module, activation dim)`` when input channels of consumer weight
+    ``param`` can be zeroed in the module's input instead of the weight: a
+    plain conv/linear module (:data:`_PLAIN_FORWARDS`) owns it under that name
+    alone, its one traced use is that module's own op, and its input is
+    smaller than its weight (the cheaper of the two to zero)."""
+    ops = graph.consumers_by_param.get(param, [])
+    if len(ops) != 1 or param in aliased or graph.producers_by_param.get(param, ops) != ops:
+        return None
+    c = graph.consumers[ops[0]]
+    if c.module is None or not c.physical or param != (f"{c.module}.weight" if c.module else "weight"):
+        return None
+    m = model.get_submodule(c.module)
+    if getattr(type(m), "forward", None) not in _PLAIN_FORWARDS or m._forward_pre_hooks or m._forward_hooks:
+        return None
+    w = m.weight
+    if c.positions * w.shape[1] * c.groups > w.numel():
+        return None
+    return m, c.activation_dim
+
+
+def _zero_input_hook(dim: int, chans: Sequence[int], width: int):
+    index: Dict[torch.device, torch.Tensor] = {}
+
+    def hook(_m: nn.Module, args: Tuple[Any, ...]) -> Tuple[Any, ...]:
+        x = args[0] if args else None
+        if not isinstance(x, torch.Tensor) or x.dim() <= (dim if dim >= 0 else -dim - 1) or x.shape[dim] != width:
+            raise _NotPlain()
+        idx = index.get(x.device)
+        if idx is None:
+            idx = index[x.device] = torch.tensor(list(chans), dtype=torch.long, device=x.device)
+        return (x.index_fill(dim, idx, 0), *args[1:])
+
+    return hook
+
+
 @contextlib.contextmanager
-def columns_zeroed(model: nn.Module, graph: TracedGraph, removed: List[Tuple[str, Optional[int], List[int]]]) -> Iterator[None]:
+def columns_zeroed(model: nn.Module, graph: TracedGraph, removed: List[Tuple[str, Optional[int], List[int]]],
+                   inputs_too: bool = False) -> Iterator[None]:
     """The model with the ``removed`` entries (:func:`removed_entries`)
     zeroed, for the duration of the block; every tensor is restored bit for
-    bit after."""
+    bit after.
+
+    ``inputs_too``: where it is cheaper and provably the same, the input
+    channels of a plain conv/linear module are zeroed in its input (a
+    forward pre-hook, one activation at a time) instead of in its weight
+    (saved, zeroed, restored). A call that does not fit raises ``_NotPlain``
+    from the hook: run again without ``inputs_too``."""
     tensors = dict(model.named_parameters(remove_duplicate=False))
     tensors.update(model.named_buffers(remove_duplicate=False))
     saved: List[Tuple[torch.Tensor, int, Optional[torch.Tensor], torch.Tensor]] = []  # (tensor, dim, index, values)
+    hooks: List[Any] = []
+    aliased: set = set()
+    if inputs_too:
+        seen: Dict[int, str] = {}
+        for name, t in tensors.items():
+            if id(t) in seen:
+                aliased.update((name, seen[id(t)]))
+            seen.setdefault(id(t), name)
+        for alias, name in graph.param_aliases.items():
+            if alias != name:
+                aliased.update((alias, name))
     try:
         with torch.no_grad():
             for param, dim, chans in removed:
                 w = tensors[param].data
                 groups = 1
                 if dim is None:
+                    plain = _input_zeroable(model, graph, param, aliased) if inputs_too else None
+                    if plain is not None:
+                        m, act_dim = plain
+                        width = w.shape[1] * getattr(m, "groups", 1)
+                        hooks.append(m.register_forward_pre_hook(_zero_input_hook(act_dim, chans, width)))
+                        continue
                     dim, groups = _layout(graph, param)
                 if groups == 1:  # keep only the columns it changes
                     idx = torch.tensor(chans, dtype=torch.long, device=w.device)
@@ -115,12 +185,25 @@ def columns_zeroed(model: nn.Module, graph: TracedGraph, removed: List[Tuple[str
                 _zero_columns(w, dim, groups, chans)
         yield
     finally:
+        for h in hooks:
+            h.remove()
         with torch.no_grad():
             for w, dim, idx, old in reversed(saved):
                 if idx is None:
                     w.copy_(old)
                 else:
                     w.index_copy_(dim, idx, old)
+
+
+def _zeroed_run(model: nn.Module, graph: TracedGraph, removed: List[Tuple[str, Optional[int], List[int]]], run: Any) -> Any:
+    """``run()`` with the ``removed`` entries zeroed: input zeroing where it
+    applies, else (a module called in a way it does not fit) weights only."""
+    try:
+        with columns_zeroed(model, graph, removed, inputs_too=True):
+            return run()
+    except _NotPlain:
+        with columns_zeroed(model, graph, removed):
+            return run()
 
 
 def run_deterministic(model: nn.Module, inputs: Any) -> Any:
@@ -151,14 +234,12 @@ def _to64(obj: Any) -> Any:
 def reference_outputs(model: nn.Module, inputs: Any, spec: PruningSpec, graph: TracedGraph) -> Reference:
     """Run the reference (see the module docstring); the model is unchanged."""
     removed = removed_entries(spec)
-    with columns_zeroed(model, graph, removed):
-        ref = Reference(run_deterministic(model, inputs))
+    ref = Reference(_zeroed_run(model, graph, removed, lambda: run_deterministic(model, inputs)))
     if any(t.dtype in REDUCED for t in flatten_tensors(ref.outputs)):
-        with columns_zeroed(model, graph, removed):
-            try:
-                ref.outputs64 = run_in_float64(model, inputs)
-            except Exception:  # a module that reads another's weights itself: a float64 copy
-                ref.outputs64 = None
+        try:
+            ref.outputs64 = _zeroed_run(model, graph, removed, lambda: run_in_float64(model, inputs))
+        except Exception:  # a module that reads another's weights itself: a float64 copy
+            ref.outputs64 = None
         if ref.outputs64 is None:
             hi = copy.deepcopy(model).double()
             with columns_zeroed(hi, graph, removed):
