@@ -39,8 +39,8 @@ def preserve_buffers(model: torch.nn.Module) -> Iterator[None]:
     """Restore every buffer afterwards: its value (a forward pass in train mode
     updates BatchNorm running statistics; tracing must not) and which tensor
     the module holds (``self.buf = new_tensor`` in forward replaces it)."""
-    saved = [(b, b.detach().clone()) for b in model.buffers()]
     held = [(m, dict(m._buffers)) for m in model.modules()]
+    saved = [(b, b.detach().clone()) for b in {id(b): b for _, bs in held for b in bs.values() if b is not None}.values()]
     try:
         yield
     finally:

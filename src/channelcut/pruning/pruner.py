@@ -104,7 +104,7 @@ class _Modules:
         return t
 
 
-IndexCache = Dict[Tuple[Tuple[int, ...], torch.device], torch.Tensor]
+IndexCache = Dict[Tuple[Any, ...], torch.Tensor]  # (indices, device), or ("gone", id(kept), size)
 
 
 def _index(values: List[int], device: torch.device, cache: IndexCache) -> torch.Tensor:
@@ -160,8 +160,11 @@ def shrink(t: torch.Tensor, dims: Dict[int, List[int]], delta: Optional[List[flo
 
     def record(dim: int, before: torch.Tensor, kept_i: torch.Tensor) -> None:
         n = before.shape[dim]
-        keep = set(dims[dim])  # (a plain list: the index may be on the meta device)
-        gone = _index([i for i in range(n) if i not in keep], before.device, index)
+        key = ("gone", id(kept_i), n)  # kept_i lives in the index cache: its id is stable
+        gone = index.get(key)
+        if gone is None:
+            keep = set(dims[dim])  # (a plain list: the index may be on the meta device)
+            gone = index[key] = _index([i for i in range(n) if i not in keep], before.device, index)
         steps.append((dim, n, kept_i, gone, spill.keep(before.index_select(dim, gone))))
 
     if delta is not None or rescale is not None or not dims:

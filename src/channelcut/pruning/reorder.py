@@ -437,6 +437,8 @@ def _order_classes(present: List[int], keeps: List[FrozenSet[int]]) -> List[int]
         sigs.sort(key=lambda sg: (sg != first_sig, sg == last_sig, bin(sg)[::-1]))
         return strip(sigs)
 
+    width = {sg: sg.bit_count() for sg in sigs}
+
     def greedy(start: int) -> List[int]:
         seq = [start]
         left = set(sigs)
@@ -446,7 +448,9 @@ def _order_classes(present: List[int], keeps: List[FrozenSet[int]]) -> List[int]
         while left:
             prev = seq[-1]
             # most consumers shared with the last class, then fewest differences
-            best = max(left, key=lambda sg: ((sg & prev).bit_count(), -(sg ^ prev).bit_count(), -sg.bit_count(), -sg))
+            # (|sg ^ prev| = |sg| + |prev| - 2 |sg & prev|: with the shared count
+            # fixed, fewest differences is fewest consumers), then the smaller sig
+            best = max(left, key=lambda sg: ((sg & prev).bit_count(), -width[sg], -sg))
             seq.append(best)
             left.discard(best)
         if last_sig is not None and last_sig != start:

@@ -45,6 +45,9 @@ def normalize_request(request: Any, what: str = "pruned_inputs") -> Optional[Lis
     """
     if request is None:
         return None
+    if isinstance(request, list) and all(type(p) is tuple and len(p) == 2 and type(p[0]) is str and type(p[1]) is int
+                                         for p in request):  # the common form, already plain: only drop duplicates
+        return list(dict.fromkeys(request))
     out: List[Pair] = []
     seen = set()
     for name, channels in _entries(request, what):

@@ -211,14 +211,15 @@ def run_deterministic(model: nn.Module, inputs: Any) -> Any:
     mode (then put back): dropout and friends draw new random masks on every
     call, so train-mode outputs can not be compared; per-channel layers such as
     BatchNorm are exported the same way in both modes."""
-    modes = [(m, m.training) for m in model.modules()]
+    training = [m for m in model.modules() if m.training]
     try:
-        model.eval()
+        if training:
+            model.eval()
         with torch.no_grad():
             return run_model(model, inputs)
     finally:
-        for m, mode in modes:
-            m.training = mode
+        for m in training:
+            m.training = True
 
 
 def _to64(obj: Any) -> Any:
