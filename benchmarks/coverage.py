@@ -127,6 +127,9 @@ class Case:
     inputs: Optional[Callable[[nn.Module], Any]] = None  # non-image inputs
     sizes: Tuple[int, ...] = SIZES
     randomize: bool = True  # random norms / layer scales / biases (not for real weights)
+    # the family's own exporter on the pruned (unconstrained) model: (model, inputs) -> a short result,
+    # "ok ..." or why not (benchmarks/families.py)
+    exporter: Optional[Callable[[nn.Module, Any], str]] = None
 
     @property
     def key(self) -> str:
@@ -246,10 +249,12 @@ def transformers_cases() -> List[Case]:
         layer = nn.TransformerEncoderLayer(64, 4, dim_feedforward=128, dropout=0.0, batch_first=True)
         return nn.Sequential(nn.Embedding(512, 64), nn.TransformerEncoder(layer, 2, enable_nested_tensor=False))
 
+    from families import hf_save_pretrained
+
     cases = [
-        Case("transformers", "bert_tiny_random", bert, tokens(512), sizes=(0,)),
-        Case("transformers", "gpt2_tiny_random", gpt2, tokens(512), sizes=(0,)),
-        Case("transformers", "llama_tiny_random", llama, tokens(512), sizes=(0,)),
+        Case("transformers", "bert_tiny_random", bert, tokens(512), sizes=(0,), exporter=hf_save_pretrained(bert, tokens(512))),
+        Case("transformers", "gpt2_tiny_random", gpt2, tokens(512), sizes=(0,), exporter=hf_save_pretrained(gpt2, tokens(512))),
+        Case("transformers", "llama_tiny_random", llama, tokens(512), sizes=(0,), exporter=hf_save_pretrained(llama, tokens(512))),
         Case("transformers", "torch_transformer_encoder", transformer_encoder,
              lambda _net: [torch.randint(0, 512, (BATCH, 16), generator=torch.Generator().manual_seed(SEED))], sizes=(0,)),
     ]
@@ -480,6 +485,12 @@ def run_mode(case: Case, size: int, inputs: Any, pruned: List[Tuple[str, int]], 
             res["message"] = "removes other channels than the request implies: " + "; ".join(removal_problems[:2])
         else:
             res["status"] = "ok"
+            if case.exporter is not None and mode == "unconstrained":
+                stage = "own exporter"
+                try:
+                    res["own_export"] = case.exporter(net, inputs)
+                except Exception as exc:  # the family's exporter failed on what we hand back
+                    res["own_export"] = f"FAILED {type(exc).__name__}: {str(exc).strip()[:200]}"
     except Timeout as exc:
         res.update(status="error", stage=stage, error="Timeout", message=str(exc))
     except Exception as exc:
@@ -490,6 +501,13 @@ def run_mode(case: Case, size: int, inputs: Any, pruned: List[Tuple[str, int]], 
     return res
 
 
+def _describe_inputs(inputs: Any) -> str:
+    """``input_ids (2, 16)``, ``input_values (2, 1600)``, ...: the tensors a case's model is called with."""
+    items = inputs.items() if isinstance(inputs, dict) else ((None, v) for v in inputs)
+    parts = [f"{k + ' ' if k else ''}{tuple(v.shape)}" for k, v in items if isinstance(v, torch.Tensor) and v.dim() > 1]
+    return ", ".join(parts) or "tokens"
+
+
 def run_case(case: Case, timeout: int, low_memory_params: int = LOW_MEMORY_PARAMS) -> Dict[str, Any]:
     res: Dict[str, Any] = {"zoo": case.zoo, "name": case.name}
     t_start = time.perf_counter()
@@ -498,7 +516,7 @@ def run_case(case: Case, timeout: int, low_memory_params: int = LOW_MEMORY_PARAM
         try:
             with time_limit(timeout):
                 size, net, inputs = choose_size(case)
-                res["input"] = "tokens (2, 16)" if case.inputs is not None else f"{BATCH}x3x{size}x{size}"
+                res["input"] = _describe_inputs(inputs) if case.inputs is not None else f"{BATCH}x3x{size}x{size}"
                 res["params_before"] = count_params(net)
                 res["macs_before"] = count_macs(net, inputs)
                 m = PruningManager(net)
@@ -634,13 +652,20 @@ def write_report(data: Dict[str, Any], md_path: str) -> str:
         "`compute()` time in seconds (unconstrained / constrained); *err* = max relative float64 error "
         "mock vs pruned; *ref err* = the same, independent reference vs pruned; *barriers* = ops without a rule (count of calls); *trace* = the shape-only "
         "trace (ops on meta tensors) was kept and is the same graph as a trace with real values "
-        "(*same*), handed over to a real pass (*real*), or differs (*DIFFERS*, a bug).",
+        "(*same*), handed over to a real pass (*real*), or differs (*DIFFERS*, a bug); *own exporter* = the "
+        "family's own export path run on what channelcut hands back (`benchmarks/families.py`): ultralytics "
+        "`YOLO.save` -> `YOLO(path)` -> `export(format='onnx')` checked in onnxruntime against the pruned model "
+        "(float32) on the sweep's unconstrained export; Hugging Face `channelcut.hf.save_pretrained` -> "
+        "`from_pretrained` of the same architecture pruned by the same MLP count in every layer (a config holds "
+        "one width per field; the random per-layer request of the sweep is saved with `channelcut.save`); "
+        "diffusers `save_pretrained` -> `from_pretrained` on the sweep's export (*no*: the config can not hold "
+        "the pruned widths).",
         "",
     ]
     for z in zoos:
         lines += [f"## {z}", "",
-                  "| model | input | unconstrained | constrained | prunable | params | MACs | copied | export s | err | ref err | trace | barriers |",
-                  "| --- | --- | --- | --- | ---: | --- | --- | ---: | --- | --- | --- | --- | --- |"]
+                  "| model | input | unconstrained | constrained | prunable | params | MACs | copied | export s | err | ref err | trace | barriers | own exporter |",
+                  "| --- | --- | --- | --- | ---: | --- | --- | ---: | --- | --- | --- | --- | --- | --- |"]
         for k in (k for k in keys if results[k]["zoo"] == z):
             r = results[k]
             ru, rc = r["unconstrained"], r["constrained"]
@@ -653,7 +678,8 @@ def write_report(data: Dict[str, Any], md_path: str) -> str:
                 f"{'-' if pf is None else f'{100 * pf:.0f}%'} | {params} | {macs} | {ru.get('copied_channels', '-')} | "
                 f"{ru.get('export_s', '-')} / {rc.get('export_s', '-')} | {_err(ru)} / {_err(rc)} | "
                 f"{_err(ru, 'ref_error')} / {_err(rc, 'ref_error')} | "
-                f"{_SHAPE_ONLY.get(r.get('shape_only', ''), '-')} | {bars} |"
+                f"{_SHAPE_ONLY.get(r.get('shape_only', ''), '-')} | {bars} | "
+                f"{str(ru.get('own_export', '-')).replace('|', '/')} |"
             )
         lines.append("")
     failures = [(k, mode) for k in keys for mode in MODES if results[k][mode]["status"] != "ok"]

@@ -9,14 +9,23 @@ class).
 Every builder makes a small random-initialised model (no download); a family
 whose package is not installed is left out with a message. ``cases(Case)``
 returns the sweep's cases (``benchmarks/coverage.py`` passes its ``Case``).
+
+Each family with an export path of its own gets an *exporter*, run by the
+sweep on what channelcut hands back (the coverage table's "own exporter"
+column): ultralytics ``YOLO.save`` -> ``YOLO(path)`` -> ONNX in onnxruntime
+(:func:`yolo_onnx`), Hugging Face ``save_pretrained`` -> ``from_pretrained``
+(:func:`hf_save_pretrained`), diffusers ``save_pretrained`` ->
+``from_pretrained`` (:func:`diffusers_save_pretrained`).
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import sys
+import tempfile
 import warnings
-from typing import Any, Dict, List
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from torch import nn
@@ -58,8 +67,140 @@ def yolo(cfg: str) -> nn.Module:
         return YOLO(cfg, verbose=False).model
 
 
+def _first_tensor(y: Any) -> torch.Tensor:
+    while isinstance(y, (list, tuple)):
+        y = y[0]
+    return y
+
+
+def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
+    got, want = got.double(), want.double()
+    return float((got - want).abs().max() / want.abs().max().clamp_min(1e-30)) if want.numel() else 0.0
+
+
+def yolo_onnx(cfg: str) -> Callable[[nn.Module, Any], str]:
+    """The exporter of a pruned YOLO model: ``YOLO.save`` -> ``YOLO(path)`` ->
+    ``export(format="onnx")``, the ONNX model run in onnxruntime and compared
+    with the reloaded PyTorch model (float32, batch 1)."""
+
+    def export(net: nn.Module, inputs: Any) -> str:
+        import onnxruntime as ort
+        from ultralytics import YOLO
+
+        x = inputs[0][:1].float()
+        wrapper = YOLO(cfg, verbose=False)
+        wrapper.model = copy.deepcopy(net).float().eval()
+        with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            path = os.path.join(tmp, "pruned.pt")
+            wrapper.save(path)
+            back = YOLO(path)
+            onnx_path = back.export(format="onnx", imgsz=int(x.shape[-1]), simplify=False, verbose=False)
+            sess = ort.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
+            got = torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0])
+            with torch.no_grad():
+                want = _first_tensor(YOLO(path).model.float().eval()(x))
+        err = _rel(got, want)
+        return f"ok: ONNX (rel err {err:.0e})" if got.shape == want.shape and err <= 1e-3 else (
+            f"FAILED: ONNX output {tuple(got.shape)} differs from PyTorch {tuple(want.shape)} by {err:.2g}")
+
+    return export
+
+
 def _yolo_cases(Case) -> List[Any]:
-    return [Case("ultralytics", cfg[:-5], (lambda c: lambda size: yolo(c))(cfg)) for cfg in YOLO_CONFIGS]
+    return [Case("ultralytics", cfg[:-5], (lambda c: lambda size: yolo(c))(cfg), exporter=yolo_onnx(cfg))
+            for cfg in YOLO_CONFIGS]
+
+
+# ---------------------------------------------------------------------------
+# Hugging Face save_pretrained / from_pretrained
+# ---------------------------------------------------------------------------
+
+#: config fields that hold the MLP width, in the architectures that have one
+MLP_FIELDS = ("intermediate_size", "n_inner", "ffn_dim", "d_ff", "encoder_ffn_dim", "decoder_ffn_dim",
+              "ffn_hidden_size", "hidden_dim")
+
+
+def _mlp_widths(config: Any) -> set:
+    widths = {v for f in MLP_FIELDS if isinstance(v := getattr(config, f, None), int) and v > 0}
+    if getattr(config, "n_inner", 0) is None and isinstance(getattr(config, "n_embd", None), int):
+        widths.add(4 * config.n_embd)  # GPT-2 style: n_inner None means 4 x the stream
+    return widths
+
+
+def _tensors(out: Any) -> List[torch.Tensor]:
+    from channelcut.pruning.model_run import flatten_tensors
+
+    return [t for t in flatten_tensors(out) if t.is_floating_point()]
+
+
+def hf_save_pretrained(build: Callable[[Optional[int]], nn.Module], make_inputs: Callable[[nn.Module], Any],
+                       amount: float = 0.25) -> Callable[[nn.Module, Any], str]:
+    """The exporter of a Hugging Face model: a fresh model of the same
+    architecture pruned by the same count of MLP channels in every layer
+    (what one config can describe; the sweep's random per-layer request is
+    saved with ``channelcut.save``), ``channelcut.hf.save_pretrained`` ->
+    ``type(model).from_pretrained``, outputs compared in float64."""
+
+    def export(_net: nn.Module, _inputs: Any) -> str:
+        from channelcut import MaskingManager, NotExpressibleError, PruningManager, hf
+
+        net = build(None).double().eval()
+        x = make_inputs(net)
+        widths = _mlp_widths(getattr(net, "config", None))
+        pm = PruningManager(net)
+        pm.trace(x)
+        layers = [n for n, w in pm.consumers().items() if w in widths]
+        if not layers:
+            return "-"
+        MaskingManager(net, x).mask(amount, scope="local", layers=layers, ignore=[])
+        pm = PruningManager(net).compute(x).prune()
+        with torch.no_grad():
+            want = _tensors(net(**x) if isinstance(x, dict) else net(*x))
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                hf.save_pretrained(net, tmp)
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    back = type(net).from_pretrained(tmp, dtype=torch.float64).eval()
+        except NotExpressibleError as exc:
+            return f"no: {str(exc)[:160]}"
+        with torch.no_grad():
+            got = _tensors(back(**x) if isinstance(x, dict) else back(*x))
+        err = max((_rel(a, b) for a, b in zip(got, want)), default=0.0)
+        if len(got) != len(want) or err > 1e-10:
+            return f"FAILED: from_pretrained differs by {err:.2g}"
+        before, after = sorted(widths)[-1], sorted(_mlp_widths(back.config))
+        n_net, n_back = (sum(p.numel() for p in m.parameters()) for m in (net, back))
+        if n_back != n_net:
+            return f"FAILED: from_pretrained built {n_back} parameters, the pruned model has {n_net}"
+        return f"ok: save_pretrained, MLP {before} -> {'/'.join(map(str, after))} in {len(layers)} layers (rel err {err:.0e})"
+
+    return export
+
+
+def diffusers_save_pretrained(part: Callable[[nn.Module], nn.Module] = lambda net: net) -> Callable[[nn.Module, Any], str]:
+    """The exporter of a diffusers model: ``save_pretrained`` ->
+    ``from_pretrained`` of the sweep's pruned model (``part``: the
+    ``ModelMixin`` inside a wrapper). Its config holds one width per block,
+    so an unconstrained export of random channels does not load back: the
+    result says so (*no*) instead of failing."""
+
+    def export(net: nn.Module, _inputs: Any) -> str:
+        model = part(net)
+        with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model.save_pretrained(tmp)
+            try:
+                back = type(model).from_pretrained(tmp, torch_dtype=torch.float64)
+            except Exception as exc:  # the config describes the unpruned widths
+                line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                return f"no: from_pretrained builds the config's widths ({line[:100]}); channelcut.save holds it"
+        n_back = sum(p.numel() for p in back.parameters())
+        n_net = sum(p.numel() for p in model.parameters())
+        return "ok: save_pretrained" if n_back == n_net else "no: from_pretrained rebuilt the unpruned widths"
+
+    return export
 
 
 # ---------------------------------------------------------------------------
@@ -131,11 +272,13 @@ def _diffusers_cases(Case) -> List[Any]:
     def image(size: int):
         return lambda _net: [torch.rand(BATCH, 3, size, size, generator=_gen(), dtype=torch.float64)]
 
+    own = diffusers_save_pretrained()
     return [
-        Case("diffusers", "UNet2DModel", unet2d, unet_inputs(3, False), sizes=(0,)),
-        Case("diffusers", "UNet2DConditionModel", unet2d_condition, unet_inputs(4, True), sizes=(0,)),
-        Case("diffusers", "AutoencoderKL", autoencoder_kl, image(32), sizes=(0,)),
-        Case("diffusers", "DiTTransformer2DModel", dit, dit_inputs, sizes=(0,)),
+        Case("diffusers", "UNet2DModel", unet2d, unet_inputs(3, False), sizes=(0,), exporter=own),
+        Case("diffusers", "UNet2DConditionModel", unet2d_condition, unet_inputs(4, True), sizes=(0,), exporter=own),
+        Case("diffusers", "AutoencoderKL", autoencoder_kl, image(32), sizes=(0,),
+             exporter=diffusers_save_pretrained(lambda net: net.vae)),
+        Case("diffusers", "DiTTransformer2DModel", dit, dit_inputs, sizes=(0,), exporter=own),
     ]
 
 
