@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from channelcut import MaskingManager
-from channelcut.importance import FPGM, L1, L2, LAMP, BNScale, HRank, Taylor, lamp_normalize
+from channelcut.importance import FPGM, L1, L2, LAMP, ActivationNorm, BNScale, HRank, Taylor, Wanda, lamp_normalize
 
 torch.set_num_threads(1)
 
@@ -122,6 +122,55 @@ def test_hrank_needs_data():
         MaskingManager(net).importance(HRank()).select(0.3)
     with pytest.raises(ValueError, match="max_batches"):
         HRank(max_batches=0)
+
+
+# activations (Minitron) and Wanda ----------------------------------------------
+
+
+def test_activation_norm_is_the_rms_of_what_each_layer_reads_over_every_position():
+    """Two calibration batches of tokens; channel scales 3, 0.5, 0 (+ noise-free):
+    the RMS over all positions of both batches, and the smallest goes first."""
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(2, 5, 3, generator=g, dtype=torch.float64) * torch.tensor([3.0, 0.5, 0.0], dtype=torch.float64)
+               for _ in range(2)]
+    net = nn.Sequential(nn.Linear(3, 2)).double()
+    scores = MaskingManager(net).importance(ActivationNorm(data=batches)).scores()["0.weight"]
+    flat = torch.cat([b.reshape(-1, 3) for b in batches])
+    assert torch.allclose(scores, flat.pow(2).mean(0).sqrt())
+    one = MaskingManager(net).importance(ActivationNorm(data=batches, max_batches=1)).scores()["0.weight"]
+    assert torch.allclose(one, batches[0].reshape(-1, 3).pow(2).mean(0).sqrt())
+    mm = MaskingManager(net, [batches[0]]).importance(ActivationNorm())  # example inputs as data
+    assert sorted(c for _, c in mm.select(0.34, layers=["0"], ignore=[])) == [2]
+
+
+def test_activation_norm_reads_conv_channels_over_batch_and_pixels():
+    x = torch.ones(2, 3, 4, 4, dtype=torch.float64) * torch.tensor([1.0, 4.0, 2.0], dtype=torch.float64).view(1, 3, 1, 1)
+    net = nn.Sequential(nn.Conv2d(3, 2, 1)).double()
+    scores = MaskingManager(net).importance(ActivationNorm([x])).scores()["0.weight"]
+    assert torch.allclose(scores, torch.tensor([1.0, 4.0, 2.0], dtype=torch.float64))
+
+
+def test_wanda_weighs_a_column_by_its_activation_norm():
+    """Column magnitudes 3, 1, 1 and activation RMS 0.1, 1, 2: Wanda keeps
+    what carries signal through large weights (1*2 > 3*0.1), where L1 keeps
+    the large column."""
+    net = two_linear([[1, 1, 1], [0.5, 0.5, 0], [1, 0, 0]])
+    net[0].weight.data.zero_()
+    net[0].bias.data.copy_(torch.tensor([0.1, 1.0, 2.0], dtype=torch.float64))
+    x = torch.randn(4, 4, dtype=torch.float64)
+    wanda = MaskingManager(net).importance(Wanda([x])).scores()["2.weight"]
+    assert torch.allclose(wanda, torch.tensor([3 * 0.1, 1 * 1.0, 1 * 2.0], dtype=torch.float64))
+    assert torch.argsort(wanda).tolist() == [0, 1, 2]
+    assert torch.argsort(MaskingManager(net).importance(L1()).scores()["2.weight"]).tolist()[-1] == 0
+
+
+def test_activation_importances_need_data():
+    net = nn.Sequential(nn.Linear(3, 2))
+    for cls in (ActivationNorm, Wanda):
+        with pytest.raises(ValueError, match=f"{cls.__name__} needs calibration data"):
+            MaskingManager(net).importance(cls()).select(0.3)
+    with pytest.raises(ValueError, match="max_batches"):
+        Wanda(max_batches=0)
 
 
 # Taylor -----------------------------------------------------------------------

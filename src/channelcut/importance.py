@@ -23,6 +23,8 @@ heuristic      needs        idea
 :class:`LAMP`  weights      squared norm over the norms of larger channels
 :class:`FPGM`  weights      distance to the layer's other channels
 :class:`HRank` data         rank of the channel's feature maps
+:class:`ActivationNorm` data  norm of the channel's activations (Minitron)
+:class:`Wanda` data, weights  weight magnitude times activation norm
 :class:`Taylor` loss, data  first-order estimate of the loss change
 :class:`BNScale` tracing    scale of the BatchNorm that follows the channel
 =============  ===========  ================================================
@@ -49,6 +51,8 @@ __all__ = [
     "LAMP",
     "FPGM",
     "HRank",
+    "ActivationNorm",
+    "Wanda",
     "Taylor",
     "BNScale",
     "lamp_normalize",
@@ -356,6 +360,118 @@ class HRank(Importance):
                 if score.numel() == ctx.consumers[name].channels:
                     out[name] = score
         return out
+
+
+class ActivationNorm(Importance):
+    """Norm of each input channel's activations on calibration data.
+
+    The activation-based importance of Minitron (Muralidharan, Sreenivas,
+    Joshi et al., "Compact Language Models via Pruning and Knowledge
+    Distillation", 2024, arXiv:2407.14679): a channel that carries little
+    signal on real inputs matters little, whatever its weights. The score of
+    input channel ``c`` of a consumer is the root mean square of what the
+    consumer reads on channel ``c``, over every position (batch, tokens,
+    pixels) of every calibration batch.
+
+    Scoring keeps one running sum per input channel: the memory it needs
+    beyond a forward pass is one vector per layer, so calibrating a large
+    model costs what running it costs.
+
+    Args:
+        data: an iterable of model inputs (each a tensor, a list of positional
+            inputs or a dict of keyword inputs): the calibration batches.
+            Defaults to the manager's example inputs.
+        max_batches: use at most this many batches of ``data``.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> from channelcut import MaskingManager
+    >>> net = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
+    >>> x = torch.randn(8, 4)
+    >>> scores = MaskingManager(net, [x]).importance(ActivationNorm()).scores()
+    >>> sorted(scores), scores["2.weight"].shape
+    (['0.weight', '2.weight'], torch.Size([6]))
+    """
+
+    needs_data = True
+
+    def __init__(self, data: Optional[Iterable[Inputs]] = None, max_batches: Optional[int] = None) -> None:
+        if max_batches is not None and (not isinstance(max_batches, int) or max_batches < 1):
+            raise ValueError(f"max_batches must be a positive integer or None, got {max_batches!r}")
+        self.data = data
+        self.max_batches = max_batches
+
+    def _channel_rms(self, ctx: ScoringContext) -> Dict[str, torch.Tensor]:
+        """Module name -> RMS of each channel of its first input."""
+        batches = _as_batches(self.data, "data")
+        if not batches and ctx.example_inputs is not None:
+            batches = [ctx.example_inputs]
+        if not batches:
+            raise ValueError(
+                f"{type(self).__name__} needs calibration data: pass {type(self).__name__}(data=[x, ...]) "
+                "or MaskingManager(model, example_inputs=[x])"
+            )
+        if self.max_batches is not None:
+            batches = batches[: self.max_batches]
+        sums: Dict[str, torch.Tensor] = {}
+        counts: Dict[str, int] = {}
+
+        def hook_for(mname: str) -> Callable:
+            def hook(module: nn.Module, args: Any) -> None:
+                x = args[0] if args else None
+                if not isinstance(x, torch.Tensor) or x.dim() < 2:
+                    return
+                dim = -1 if isinstance(module, nn.Linear) else 1
+                x = x.detach().movedim(dim, -1)
+                x = x.reshape(-1, x.shape[-1]).double()
+                sums[mname] = sums.get(mname, 0) + (x * x).sum(0)
+                counts[mname] = counts.get(mname, 0) + x.shape[0]
+
+            return hook
+
+        by_module = _scored_modules(ctx)
+        handles = [ctx.model.get_submodule(m).register_forward_pre_hook(hook_for(m)) for m in by_module]
+        was_training = ctx.model.training
+        try:
+            ctx.model.eval()
+            with torch.no_grad():
+                for batch in batches:
+                    _run(ctx.model, batch)
+        finally:
+            for h in handles:
+                h.remove()
+            ctx.model.train(was_training)
+        return {m: (sums[m] / max(counts[m], 1)).sqrt() for m in sums}
+
+    def _combine(self, ref: LayerRef, rms: torch.Tensor) -> torch.Tensor:
+        return rms
+
+    def score_inputs(self, ctx: ScoringContext) -> Dict[str, torch.Tensor]:
+        rms = self._channel_rms(ctx)
+        out: Dict[str, torch.Tensor] = {}
+        for mname, names in _scored_modules(ctx).items():
+            if mname not in rms:
+                continue
+            for name in names:
+                ref = ctx.consumers[name]
+                if rms[mname].numel() == ref.channels:
+                    out[name] = self._combine(ref, rms[mname])
+        return out
+
+
+class Wanda(ActivationNorm):
+    """Weight magnitude times activation norm, per input channel.
+
+    Sun, Liu, Bair and Kolter, "A Simple and Effective Pruning Approach for
+    Large Language Models" (Wanda), ICLR 2024 (arXiv:2306.11695), scores a
+    weight ``W[i, c]`` by ``|W[i, c]| * ||X_c||``. Removing input channel
+    ``c`` removes the whole column, so the channel's score is the column's
+    sum: ``||X_c|| * sum_i |W[i, c]|`` (``||X_c||``: the root mean square of
+    :class:`ActivationNorm`). Same arguments as :class:`ActivationNorm`.
+    """
+
+    def _combine(self, ref: LayerRef, rms: torch.Tensor) -> torch.Tensor:
+        return ref.channel_matrix().abs().sum(1) * rms.to(torch.float64)
 
 
 def _map_ranks(x: torch.Tensor) -> "tuple[torch.Tensor, torch.Tensor]":

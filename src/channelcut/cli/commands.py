@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .. import export as ex
-from ..importance import FPGM, L1, L2, LAMP, BNScale, HRank, Importance
+from ..importance import FPGM, L1, L2, LAMP, ActivationNorm, BNScale, HRank, Importance, Wanda
 from ..io import load, save
 from ..masking import MaskingManager
 from ..pruning import PruningManager
@@ -28,7 +28,8 @@ from .progress import Progress
 from .render import render_backends, render_bench, render_export, render_inspect
 
 #: ``--heuristic`` name -> the :mod:`channelcut.importance` class it uses
-HEURISTICS: Dict[str, type] = {"l1": L1, "l2": L2, "lamp": LAMP, "fpgm": FPGM, "bnscale": BNScale, "hrank": HRank}
+HEURISTICS: Dict[str, type] = {"l1": L1, "l2": L2, "lamp": LAMP, "fpgm": FPGM, "bnscale": BNScale, "hrank": HRank,
+                               "activation": ActivationNorm, "wanda": Wanda}
 
 
 def choose_channels(
