@@ -482,6 +482,16 @@ def render(results: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def write_md(md: Path, text: str) -> None:
+    """Write ``md``, keeping the section ``benchmarks/llm_quality.py`` writes
+    (between its ``<!-- quality -->`` markers)."""
+    begin, end = "<!-- quality -->", "<!-- /quality -->"
+    old = md.read_text() if md.exists() else ""
+    if begin in old and end in old:
+        text = text.rstrip("\n") + "\n\n" + old[old.index(begin): old.index(end) + len(end)]
+    md.write_text(text + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", choices=[s for s in SHAPES if s in ("small", "8b")], default="small")
@@ -504,7 +514,7 @@ def main() -> None:
     if args.child_plan:
         return child_plan(args.child_plan[0], int(args.child_plan[1]))
     if args.report_only:
-        Path(args.md).write_text(render(json.loads(Path(args.out).read_text())) + "\n")
+        write_md(Path(args.md), render(json.loads(Path(args.out).read_text())))
         return print(f"wrote {args.md}")
 
     started = time.time()
@@ -547,7 +557,7 @@ def main() -> None:
     old = json.loads(out.read_text()) if out.is_file() else {}
     old[args.shape + ("-hetero" if args.hetero else "")] = result
     out.write_text(json.dumps(old, indent=1) + "\n")
-    Path(args.md).write_text(render(old) + "\n")
+    write_md(Path(args.md), render(old))
     print(f"wrote {out} and {args.md}")
 
 
