@@ -9,6 +9,7 @@ models; these tests cover each hand-over and the fast shape functions.
 
 from __future__ import annotations
 
+import copy
 import sys
 import warnings
 from pathlib import Path
@@ -110,6 +111,28 @@ class CachesByDevice(Plain):
             self.cache[key] = self.b.bias.detach().clone()[None, :, None, None]
         y = F.relu(self.bn(self.a(x)))
         return self.c(y + self.b(y) * 0 + self.cache[key])
+
+
+class HooksOnFirstCall(Plain):
+    """Installs a forward hook on a child at its first call, and marks that
+    with a flag (Hugging Face's output capturing): every hook appends the
+    child's output, and forward sums what was captured."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.captured: List[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not getattr(self, "_installed", False):
+            self.b.register_forward_hook(self._capture)
+            self._installed = True
+        self.captured = []
+        y = F.relu(self.bn(self.a(x)))
+        self.b(y)
+        return self.c(y + sum(self.captured))
+
+    def _capture(self, _m: nn.Module, _args: Any, out: torch.Tensor) -> None:
+        self.captured.append(out)
 
 
 class WritesIntoFactory(Plain):
@@ -227,6 +250,21 @@ def test_a_cache_filled_in_place_is_emptied_again():
     net.cache.clear()
     trace(net, [_img()])
     assert list(net.cache) == ["cpu"]
+
+
+def test_a_hook_installed_in_forward_is_removed_with_the_meta_pass():
+    """A cold trace of a model that installs a hook at its first call: the
+    meta pass's hook goes with it, the real pass installs one (it was two,
+    and the model then added its capture twice: SegformerConfig)."""
+    net = prepare(HooksOnFirstCall().double().eval())
+    ref = copy.deepcopy(net)
+    trace(net, [_img()])
+    assert len(net.b._forward_hooks) == 1
+    with torch.no_grad():
+        assert torch.equal(net(_img(1)), ref(_img(1)))
+    cold = prepare(HooksOnFirstCall().double().eval())
+    cold.load_state_dict(ref.state_dict())
+    _exact(cold, [_img()], PRUNE)
 
 
 def test_integer_inputs_and_positions_stay_real():

@@ -35,6 +35,7 @@ constant, and whether a meta tensor answers it like a real one.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -245,11 +246,14 @@ State = List[Tuple[torch.nn.Module, Dict[str, Any], Dict[str, Any], Dict[str, An
 def snapshot_state(model: torch.nn.Module) -> State:
     """What :func:`restore_state` needs to undo what a forward pass changes on
     the model: every module's attributes, parameters and buffers, and the
-    contents of the lists and dicts it holds (a cache filled in ``forward``)."""
+    contents of the lists and dicts it holds (a cache filled in ``forward``;
+    the hook tables, ordered dicts: a hook the model installs on its first
+    call, as Hugging Face's output capturing does, would otherwise stay and be
+    installed again by the real pass)."""
     state = []
     for m in model.modules():
-        containers = [(v, list(v) if isinstance(v, list) else dict(v))
-                      for v in m.__dict__.values() if type(v) in (list, dict)]
+        containers = [(v, list(v) if isinstance(v, list) else type(v)(v))
+                      for v in m.__dict__.values() if type(v) in (list, dict, OrderedDict)]
         state.append((m, dict(m.__dict__), dict(m._parameters), dict(m._buffers), containers))
     return state
 
