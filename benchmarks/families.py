@@ -3,8 +3,8 @@ ultralytics YOLO (detect, segment, pose, OBB, classify; v8, v10, 11),
 diffusers (UNet2DModel, UNet2DConditionModel with cross-attention,
 AutoencoderKL, a DiT transformer), open_clip towers (ResNet with attention
 pooling, ViT), segment_anything's image encoder, and Hugging Face
-architectures across modalities (small random configs, named by their config
-class).
+architectures across modalities (``hf_architectures.py``: small random
+configs, named by their config class).
 
 Every builder makes a small random-initialised model (no download); a family
 whose package is not installed is left out with a message. ``cases(Case)``
@@ -345,4 +345,9 @@ def cases(Case) -> List[Any]:
     if _have("diffusers"):
         out += _diffusers_cases(Case)
     out += _clip_sam_cases(Case)
+    import hf_architectures
+
+    for case in hf_architectures.cases(Case):
+        case.exporter = hf_save_pretrained(case.build, case.inputs)
+        out.append(case)
     return out

@@ -282,6 +282,10 @@ case("max", lambda m, x: x.max(), img())
 case("norm", lambda m, x: torch.norm(x, dim=1), img())
 case("norm", lambda m, x: x.norm(p=2, dim=(2, 3), keepdim=True), img())
 case("norm", lambda m, x: x.norm(dim=-1), tok())
+case("linalg_vector_norm", lambda m, x: torch.linalg.vector_norm(x, ord=2, dim=(1, 2), keepdim=True), In((2, 3, 3, 4), 3),
+     note="ConvNeXt-V2 GRN (channels last)")
+case("linalg_vector_norm", lambda m, x: torch.linalg.vector_norm(x, dim=1), img(), note="over channels")
+case("linalg_vector_norm", lambda m, x: torch.linalg.vector_norm(x), img(), note="all dims")
 case("norm", lambda m, x: x.norm(), img())
 
 MIX = {
@@ -419,10 +423,16 @@ case("matmul", lambda m, x, y: x @ y.transpose(-2, -1), In((2, 3, 4), 2), In((2,
 case("matmul", lambda m, a, v: a @ v, In((2, 3, 5), None, "prob"), In((2, 5, 4), 2), note="attn @ v")
 case("matmul", lambda m, a, v: torch.matmul(a, v), In((2, 3, 5), 2), In((2, 5, 4), 2), note="both tracked")
 case("matmul", lambda m, x: torch.matmul(x, m.w), In((3, 4), 1), params={"w": P(4)}, note="matrix @ vector")
+case("matmul", lambda m, x: x @ m.w.T, In((2, 3, 4), 2), params={"w": P(5, 4)}, note="x @ W.T (Falcon's FalconLinear)")
+case("matmul", lambda m, x: x @ m.w.t(), In((3, 4), 1), params={"w": P(5, 4)}, note="x @ W.t()")
 case("mm", lambda m, x: torch.mm(x, m.w), In((3, 4), 1), params={"w": P(4, 2)})
 case("mm", lambda m, x, y: torch.mm(x, y), In((3, 4), 1), In((4, 2), 1))
 case("bmm", lambda m, x, y: torch.bmm(x, y), In((2, 3, 4), 2), In((2, 4, 5), 2))
 case("bmm", lambda m, x, y: torch.bmm(x, y), In((2, 3, 4), 1), In((2, 4, 5), 1))
+case("baddbmm", lambda m, b, q, k: torch.baddbmm(b, q, k, beta=1.0, alpha=0.5), In((2, 3, 5), None, "real"),
+     In((2, 3, 4), 2), In((2, 4, 5), 1), note="Bloom: ALiBi bias + scaled q @ k")
+case("baddbmm", lambda m, b, x, y: torch.baddbmm(b, x, y), In((2, 3, 5), 2), In((2, 3, 4), 1), In((2, 4, 5), 2),
+     note="channels pass through the product")
 case("__matmul__", lambda m, x, y: x.__matmul__(y), In((2, 3, 4), 2), In((2, 4, 5), 2))
 case("__rmatmul__", lambda m, x, y: x.__rmatmul__(y), In((2, 4, 5), 2), In((2, 3, 4), 2))
 case("scaled_dot_product_attention", lambda m, q, k, v: F.scaled_dot_product_attention(q, k, v),

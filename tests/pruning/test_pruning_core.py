@@ -1199,3 +1199,29 @@ def test_verification_tolerates_rounding_noise_only():
     assert compare_outputs(torch.tensor([float("nan")], dtype=d), torch.zeros(1, dtype=d)) is not None
     assert compare_outputs(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 2.0005])) is None  # float32: 1e-3
     assert compare_outputs(torch.tensor([1.0, 2.1]), torch.tensor([1.0, 2.0])) is not None
+
+
+class _TransposedLinear(nn.Module):
+    """``x @ self.weight.T`` in its own forward (Falcon's FalconLinear)."""
+
+    def __init__(self, cin: int, cout: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(cout, cin, dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight.T
+
+
+def test_a_matmul_with_a_transposed_weight_is_a_linear_layer():
+    """It was a plain matmul whose contracted dims coupled: nothing prunable."""
+    torch.manual_seed(3)
+    net = nn.Sequential(_TransposedLinear(6, 8), nn.GELU(), _TransposedLinear(8, 4)).double()
+    x = torch.randn(2, 5, 6, dtype=torch.float64)
+    pm = PruningManager(net)
+    pm.trace([x])
+    assert set(pm.consumers()) == {"0.weight", "2.weight"}
+    with torch.no_grad():
+        want = net[2](F.gelu(net[0](x)).index_fill(-1, torch.tensor([1, 6]), 0))
+    PruningManager(net).compute([x], pruned_inputs=[("2.weight", 1), ("2.weight", 6)]).prune()
+    assert net[2].weight.shape == (4, 6) and net[0].weight.shape == (6, 6)
+    assert torch.allclose(net(x), want, rtol=1e-12, atol=1e-12)

@@ -206,20 +206,21 @@ def _computed_bias(rec: Recorder, bias: torch.Tensor, atoms: torch.Tensor, name:
         rec.pin_ids(atoms, f"{name} with a computed bias")
 
 
-def _linear_like(rec: Recorder, name: str, x, w, bias, out, weight_in_dim: int) -> None:
+def _linear_like(rec: Recorder, name: str, x, w, bias, out, weight_in_dim: int, wname: Optional[str] = None) -> None:
     """``x @ W`` (+ bias) with a parameter ``W`` holding input channels along
     ``weight_in_dim``: a consumer of ``x``'s last dim and a producer of new
-    channels (``name``: the op, as reported)."""
+    channels (``name``: the op, as reported; ``wname``: the parameter's name
+    when ``w`` is a view of it, e.g. ``weight.T``)."""
     t = rec.get(x)
     last = x.dim() - 1
     if t.vdim is not None and t.vdim != last:
         # mixes along a dim that carries no channels (e.g. token mixing): pass through
-        wn = rec.param_name(w)
+        wn = wname or rec.param_name(w)
         if wn is None and rec.get(w) is not None:
             raise Unsupported("weight is an activation")
         rec.set(out, CompactTrace(t.atoms, t.vdim))
         return
-    wname = rec.param_name(w)
+    wname = wname or rec.param_name(w)
     bname = rec.param_name(bias) if isinstance(bias, torch.Tensor) else None
     in_ids = rec.ids_along(x, last)
     cout = out.shape[-1] if out.dim() else 1
@@ -276,9 +277,24 @@ def rmatmul(rec: Recorder, call: OpCall) -> None:
     _matmul(rec, call.args[1], call.args[0], call.out)
 
 
+def _transposed_param(rec: Recorder, b: torch.Tensor) -> Optional[str]:
+    """The name of the 2-d parameter ``W`` when ``b`` is exactly ``W.T``."""
+    refs = rec.param_ref(b) if rec.get(b) is None and b.dim() == 2 else None
+    if not refs or len(refs) != 1:
+        return None
+    name, idx = refs[0]
+    shape = rec.graph.param_shapes.get(name)
+    if shape is None or len(shape) != 2 or tuple(b.shape) != (shape[1], shape[0]):
+        return None
+    return name if torch.equal(idx, torch.arange(b.numel()).reshape(shape).t()) else None
+
+
 def _matmul(rec: Recorder, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
     if rec.get(b) is None and rec.param_name(b) is not None and b.dim() == 2 and a.dim() >= 1:
         return _linear_like(rec, "matmul", a, b, None, out, weight_in_dim=0)
+    transposed = _transposed_param(rec, b) if a.dim() >= 1 else None
+    if transposed is not None:  # x @ W.T (Falcon's FalconLinear): a linear layer of W
+        return _linear_like(rec, "matmul", a, b, None, out, weight_in_dim=1, wname=transposed)
     if a.dim() < 2 or b.dim() < 2:
         raise Unsupported("matmul with a 1-d operand")
     ta = rec.get(a) or CompactTrace.scalar(NO_SOURCE, a.dim())
@@ -339,6 +355,22 @@ def einsum(rec: Recorder, call: OpCall) -> None:
             c = t.ids.reshape(shape)
         merged = rec.union_pairs(merged, c)
     rec.set(out, rec.compress(merged.contiguous()))
+
+
+@rule("baddbmm")
+def baddbmm(rec: Recorder, call: OpCall) -> None:
+    """``baddbmm(input, b1, b2, beta, alpha)`` = ``beta * input + alpha * (b1 @ b2)``
+    (Bloom's attention scores with the ALiBi bias): the batched product's
+    trace (:func:`matmul`), then the sum with ``input`` position by position."""
+    from .elementwise import elementwise_into
+
+    args, out = call.args, call.out
+    inp, b1, b2 = args[0], args[1], args[2]
+    if not all(isinstance(t, torch.Tensor) for t in (inp, b1, b2, out)):
+        raise Unsupported("baddbmm without tensor operands")
+    product = torch.empty(out.shape, dtype=out.dtype, device="meta")
+    _matmul(rec, b1, b2, product)
+    elementwise_into(rec, "baddbmm", [inp, product], out)
 
 
 @rule("addmm")

@@ -98,6 +98,15 @@ def norm(rec: Recorder, call: OpCall) -> None:
     _reduce_dims(rec, x, _dims(call.arg(2, "dim"), x.dim()), keepdim, call.out)
 
 
+@rule("linalg_vector_norm")
+def vector_norm(rec: Recorder, call: OpCall) -> None:
+    """``torch.linalg.vector_norm(x, ord, dim, keepdim)``: a reduction over
+    ``dim`` (all dims when None; ConvNeXt-V2's global response norm)."""
+    x = call.args[0]
+    keepdim = call.arg(3, "keepdim", False)
+    _reduce_dims(rec, x, _dims(call.arg(2, "dim"), x.dim()), keepdim, call.out)
+
+
 def _reduce_dims(rec: Recorder, x, dims, keepdim, out) -> None:
     t = rec.get(x)
     if dims is None or (t.vdim is not None and t.vdim in dims):
