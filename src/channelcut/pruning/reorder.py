@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Callable, Dict, FrozenSet, Iterable, List, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Dict, FrozenSet, Iterable, List, Optional, Sequence, Set, Tuple
 
 from .graph import TracedGraph, is_tiling
 
@@ -156,15 +156,26 @@ def _hopeless(gs: List[int], dropped: Set[int], absent: Set[int], seg_of: Dict[i
     every block must be read whole, and a fixed-order block must already be
     read as one range at the right end."""
     blocks: List[Tuple[Optional[int], List[int], List[int]]] = []  # (segment, present, kept)
+    seg_get = seg_of.get
+    cur: Any = ()  # the segment key of the last block (no key is ())
+    present: List[int] = []
+    kept: List[int] = []
     for p, g in enumerate(gs):
-        key = seg_of.get(g) if g >= 0 and seg_of.get(g) in free else None
-        if g >= 0 and g in absent:
-            continue
-        if not blocks or blocks[-1][0] != key:
-            blocks.append((key, [], []))
-        blocks[-1][1].append(p)
+        if g >= 0:
+            if g in absent:
+                continue
+            key = seg_get(g)
+            if key not in free:
+                key = None
+        else:
+            key = None
+        if key != cur or not blocks:
+            present, kept = [], []
+            blocks.append((key, present, kept))
+            cur = key
+        present.append(p)
         if p not in dropped:
-            blocks[-1][2].append(p)
+            kept.append(p)
     used = [i for i, b in enumerate(blocks) if b[2]]
     if not used:
         return True

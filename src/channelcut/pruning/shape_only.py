@@ -252,7 +252,7 @@ def snapshot_state(model: torch.nn.Module) -> State:
     installed again by the real pass)."""
     state = []
     for m in model.modules():
-        containers = [(v, list(v) if isinstance(v, list) else type(v)(v))
+        containers = [(v, None if not v else list(v) if isinstance(v, list) else type(v)(v))  # None: was empty
                       for v in m.__dict__.values() if type(v) in (list, dict, OrderedDict)]
         state.append((m, dict(m.__dict__), dict(m._parameters), dict(m._buffers), containers))
     return state
@@ -292,6 +292,11 @@ def restore_state(state: State) -> bool:
             now.clear()
             now.update(before)
         for obj, contents in containers:
+            if contents is None:
+                if obj:
+                    changed = True
+                    obj.clear()
+                continue
             if not _same(obj, contents):
                 changed = True
                 if isinstance(obj, list):
