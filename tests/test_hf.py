@@ -95,6 +95,48 @@ def test_minilm_real_weights_mlp_round_trip(tmp_path) -> None:
     assert auto.config.intermediate_size == kept and type(auto) is type(back)
 
 
+@pytest.mark.parametrize("arch", ["opt", "t5", "gptj", "phi3"])
+def test_width_fields_it_does_not_name_are_found_from_the_shapes(arch: str, tmp_path) -> None:
+    """OPT's ``ffn_dim``, T5's ``d_ff`` (encoder and decoder), GPT-J's
+    ``n_inner`` (None: 4 x n_embd) and Phi-3's fused gate-up (twice the MLP
+    width): the config is found by building the model from candidate values
+    and comparing every shape; from_pretrained rebuilds the pruned model."""
+    torch.manual_seed(SEED)
+    if arch == "opt":
+        net = transformers.OPTModel(transformers.OPTConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2,
+                                                           ffn_dim=64, num_attention_heads=4, word_embed_proj_dim=32,
+                                                           max_position_embeddings=64))
+        mlp, field, width = [f"decoder.layers.{i}.fc2.weight" for i in range(2)], "ffn_dim", 48
+    elif arch == "t5":
+        net = transformers.T5Model(transformers.T5Config(vocab_size=128, d_model=32, d_kv=8, d_ff=64, num_layers=1,
+                                                         num_decoder_layers=1, num_heads=4))
+        mlp = ["encoder.block.0.layer.1.DenseReluDense.wo.weight", "decoder.block.0.layer.2.DenseReluDense.wo.weight"]
+        field, width = "d_ff", 48
+    elif arch == "gptj":
+        net = transformers.GPTJModel(transformers.GPTJConfig(vocab_size=128, n_embd=32, n_layer=2, n_head=4,
+                                                             rotary_dim=4, n_positions=64))
+        mlp, field, width = [f"h.{i}.mlp.fc_out.weight" for i in range(2)], "n_inner", 112
+    else:
+        net = transformers.Phi3Model(transformers.Phi3Config(vocab_size=128, hidden_size=32, intermediate_size=64,
+                                                             num_hidden_layers=2, num_attention_heads=4,
+                                                             max_position_embeddings=64, pad_token_id=0))
+        mlp, field, width = [f"layers.{i}.mlp.down_proj.weight" for i in range(2)], "intermediate_size", 48
+    net = net.double().eval()
+    x = _ids()
+    if arch == "t5":
+        x = {**x, "decoder_input_ids": x["input_ids"][:, :5]}
+    PruningManager(net).compute(x, pruned_inputs=[(p, c) for p in mlp for c in range(0, 16)]).prune()
+    assert getattr(pruned_config(net), field) == width
+    with torch.no_grad():
+        ref = net(**x).last_hidden_state
+    path = save_pretrained(net, tmp_path / "hf")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        back = type(net).from_pretrained(path, dtype=torch.float64).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(**x).last_hidden_state, ref, rtol=1e-10, atol=1e-10)
+
+
 def test_layers_of_different_widths_are_not_expressible() -> None:
     net = _bert()
     x = _ids()

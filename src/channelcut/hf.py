@@ -10,7 +10,10 @@ comparing every tensor shape; :func:`save_pretrained` writes the checkpoint.
 
 What the format can hold, and what it cannot:
 
-- one ``intermediate_size`` (GPT-2: ``n_inner``) and one head count for every
+- one MLP width (``intermediate_size``; GPT-2: ``n_inner``; the fields other
+  architectures use, ``ffn_dim``, ``d_ff``, ``encoder_ffn_dim``, a fused
+  gate-up of twice the width, ..., are found by building the model from
+  candidate values on the meta device and comparing every shape) and one head count for every
   layer: prune every layer by the same number of MLP channels and heads
   (``MaskingManager(...).mask(amount, scope="local")`` does);
 - heads only where the config has a separate head size (Llama, Mistral, Qwen:

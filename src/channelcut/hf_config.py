@@ -59,7 +59,10 @@ def _observed(model: nn.Module, config: Any) -> Dict[str, Dict[int, List[str]]]:
             seen["num_attention_heads"][q.weight.shape[0] // head_dim].append(name)
             if hasattr(config, "num_key_value_heads"):
                 seen["num_key_value_heads"][k.weight.shape[0] // head_dim].append(name)
-    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    try:
+        emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    except NotImplementedError:  # audio models (Wav2Vec2) have none
+        emb = None
     if isinstance(emb, nn.Embedding):
         seen["hidden_size"][int(emb.weight.shape[1])].append("input embeddings")
     if hasattr(config, "rms_norm_eps"):  # a narrower stream rescales its RMS norms' eps
@@ -103,8 +106,85 @@ def pruned_config(model: nn.Module) -> Any:
                 # have no head_dim field but their modeling code reads one; _check_shapes checks that it does)
                 new.head_dim = int(getattr(new, "head_dim", None) or new.hidden_size // new.num_attention_heads)
             setattr(new, field, value)
-    _check_shapes(model, new)
+    try:
+        _check_shapes(model, new)
+    except NotExpressibleError:
+        inferred = _infer_from_shapes(model, new)
+        if inferred is None:
+            raise
+        new = inferred
     return new
+
+
+#: width fields whose None means a default derived from another (GPT-J, CodeGen: 4 x n_embd)
+_DEFAULTED_WIDTHS = ("n_inner",)
+
+
+def _build_meta(model: nn.Module, config: Any) -> Optional[Dict[str, Tuple[int, ...]]]:
+    try:
+        config = type(config).from_dict(config.to_dict())
+        with torch.device("meta"):
+            fresh = type(model)(config)
+    except Exception:
+        return None
+    return {k: tuple(v.shape) for k, v in fresh.state_dict().items()}
+
+
+def _infer_from_shapes(model: nn.Module, config: Any, max_tries: int = 64) -> Optional[Any]:
+    """A config for the architectures whose width fields :func:`_observed`
+    does not know (``ffn_dim``, ``d_ff``, ``encoder_ffn_dim``, ``hidden_dim``,
+    a fused gate-up of twice the MLP width, ...): build the model from
+    ``config`` on meta, collect which sizes changed (old -> new, each to one
+    value), and set the integer fields that hold an old size (or half or a
+    quarter of it, for fused projections) to the new one; the first
+    assignment whose model has every shape of ``model`` wins. None if none."""
+    have = _build_meta(model, config)
+    if have is None:
+        return None
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    changes: Dict[int, set] = defaultdict(set)
+    for key, shape in want.items():
+        if key in have and len(have[key]) == len(shape):
+            for a, b in zip(have[key], shape):
+                if a != b:
+                    changes[a].add(b)
+    if not changes or any(len(v) != 1 for v in changes.values()):
+        return None
+    fields = {f: v for f, v in config.to_dict().items() if type(v) is int and v > 1}
+    options: List[List[Tuple[str, int]]] = []  # per changed size: the (field, new value) to set together
+    for old, (new_size,) in changes.items():
+        sets = []
+        for k in (1, 2, 4):
+            if old % k or new_size % k:
+                continue
+            names = [f for f, v in fields.items() if v == old // k]
+            if names:
+                sets.append([(f, new_size // k) for f in names])
+                sets += [[(f, new_size // k)] for f in names] if len(names) > 1 else []
+        sets += [[(f, new_size)] for f in _DEFAULTED_WIDTHS if f in config.to_dict() and getattr(config, f) is None]
+        if not sets:
+            return None
+        options.append(sets)
+    tries = 0
+
+    def search(i: int, chosen: List[Tuple[str, int]]) -> Optional[Any]:
+        nonlocal tries
+        if i == len(options):
+            tries += 1
+            cand = copy.deepcopy(config)
+            for f, v in chosen:
+                setattr(cand, f, v)
+            built = _build_meta(model, cand)
+            return cand if built is not None and all(built.get(k) == want[k] for k in have) else None
+        for opt in options[i]:
+            if tries >= max_tries:
+                return None
+            found = search(i + 1, chosen + opt)
+            if found is not None:
+                return found
+        return None
+
+    return search(0, [])
 
 
 def _check_shapes(model: nn.Module, config: Any) -> None:
