@@ -14,8 +14,13 @@ In both cases the channels the spec reports it removes beyond the request
 groups) are zeroed too. Columns are zeroed in place for the duration of that
 one run and restored bit for bit; they come from the request and the traced
 weight layout, never from ``spec.masks``, so a plan that removes a channel it
-does not report fails verification. No copy of the model is made (two
-forward passes in all: this one and the pruned model's).
+does not report fails verification. Where it is cheaper and the same
+computation (a plain ``nn.Linear``/``nn.Conv*d`` that owns the weight alone,
+whose input is smaller than its weight: a linear layer on a few tokens), the
+channels are zeroed in the layer's input instead, by a forward pre-hook
+removed after the run; a call the hook does not fit makes the reference run
+again with columns only. No copy of the model is made (two forward passes in
+all: this one and the pruned model's).
 
 Reduced precision (bfloat16, float16): the reference also runs in float64,
 without a float64 copy of the model: each module's own parameters and
