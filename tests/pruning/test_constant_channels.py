@@ -11,6 +11,7 @@ Every model here has randomised norms and biases.
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -239,3 +240,45 @@ def test_constrained_export_of_own_zeros_reports_what_it_adds(x):
         ref_net.c.weight[:, 1] = 0
         assert rel_error(net(x), ref_net(x)) <= RTOL
     assert net.a.out_channels == 5
+
+
+class _FourierFeatures(nn.Module):
+    """A conv reading the image concatenated with a positional encoding that
+    forward computes from constants (sines and cosines of the row position)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3 + 8, 16, 3, padding=1)
+        self.out = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = x.shape
+        rows = torch.linspace(-1, 1, h, dtype=x.dtype).view(1, 1, h, 1).expand(b, 1, h, w)
+        freqs = torch.arange(1, 5, dtype=x.dtype).view(1, 4, 1, 1)
+        enc = torch.cat([torch.sin(freqs * math.pi * rows), torch.cos(freqs * math.pi * rows)], 1)
+        return self.out(torch.relu(self.conv(torch.cat([x, enc], 1))))
+
+
+@pytest.mark.parametrize("constrained", [False, True], ids=["unconstrained", "constrained"])
+def test_a_conv_reading_a_tensor_computed_from_constants(constrained):
+    """Unconstrained: the requested encoding channels are dropped by a gather
+    of the conv's input; constrained: they are pinned (their producer is no
+    layer) and reported, the columns stay. Exact against the model with the
+    request zeroed by hand either way."""
+    torch.manual_seed(5)
+    net = _FourierFeatures().double().eval()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    request = [("conv.weight", 1), ("conv.weight", 5), ("conv.weight", 9), ("out.weight", 2)]
+    hand = copy.deepcopy(net)
+    with torch.no_grad():
+        hand.conv.weight[:, [1, 5, 9]] = 0
+        hand.out.weight[:, 2] = 0
+        want = hand(x)
+    pm = PruningManager(net).compute([x], pruned_inputs=request, constrained=constrained)
+    pm.prune()
+    assert torch.allclose(net(x), want, rtol=1e-12, atol=1e-12)
+    assert net.out.weight.shape[1] == 15
+    if constrained:
+        assert net.conv.weight.shape[1] == 11 and pm.spec.pinned_groups > 0
+    else:
+        assert net.conv.weight.shape[1] == 8 and pm.spec.copy_ops == 1
