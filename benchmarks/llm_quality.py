@@ -22,7 +22,7 @@ Every export is ``PruningManager(...).compute(...).prune()`` with its default
 verification. Writes ``docs/llm-quality.json``, the section between the
 ``<!-- quality -->`` markers of ``docs/llm.md`` and ``docs/llm-quality.png``::
 
-    python benchmarks/llm_quality.py                 # about 10 minutes on 2 cores
+    python benchmarks/llm_quality.py --threads 1     # about 12 minutes on one core
     python benchmarks/llm_quality.py --report-only   # redraw from the JSON
 """
 
@@ -275,7 +275,7 @@ def render(r: Dict[str, Any], png: str) -> str:
         "Each cell: test perplexity with no recovery (after recovery), and the fraction of parameters kept. "
         "*all, unconstrained*: every consumer drops `amount` of its own input channels (copies where layers "
         "disagree); *all, constrained*: whole channel groups (zero copies); compare them at equal parameters "
-        "on the plot.",
+        "on the plot. KV groups are whole (4 per layer): 10-30% remove one group per layer, 40-50% two.",
         "",
     ]
     pts = [p for p in r["points"] if "error" not in p]
@@ -303,6 +303,19 @@ def render(r: Dict[str, Any], png: str) -> str:
         if key not in best or p["ppl"] < best[key]["ppl"]:
             best[key] = p
     wins = {m: sum(1 for b in best.values() if b["method"] == m) for m in METHODS}
+    lines += ["Unconstrained vs constrained at equal parameters (the constrained curve interpolated at the "
+              "unconstrained point's parameters kept; no recovery):", "",
+              "| method | amount | kept | unconstrained | constrained, interpolated |", "|---|---:|---:|---:|---:|"]
+    for method in METHODS:
+        con = sorted((p["kept"], p["ppl"]) for p in pts if p["kind"] == "all_constrained" and p["method"] == method)
+        for p in sorted((p for p in pts if p["kind"] == "all_unconstrained" and p["method"] == method), key=lambda p: p["amount"]):
+            pair = next(((a, b) for a, b in zip(con, con[1:]) if a[0] <= p["kept"] <= b[0]), None)
+            if pair is None:
+                continue
+            (k0, y0), (k1, y1) = pair
+            y = y0 if k1 == k0 else y0 + (y1 - y0) * (p["kept"] - k0) / (k1 - k0)
+            lines.append(f"| {method} | {p['amount']:.0%} | {p['kept']:.0%} | {p['ppl']:.2f} | {y:.2f} |")
+    lines.append("")
     lines += ["Best method per (kind, amount), no recovery: " + ", ".join(f"{m} {n}" for m, n in wins.items()) + ".",
               "", f"![perplexity vs parameters kept]({os.path.basename(png)})", "", END]
     return "\n".join(lines)
@@ -367,7 +380,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--kinds", type=lambda s: s.split(","), default=list(KINDS))
     ap.add_argument("--recover-at", type=lambda s: [float(a) for a in s.split(",")], default=[0.3, 0.5])
     ap.add_argument("--recover-kinds", type=lambda s: s.split(","), default=["mlp", "all_unconstrained", "all_constrained"])
-    ap.add_argument("--recover-steps", type=int, default=100)
+    ap.add_argument("--recover-steps", type=int, default=60)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cache", default="/tmp/channelcut-llm-quality.pt", help="trained weights (reused unless --retrain)")
     ap.add_argument("--retrain", action="store_true")
