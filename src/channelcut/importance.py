@@ -275,7 +275,53 @@ def _scored_modules(ctx: ScoringContext) -> Dict[str, List[str]]:
     return by_module
 
 
-class HRank(Importance):
+class _DataImportance(Importance):
+    """A heuristic that reads what each scored layer receives on data: the
+    batches (``data``, else the manager's example inputs, at most
+    ``max_batches``) and a run of the model with a forward pre-hook on each
+    scored module (:func:`_scored_modules`)."""
+
+    needs_data = True
+    #: what the heuristic needs the data for, in its error message
+    _needs = "example data"
+
+    def __init__(self, data: Optional[Iterable[Inputs]] = None, max_batches: Optional[int] = None) -> None:
+        if max_batches is not None and (not isinstance(max_batches, int) or max_batches < 1):
+            raise ValueError(f"max_batches must be a positive integer or None, got {max_batches!r}")
+        self.data = data
+        self.max_batches = max_batches
+
+    def _batches(self, ctx: ScoringContext) -> List[Any]:
+        batches = _as_batches(self.data, "data")
+        if not batches and ctx.example_inputs is not None:
+            batches = [ctx.example_inputs]
+        if not batches:
+            name = type(self).__name__
+            raise ValueError(f"{name} needs {self._needs}: pass {name}(data=[x, ...]) "
+                             "or MaskingManager(model, example_inputs=[x])")
+        return batches if self.max_batches is None else batches[: self.max_batches]
+
+    def _run_hooked(self, ctx: ScoringContext, hook_for: Callable[[str], Callable]) -> Dict[str, List[str]]:
+        """Run the model in eval mode on the batches with ``hook_for(module
+        name)`` as a forward pre-hook on every scored module; returns the
+        scored modules (module -> consumer weight names)."""
+        batches = self._batches(ctx)
+        by_module = _scored_modules(ctx)
+        handles = [ctx.model.get_submodule(m).register_forward_pre_hook(hook_for(m)) for m in by_module]
+        was_training = ctx.model.training
+        try:
+            ctx.model.eval()
+            with torch.no_grad():
+                for batch in batches:
+                    _run(ctx.model, batch)
+        finally:
+            for h in handles:
+                h.remove()
+            ctx.model.train(was_training)
+        return by_module
+
+
+class HRank(_DataImportance):
     """Average rank of the channel's feature maps on example data.
 
     Lin, Ji, Wang, Zhang, Zhang, Tian and Shao, "HRank: Filter Pruning using
@@ -297,26 +343,9 @@ class HRank(Importance):
         max_batches: use at most this many batches of ``data``.
     """
 
-    needs_data = True
-
-    def __init__(self, data: Optional[Iterable[Inputs]] = None, max_batches: Optional[int] = None) -> None:
-        if max_batches is not None and (not isinstance(max_batches, int) or max_batches < 1):
-            raise ValueError(f"max_batches must be a positive integer or None, got {max_batches!r}")
-        self.data = data
-        self.max_batches = max_batches
+    _needs = "example data to compute feature-map ranks"
 
     def score_inputs(self, ctx: ScoringContext) -> Dict[str, torch.Tensor]:
-        batches = _as_batches(self.data, "data")
-        if not batches and ctx.example_inputs is not None:
-            batches = [ctx.example_inputs]
-        if not batches:
-            raise ValueError(
-                "HRank needs example data to compute feature-map ranks: pass HRank(data=[x, ...]) "
-                "or MaskingManager(model, example_inputs=[x])"
-            )
-        if self.max_batches is not None:
-            batches = batches[: self.max_batches]
-        by_module = _scored_modules(ctx)
         ranks: Dict[str, torch.Tensor] = {}
         energy: Dict[str, torch.Tensor] = {}
         counts: Dict[str, int] = {}
@@ -338,17 +367,7 @@ class HRank(Importance):
 
             return hook
 
-        handles = [ctx.model.get_submodule(m).register_forward_pre_hook(hook_for(m)) for m in by_module]
-        was_training = ctx.model.training
-        try:
-            ctx.model.eval()
-            with torch.no_grad():
-                for batch in batches:
-                    _run(ctx.model, batch)
-        finally:
-            for h in handles:
-                h.remove()
-            ctx.model.train(was_training)
+        by_module = self._run_hooked(ctx, hook_for)
         out: Dict[str, torch.Tensor] = {}
         for mname, names in by_module.items():
             if mname not in counts:
@@ -362,7 +381,7 @@ class HRank(Importance):
         return out
 
 
-class ActivationNorm(Importance):
+class ActivationNorm(_DataImportance):
     """Norm of each input channel's activations on calibration data.
 
     The activation-based importance of Minitron (Muralidharan, Sreenivas,
@@ -393,26 +412,10 @@ class ActivationNorm(Importance):
     (['0.weight', '2.weight'], torch.Size([6]))
     """
 
-    needs_data = True
-
-    def __init__(self, data: Optional[Iterable[Inputs]] = None, max_batches: Optional[int] = None) -> None:
-        if max_batches is not None and (not isinstance(max_batches, int) or max_batches < 1):
-            raise ValueError(f"max_batches must be a positive integer or None, got {max_batches!r}")
-        self.data = data
-        self.max_batches = max_batches
+    _needs = "calibration data"
 
     def _channel_rms(self, ctx: ScoringContext) -> Dict[str, torch.Tensor]:
         """Module name -> RMS of each channel of its first input."""
-        batches = _as_batches(self.data, "data")
-        if not batches and ctx.example_inputs is not None:
-            batches = [ctx.example_inputs]
-        if not batches:
-            raise ValueError(
-                f"{type(self).__name__} needs calibration data: pass {type(self).__name__}(data=[x, ...]) "
-                "or MaskingManager(model, example_inputs=[x])"
-            )
-        if self.max_batches is not None:
-            batches = batches[: self.max_batches]
         sums: Dict[str, torch.Tensor] = {}
         counts: Dict[str, int] = {}
 
@@ -429,18 +432,7 @@ class ActivationNorm(Importance):
 
             return hook
 
-        by_module = _scored_modules(ctx)
-        handles = [ctx.model.get_submodule(m).register_forward_pre_hook(hook_for(m)) for m in by_module]
-        was_training = ctx.model.training
-        try:
-            ctx.model.eval()
-            with torch.no_grad():
-                for batch in batches:
-                    _run(ctx.model, batch)
-        finally:
-            for h in handles:
-                h.remove()
-            ctx.model.train(was_training)
+        self._run_hooked(ctx, hook_for)
         return {m: (sums[m] / max(counts[m], 1)).sqrt() for m in sums}
 
     def _combine(self, ref: LayerRef, rms: torch.Tensor) -> torch.Tensor:

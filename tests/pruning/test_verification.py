@@ -71,13 +71,14 @@ def test_verification_makes_no_copy_of_the_model(monkeypatch, dtype):
     assert net[9].in_features == 5
 
 
-def _resolve_one_extra_channel(monkeypatch) -> None:
-    """Make resolve also remove input channel 3 of ``9.weight`` without
-    reporting it (the request it reports stays the caller's)."""
+def _resolve_one_extra_channel(monkeypatch, extra=("9.weight", 3)) -> None:
+    """Make resolve also remove input channel ``extra`` (default: channel 3
+    of ``9.weight``) without reporting it (the request it reports stays the
+    caller's)."""
     real = manager_mod.resolve
 
     def one_extra(graph, pruned_inputs, *a, **k):
-        spec = real(graph, list(pruned_inputs) + [("9.weight", 3)], *a, **k)
+        spec = real(graph, list(pruned_inputs) + [extra], *a, **k)
         spec.requested = real(graph, pruned_inputs, *a, **k).requested
         return spec
 
@@ -227,14 +228,7 @@ def test_reference_zeroes_inputs_where_cheaper_and_equals_the_model_zeroed_by_ha
 def test_input_zeroing_still_catches_an_unreported_channel(monkeypatch):
     """A plan that removes one more input of a hooked linear than it reports
     fails verification (the reference zeroes only what was asked)."""
-    real = manager_mod.resolve
-
-    def one_extra(graph, pruned_inputs, *a, **k):
-        spec = real(graph, list(pruned_inputs) + [("down.weight", 2)], *a, **k)
-        spec.requested = real(graph, pruned_inputs, *a, **k).requested
-        return spec
-
-    monkeypatch.setattr(manager_mod, "resolve", one_extra)
+    _resolve_one_extra_channel(monkeypatch, ("down.weight", 2))
     torch.manual_seed(2)
     net = _Tokens().double().eval()
     x = torch.randn(1, 3, 16, dtype=torch.float64)
