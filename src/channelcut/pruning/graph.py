@@ -119,15 +119,26 @@ class SourceTable:
                 self._link(a, b)
 
     def union_all(self, atoms: Iterable[int]) -> Optional[int]:
-        """Merge all given atoms into one group; return one of them (or None)."""
+        """Merge all given atoms into one group; return one of them (or None).
+
+        >>> t = SourceTable(); a = t.new_atoms("x", 4)
+        >>> t.union_all([-1, a[3], a[1], a[3]]), t.find(a[1]) == t.find(a[3]) != t.find(a[0])
+        (3, True)
+        """
         first = None
+        root = -1
+        parent = self._parent
         for a in atoms:
             if a < 0:
                 continue
             if first is None:
-                first = a
-            else:
-                self.union(first, a)
+                first, root = a, self.find(a)
+                continue
+            while parent[a] != a:  # path halving
+                parent[a] = a = parent[parent[a]]
+            if a != root:
+                self._link(root, a)
+                root = min(root, a)  # _link keeps the older root
         return first
 
     def pin(self, atom: int, reason: str) -> None:

@@ -452,18 +452,14 @@ def _order_classes(present: List[int], keeps: List[FrozenSet[int]]) -> List[int]
 
     def greedy(start: int) -> List[int]:
         seq = [start]
-        left = set(sigs)
-        left.discard(start)
-        if last_sig is not None:
-            left.discard(last_sig)
+        left = [(sg, -width[sg], -sg) for sg in sigs if sg != start and sg != last_sig]
         while left:
             prev = seq[-1]
             # most consumers shared with the last class, then fewest differences
             # (|sg ^ prev| = |sg| + |prev| - 2 |sg & prev|: with the shared count
             # fixed, fewest differences is fewest consumers), then the smaller sig
-            best = max(left, key=lambda sg: ((sg & prev).bit_count(), -width[sg], -sg))
-            seq.append(best)
-            left.discard(best)
+            _, _, _, i = max([((sg & prev).bit_count(), nw, ns, i) for i, (sg, nw, ns) in enumerate(left)])
+            seq.append(left.pop(i)[0])
         if last_sig is not None and last_sig != start:
             seq.append(last_sig)
         return seq
