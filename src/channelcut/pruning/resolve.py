@@ -178,21 +178,26 @@ def _start(graph: TracedGraph, mode: str) -> Resolution:
 def _read_inputs(r: Resolution, pruned_inputs: Iterable[Tuple[str, int]]) -> None:
     """Phase 1a: validate ``pruned_inputs``; each consumer op drops them."""
     graph = r.graph
-    by_name: Dict[str, Tuple[List[str], int]] = {}  # consumer name -> (its ops, input channels)
+    by_name: Dict[str, Tuple[List[str], int, Set[int]]] = {}  # consumer name -> (its ops, input channels, dropped)
     for item in pruned_inputs:
-        name, ch = _pair(item, "pruned_inputs")
+        if type(item) is tuple and len(item) == 2 and type(item[0]) is str:
+            name, ch = item
+        else:
+            name, ch = _pair(item, "pruned_inputs")
         hit = by_name.get(name)
         if hit is None:
             ops = _lookup(name, graph.consumers_by_param, graph.consumers, graph.param_aliases)
             if ops is None:
                 raise _not_found(graph, name, "consumer")
-            hit = by_name[name] = (ops, len(graph.consumers[ops[0]].in_ids))
-        ops, n = hit
+            hit = by_name[name] = (ops, len(graph.consumers[ops[0]].in_ids), set())
+        ops, n, chans = hit
         if type(ch) is not int or not 0 <= ch < n:
             ch = _check_channel(name, ch, n, "input")
+        chans.add(ch)
+    for ops, _n, chans in by_name.values():  # every channel checked: record them, a layer at a time
         for op in ops:
-            r.dropped[op].add(ch)
-        r.requested[graph.consumers[ops[0]].param].add(ch)
+            r.dropped[op] |= chans
+        r.requested[graph.consumers[ops[0]].param] |= chans
 
 
 def _read_outputs(r: Resolution, pruned_outputs: Iterable[Tuple[str, int]]) -> None:
@@ -277,15 +282,16 @@ def _decide_presence(r: Resolution) -> None:
     constrained, when any consumer drops it. Pinned groups always stay, and
     every depthwise conv keeps a channel."""
     dropped_by_any: Set[int] = set()
+    kept = r.kept_by_any
     for op, gs in r.groups_of.items():
-        d = r.dropped.get(op, ())
-        for p, g in enumerate(gs):
-            if g < 0:
-                continue
-            if p in d:
-                dropped_by_any.add(g)
-            else:
-                r.kept_by_any.add(g)
+        d = r.dropped.get(op)
+        if not d:
+            kept.update(gs)
+            continue
+        dropped_by_any.update(gs[p] for p in d if p < len(gs))
+        kept.update(g for p, g in enumerate(gs) if p not in d)
+    dropped_by_any.discard(-1)
+    kept.discard(-1)
     if r.mode == "constrained":
         absent = dropped_by_any | r.removed_req
     else:
