@@ -80,8 +80,8 @@ MUTANTS: List[Mutant] = [
     Mutant(
         "resolve-extra-masked-channel", "resolve",
         "each requested input channel also drops its neighbour (one extra masked channel)",
-        "        for op in ops:\n            r.dropped[op].add(ch)\n",
-        "        for op in ops:\n            r.dropped[op].update({ch, (ch + 1) % n})\n",
+        "        for op in ops:\n            r.dropped[op] |= chans\n",
+        "        for op in ops:\n            r.dropped[op] |= chans | {(c + 1) % _n for c in chans}\n",
         gap="needs a reference built from the request itself (the original model with exactly the "
             "requested columns zeroed) or a check that the spec masks nothing beyond the request "
             "and its reported additions; the mock and the pruned model share the wrong plan",

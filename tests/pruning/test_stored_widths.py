@@ -8,6 +8,7 @@ original model with the request zeroed by hand, ``tests/support/reference.py``).
 
 from __future__ import annotations
 
+import copy
 import random
 
 import pytest
@@ -187,3 +188,51 @@ def test_functional_attention_with_its_own_weights_is_exact(mode: str, seed: int
     assert any("multi_head_attention_forward" in r for r in reasons), reasons
     # the output projection's rows stay free: the classifier reads fewer
     assert net[4].in_features == 6 - len(m.spec.requested.get("4.weight", []))
+
+
+class _ReshapesToItsWidth(nn.Module):
+    """A router that reshapes its input to ``self.hidden_dim`` before its own
+    linear (Mixtral's ``MixtralTopKRouter``)."""
+
+    def __init__(self, hidden: int, experts: int) -> None:
+        super().__init__()
+        self.hidden_dim = hidden
+        self.weight = nn.Parameter(torch.randn(experts, hidden, dtype=torch.float64))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.reshape(-1, self.hidden_dim)
+        return F.linear(x, self.weight)
+
+
+class _StreamWithRouter(nn.Module):
+    """A stream read by the router and by another linear that keeps every channel."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(6, 8)
+        self.router = _ReshapesToItsWidth(8, 3)
+        self.other = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        return torch.cat([self.router(h), self.other(h).reshape(-1, 2)], -1)
+
+
+def test_a_consumer_whose_module_reshapes_to_a_stored_width_reads_zero_columns():
+    """The router's input can not be narrowed (its reshape reads the stream's
+    width, which another reader keeps): its dropped inputs become zero
+    columns instead of a subset read, and the export is verified (it failed
+    verification with "shape '[-1, 8]' is invalid", as tiny Mixtral and
+    Qwen2-MoE did)."""
+    torch.manual_seed(4)
+    net = _StreamWithRouter().double()
+    x = torch.randn(2, 5, 6, dtype=torch.float64)
+    with torch.no_grad():
+        hand = copy.deepcopy(net)
+        hand.router.weight[:, [0, 5]] = 0
+        want = hand(x)
+    pm = PruningManager(net).compute([x], pruned_inputs=[("router.weight", 0), ("router.weight", 5)])
+    assert pm.spec.copy_ops == 0
+    pm.prune()
+    assert torch.allclose(net(x), want, rtol=1e-12, atol=1e-12)
+    assert net.router.hidden_dim == 8 and net.a.out_features == 8

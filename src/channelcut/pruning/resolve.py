@@ -234,9 +234,20 @@ def _choose_subset_readers(r: Resolution) -> None:
     must stay present become zero weight columns, so inference makes no
     copies); a module holds one input selection, so several consumers in one
     module that read different tensors or channels (separate q/k/v
-    projections of nn.MultiheadAttention) keep zero columns instead."""
+    projections of nn.MultiheadAttention) keep zero columns instead; so does
+    a consumer whose module's code reads an int attribute equal to the input
+    width (``x.reshape(-1, self.hidden_dim)`` before the linear: a narrower
+    input would not fit it)."""
     graph, dropped = r.graph, r.dropped
     physical = r.physical = {op: c.physical and r.mode != "constrained" for op, c in graph.consumers.items()}
+    widths_read: Dict[str, Set[int]] = defaultdict(set)  # module -> values of the width attributes its code reads
+    for module, attr in graph.read_attributes:
+        held = graph.stored_widths.get((module, attr))
+        if held is not None:
+            widths_read[module].add(held[0])
+    for op, c in graph.consumers.items():
+        if physical[op] and len(c.in_ids) in widths_read.get(c.module or "", ()):
+            physical[op] = False
     for ops in graph.consumers_by_param.values():
         if len(ops) > 1:
             shared: Set[int] = set().union(*(dropped.get(op, set()) for op in ops))
