@@ -121,13 +121,11 @@ _DEFAULTED_WIDTHS = ("n_inner",)
 
 
 def _build_meta(model: nn.Module, config: Any) -> Optional[Dict[str, Tuple[int, ...]]]:
+    """:func:`_meta_shapes`, or None where the config is refused."""
     try:
-        config = type(config).from_dict(config.to_dict())
-        with torch.device("meta"):
-            fresh = type(model)(config)
-    except Exception:
+        return _meta_shapes(model, config)
+    except NotExpressibleError:
         return None
-    return {k: tuple(v.shape) for k, v in fresh.state_dict().items()}
 
 
 def _infer_from_shapes(model: nn.Module, config: Any, max_tries: int = 64) -> Optional[Any]:
@@ -141,7 +139,7 @@ def _infer_from_shapes(model: nn.Module, config: Any, max_tries: int = 64) -> Op
     have = _build_meta(model, config)
     if have is None:
         return None
-    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    want = _shapes(model)
     changes: Dict[int, set] = defaultdict(set)
     for key, shape in want.items():
         if key in have and len(have[key]) == len(shape):
@@ -150,7 +148,9 @@ def _infer_from_shapes(model: nn.Module, config: Any, max_tries: int = 64) -> Op
                     changes[a].add(b)
     if not changes or any(len(v) != 1 for v in changes.values()):
         return None
-    fields = {f: v for f, v in config.to_dict().items() if type(v) is int and v > 1}
+    values = config.to_dict()
+    fields = {f: v for f, v in values.items() if type(v) is int and v > 1}
+    defaulted = [f for f in _DEFAULTED_WIDTHS if f in values and values[f] is None]
     options: List[List[Tuple[str, int]]] = []  # per changed size: the (field, new value) to set together
     for old, (new_size,) in changes.items():
         sets = []
@@ -158,10 +158,11 @@ def _infer_from_shapes(model: nn.Module, config: Any, max_tries: int = 64) -> Op
             if old % k or new_size % k:
                 continue
             names = [f for f, v in fields.items() if v == old // k]
-            if names:
+            if names:  # all of them together, then each alone
                 sets.append([(f, new_size // k) for f in names])
-                sets += [[(f, new_size // k)] for f in names] if len(names) > 1 else []
-        sets += [[(f, new_size)] for f in _DEFAULTED_WIDTHS if f in config.to_dict() and getattr(config, f) is None]
+                if len(names) > 1:
+                    sets += [[(f, new_size // k)] for f in names]
+        sets += [[(f, new_size)] for f in defaulted]
         if not sets:
             return None
         options.append(sets)
@@ -187,12 +188,14 @@ def _infer_from_shapes(model: nn.Module, config: Any, max_tries: int = 64) -> Op
     return search(0, [])
 
 
-def _check_shapes(model: nn.Module, config: Any) -> None:
-    """Build ``type(model)`` from ``config`` on the meta device and compare
-    every tensor shape with ``model``'s. The config is first read back from
-    its dict, as ``from_pretrained`` will read it (transformers validates it
-    then: e.g. Llama's config refuses a head count that does not divide
-    ``hidden_size``, even with an explicit ``head_dim``)."""
+def _shapes(model: nn.Module) -> Dict[str, Tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def _meta_shapes(model: nn.Module, config: Any) -> Dict[str, Tuple[int, ...]]:
+    """The tensor shapes of ``type(model)`` built from ``config`` (read back
+    from its dict first) on the meta device; NotExpressibleError where
+    transformers refuses the config or the model can not be built."""
     try:
         config = type(config).from_dict(config.to_dict())
     except Exception as exc:
@@ -204,9 +207,17 @@ def _check_shapes(model: nn.Module, config: Any) -> None:
             fresh = type(model)(config)
     except Exception as exc:
         raise NotExpressibleError(f"{type(model).__name__} cannot be built from the pruned config: {exc}") from exc
-    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    have = {k: tuple(v.shape) for k, v in fresh.state_dict().items()}
-    for key, shape in want.items():
+    return _shapes(fresh)
+
+
+def _check_shapes(model: nn.Module, config: Any) -> None:
+    """Build ``type(model)`` from ``config`` on the meta device and compare
+    every tensor shape with ``model``'s. The config is first read back from
+    its dict, as ``from_pretrained`` will read it (transformers validates it
+    then: e.g. Llama's config refuses a head count that does not divide
+    ``hidden_size``, even with an explicit ``head_dim``)."""
+    have = _meta_shapes(model, config)
+    for key, shape in _shapes(model).items():
         if key in have and have[key] != shape:
             raise NotExpressibleError(
                 f"{key}: the pruned model has shape {shape}, a {type(model).__name__} built from the config would "
