@@ -580,6 +580,30 @@ case("scatter_add", lambda m, x, y: x.clone().scatter_add_(1, torch.zeros(x.shap
 case("index_add", lambda m, x, y: x.clone().index_add_(1, torch.tensor([0, 2]), y), In((2, 3, 2), 1), In((2, 2, 2), 1))
 case("index_copy", lambda m, x, y: x.clone().index_copy_(1, torch.tensor([2, 0]), y), In((2, 3, 2), 1), In((2, 2, 2), 1))
 case("add", lambda m, x, y: x.clone().add_(y), In((2, 3, 2), 1), In((2, 3, 2), 1), note="in-place add_")
+case("index_add", lambda m, x, y: x.clone().index_add_(0, torch.tensor([2, 0]), y), In((3, 4), 1), In((2, 4), 1),
+     note="routed tokens added back along a non-channel dim")
+case("index_add", lambda m, x, y: x.index_add(0, torch.tensor([1, 1]), y), In((3, 4), 1), In((2, 4), 1),
+     note="out of place, repeated index")
+case("index_copy", lambda m, x, y: x.clone().index_copy_(0, torch.tensor([2, 0]), y), In((3, 4), 1), In((2, 4), 1),
+     note="along a non-channel dim")
+
+# ---------------------------------------------------------------------------
+# selection by value: top-k, sort, positions of nonzeros (expert routing)
+# ---------------------------------------------------------------------------
+
+case("topk", lambda m, x: x.topk(2, dim=2)[0], In((2, 3, 4), 1), note="along a non-channel dim")
+case("topk", lambda m, x: x.gather(2, x.topk(2, dim=2)[1]), In((2, 3, 4), 1), note="its indices gather")
+case("topk", lambda m, x: x.topk(2, dim=1)[0], In((2, 3, 4), 1), note="along the channel dim: pinned")
+case("topk", lambda m, x: x[torch.where(x.topk(1, dim=1)[1] == 0)[0]], In((5, 3), 1),
+     note="tokens routed by a top-k over channels")
+case("sort", lambda m, x: x.sort(dim=2)[0], In((2, 3, 4), 1))
+case("sort", lambda m, x: x.sort(dim=1, descending=True)[0], In((2, 3, 4), 1), note="along the channel dim")
+case("argsort", lambda m, x: x.gather(2, x.argsort(dim=2)), In((2, 3, 4), 1))
+case("msort", lambda m, x: torch.msort(x), In((3, 4), 1))
+case("nonzero", lambda m, x: x[torch.nonzero((x * 0).sum(1) == 0)[:, 0]], In((3, 4), 1), note="rows selected")
+case("argwhere", lambda m, x: x[:, torch.argwhere((x * 0).sum(0) == 0)[:, 0]], In((3, 4), 0),
+     note="channels counted by position: pinned")
+case("nonzero_static", lambda m, x: x[torch.nonzero_static((x * 0).sum(1) == 0, size=2)[:, 0]], In((3, 4), 1))
 
 # ---------------------------------------------------------------------------
 # same-shape conversions, copies, creation

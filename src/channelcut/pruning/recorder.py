@@ -308,6 +308,9 @@ class Recorder:
         self.rms_forms: Dict[int, Any] = {}
         #: such modules running now as one op: (module, its input), innermost last
         self.opaque: List[Tuple[torch.nn.Module, torch.Tensor]] = []
+        #: ids of the current call's outputs that hold positions, not channels
+        #: (``topk``'s indices): left untraced (see :meth:`leave_untraced`)
+        self.positions: set = set()
 
     # -- op ids and module context ------------------------------------------
     @property
@@ -534,6 +537,12 @@ class Recorder:
             return
         for name, p, positions, ids in uses:
             self.params.record(name, p, positions, ids)
+
+    def leave_untraced(self, y: torch.Tensor) -> None:
+        """Output ``y`` of the current call holds positions (indices along a
+        dim), not channels: it stays untraced, so ops that index with it use
+        its values (``x[idx]``) rather than treat it as data."""
+        self.positions.add(id(y))
 
     def warn_once(self, key: str, msg: str) -> None:
         if key not in self.warned:

@@ -4,15 +4,17 @@ Every torch function the tracer understands is one entry in ``RULES`` (keyed by
 function name; in-place variants share the rule of their base op), registered
 with :func:`~.registry.rule` next to its trace rule, in one module per family:
 
-- ``elementwise.py``: arithmetic, comparisons, activations, dropout, casts;
-- ``reductions.py``: sum, mean, max, norm, softmax, cumsum, normalize;
+- ``elementwise.py``: arithmetic, comparisons, activations, dropout, casts,
+  positions of nonzeros (``torch.where(cond)``);
+- ``reductions.py``: sum, mean, max, norm, softmax, cumsum, normalize, topk, sort;
 - ``spatial.py``: pooling, interpolation, padding, grid sampling;
 - ``norms.py``: batch, instance, layer, RMS, group and local response norms;
 - ``layers.py``: conv, linear, embedding, matmul, addmm, einsum;
 - ``attention.py``: scaled dot product and multi-head attention;
 - ``movement.py``: permute, index, cat, stack, gather, shuffles, unfold;
 - ``reshape.py``: reshape, view, flatten, expand, chunk, split;
-- ``creation.py`` and ``writes.py``: new tensors, metadata, in-place writes;
+- ``creation.py`` and ``writes.py``: new tensors, metadata, in-place writes
+  (``index_add_`` of routed tokens along a non-channel dim);
 - ``provenance.py``: ops on constants made from parameters.
 
 Start reading at :func:`dispatch`. A rule gets the tracer's
@@ -68,8 +70,9 @@ def dispatch(rec: Recorder, call: OpCall) -> None:
         if rec.shapes_only:  # perhaps it read a meta tensor's values
             raise NeedsValues(f"rule for {name}: {exc}") from exc
         barrier(rec, call, f"rule failed ({type(exc).__name__}: {exc})")
+    positions, rec.positions = rec.positions, set()
     for y in outs:  # any output a rule forgot is a fresh, safe barrier output
-        if rec.get(y) is None and not any(y is x for x in tensors):
+        if rec.get(y) is None and id(y) not in positions and not any(y is x for x in tensors):
             rec.set(y, rec.fresh_pinned(rec.new_op(name), y.dim(), f"output of {name}"))
 
 

@@ -84,6 +84,8 @@ def elementwise(rec: Recorder, call: OpCall) -> None:
     """Position-wise ops on broadcast operands (see :func:`elementwise_into`)."""
     tensors = call.tensors
     target = call.out if isinstance(call.out, torch.Tensor) else None
+    if target is None and call.base == "where" and len(call.args) == 1:
+        return nonzero(rec, call)  # torch.where(cond): the indices of its nonzeros
     if target is None:
         raise Unsupported("elementwise op without a tensor output")
     elementwise_into(rec, call.name, tensors, target)
@@ -208,3 +210,16 @@ def glu(rec: Recorder, call: OpCall) -> None:
     half = ids.numel() // 2
     merged = rec.union_pairs(ids[:half], ids[half:])
     rec.set(out, CompactTrace.along(merged, dim, x.dim()))
+
+
+@rule("nonzero", "argwhere", "nonzero_static")
+def nonzero(rec: Recorder, call: OpCall) -> None:
+    """``nonzero`` / ``argwhere`` / ``torch.where(cond)``: the positions of
+    the nonzero elements. They hold positions, not channels, and stay
+    untraced (``x[token_idx]`` then uses their values); when ``cond`` varies
+    along a channel dim those positions count its channels, which are pinned."""
+    t = rec.get(call.args[0])
+    if t is not None and t.vdim is not None:
+        rec.pin_ids(t.ids, f"'{call.name}' returns positions along the channel dim ({rec.module or '<model>'})")
+    for y in call.outs:
+        rec.leave_untraced(y)

@@ -152,7 +152,33 @@ def getitem(rec: Recorder, call: OpCall) -> None:
     one = one_to_one(rec, call)
     if one is not None and _getitem_fast(rec, one[1], one[0], call.args[1], one[2]):
         return
+    if one is not None and _getitem_leading(rec, one[1], one[0], call.args[1], one[2]):
+        return
     move_ids(rec, call)
+
+
+def _getitem_leading(rec: Recorder, t: CompactTrace, x: torch.Tensor, idx: Any, y: torch.Tensor) -> bool:
+    """``x[token_idx]``, ``x[rows, cols]``: untraced index tensors, ints and
+    slices on leading dims only, the channel dim and every dim after it
+    untouched. The trailing dims come out as they were, whatever the indices
+    hold (also none: an expert no token was routed to)."""
+    if t.vdim is None:
+        return False
+    if not isinstance(idx, tuple):
+        idx = (idx,)
+    if len(idx) > t.vdim:
+        return False
+    for i in idx:
+        if isinstance(i, torch.Tensor):
+            if rec.get(i) is not None or i.dtype not in (torch.long, torch.int, torch.bool, torch.int32):
+                return False
+        elif not isinstance(i, (int, slice)) or isinstance(i, bool):
+            return False
+    tail = x.dim() - t.vdim
+    if y.dim() < tail or tuple(y.shape[y.dim() - tail:]) != tuple(x.shape[t.vdim:]):
+        return False
+    rec.set(y, CompactTrace.along(t.ids, y.dim() - tail, y.dim()))
+    return True
 
 
 @rule("cat", "concat", "concatenate", shape=cat_shape)

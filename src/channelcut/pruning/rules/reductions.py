@@ -15,7 +15,7 @@ import torch
 from ..recorder import CompactTrace, Recorder
 from ..shape_only import empty, plain
 from .elementwise import elementwise
-from .registry import OpCall, rule
+from .registry import OpCall, Unsupported, rule
 
 REDUCTIONS = {"sum", "mean", "amax", "amin", "max", "min", "prod", "logsumexp", "all", "any", "argmax",
               "argmin", "nansum", "nanmean", "median", "nanmedian", "count_nonzero", "std", "var",
@@ -145,3 +145,38 @@ def mix_along(rec: Recorder, call: OpCall) -> None:
 def normalize(rec: Recorder, call: OpCall) -> None:
     """``F.normalize(x, p, dim=1)``: divides by a norm along ``dim``."""
     _mix(rec, call, call.arg(2, "dim", 1))
+
+
+@rule("topk", "sort", "argsort", "msort")
+def select_along(rec: Recorder, call: OpCall) -> None:
+    """``topk`` / ``sort`` / ``argsort`` along ``dim``: the values keep the
+    input's channels when ``dim`` is not the channel dim; along the channel
+    dim they mix them all (one coupled, pinned group: the indices returned are
+    channel positions, which removing a channel would change; a router's
+    top-k over experts). The indices hold positions, not channels: they stay
+    untraced, so an op indexing with them (``x[idx]``, ``gather``) uses their
+    values."""
+    x = call.args[0]
+    t = rec.get(x)
+    base = call.base
+    dim = call.arg(2, "dim", -1) if base == "topk" else call.arg(1, "dim", -1)
+    if not isinstance(dim, int):
+        raise Unsupported(f"'{base}' with a non-int dim")
+    dim %= max(x.dim(), 1)
+    outs = call.outs
+    if base == "argsort":
+        values, indices = [], outs
+    elif base == "msort":
+        values, indices = outs, []
+    else:
+        values, indices = outs[:1], outs[1:]
+    if t.vdim is not None and t.vdim == dim:
+        rep = rec.couple(t.ids)
+        rec.pin_ids(t.ids, f"'{base}' along the channel dim returns channel positions ({rec.module or '<model>'})")
+        res = CompactTrace.scalar(rep, x.dim())
+    else:
+        res = CompactTrace(t.atoms, t.vdim)
+    for y in values:
+        rec.set(y, CompactTrace(res.atoms, res.vdim))
+    for y in indices:
+        rec.leave_untraced(y)
