@@ -229,7 +229,21 @@ def save_pretrained(model: nn.Module, path: Union[str, Path], **kwargs: Any) -> 
     """``model.save_pretrained(path, **kwargs)`` with the config of the pruned
     widths (:func:`pruned_config`), so that ``type(model).from_pretrained(path)``
     (or ``AutoModel``) rebuilds the pruned model. ``model.config`` itself is
-    left as it was. Returns the path."""
+    left as it was. Returns the path.
+
+    A model whose mixture-of-experts blocks were split (one module per
+    expert, :mod:`channelcut.moe`) has no such config: its experts may keep
+    different widths, and its parameters are named per expert. It raises
+    :class:`~channelcut.errors.ChannelcutError`; ``channelcut.save`` and
+    ``channelcut.load`` keep it."""
+    from .moe import SplitExperts
+
+    split = [n for n, m in model.named_modules() if isinstance(m, SplitExperts)]
+    if split:
+        raise ChannelcutError(
+            f"{len(split)} mixture-of-experts block(s) ({split[0]}, ...) hold one module per expert, which no "
+            f"{type(model).__name__} config can describe; save the pruned model with channelcut.save(model, path) "
+            "and load it with channelcut.load(path)")
     config = pruned_config(model)
     old = model.config
     model.config = config

@@ -59,6 +59,7 @@ from .errors import (  # the plan errors live in errors.py; re-exported here for
 from .pruning.subselect import subselection_of
 from .pruning.pruner import Rollback, applied_specs, prune_model
 from .pruning.spec import PruningSpec, Subselection
+from .moe import remove_experts, removed_experts, split_experts
 
 __all__ = [
     "FORMAT",
@@ -143,6 +144,8 @@ def save(
         "shapes": {name: list(t.shape) for name, t in model.state_dict().items()},
         "aliases": aliases,
         "metadata": dict(metadata or {}),
+        # mixture-of-experts blocks -> the original router indices of the experts removed
+        "removed_experts": removed_experts(model),
     }
     folder = Path(path)
     if folder.exists() and not folder.is_dir():
@@ -320,6 +323,15 @@ def load(
     if _class_name(model) != saved_class:
         hint += f" You passed a {_class_name(model)}."
 
+    # fused experts are split as the managers split them (same function), and
+    # experts removed before saving are removed again (router rows with them)
+    split_experts(model)
+    gone = plan.get("removed_experts") or {}
+    if gone:
+        try:
+            remove_experts(model, {block: ids for block, ids in gone.items()})
+        except (AttributeError, TypeError, ValueError) as exc:
+            raise PlanMismatchError(f"the plan removes experts {gone} the model can not lose: {exc}.{hint}") from exc
     steps = [_parse_step(s, i) for i, s in enumerate(plan["steps"])]
     if not steps:  # no recorded spec: derive one from the saved shapes
         steps = [(_derived_spec(model, plan, hint), None)]

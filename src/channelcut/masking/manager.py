@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ..importance import L1, Importance, ScoringContext
+from ..moe import split_experts
 from .select import Selection, select_constrained, select_unconstrained
 from .structure import Segment, Structure, build_structure
 
@@ -67,6 +68,9 @@ class MaskingManager:
             example_inputs = [example_inputs]
         self.model = model
         self.example_inputs = example_inputs
+        #: mixture-of-experts blocks rewritten as one MLP per expert (same
+        #: function; see :func:`channelcut.moe.split_experts`)
+        self.split_blocks: List[str] = split_experts(model)
         self._structure: Structure = build_structure(model, example_inputs)
         self._heuristic: Importance = L1()
         #: the last selection made by :meth:`select` or :meth:`mask`
@@ -196,7 +200,39 @@ class MaskingManager:
                 ref = self._structure.consumers[name]
                 idx = torch.tensor(chans, dtype=torch.long, device=ref.weight.device)
                 ref.weight.index_fill_(ref.channel_dim, idx, 0)
+            self._zero_unread_normed_channels()
         return self
+
+    def _zero_unread_normed_channels(self) -> None:
+        """A channel that an RMS norm normalises and that no consumer reads
+        any more is removed by the export, and the norm rescaled: exact only
+        when the channel is zero where it is made (its value counts in the
+        norm of the others). So its producers' rows (and bias entries) are
+        zeroed too, and the masked model is the model the export gives
+        (DeepSeek's latent attention: a norm between ``kv_a_proj`` and
+        ``kv_b_proj``)."""
+        st = self._structure
+        graph = st.graph
+        if graph is None or not graph.rms_norms:
+            return
+        find = graph.sources.find
+        normed = {find(a) for use in graph.rms_norms for a in use.ids if a >= 0}
+        zero: Dict[str, List[bool]] = {}
+        for g in st.groups:
+            if g.id not in normed or g.pinned is not None or not g.consumers or not g.producers:
+                continue
+            for c, _ in g.consumers:
+                if c in st.consumers and c not in zero:
+                    zero[c] = self._zero_columns(c).tolist()
+            if not all(zero[c][i] for c, i in g.consumers if c in st.consumers):
+                continue
+            if any(p not in st.producers for p, _ in g.producers):
+                continue
+            for p, j in g.producers:
+                ref = st.producers[p]
+                ref.weight.select(ref.channel_dim, j).zero_()
+                if ref.bias is not None and ref.bias.dim() == 1 and ref.bias.numel() == ref.channels:
+                    ref.bias[j] = 0
 
     # ------------------------------------------------------------------
     def _context(self, consumers: Optional[Set[str]] = None) -> ScoringContext:

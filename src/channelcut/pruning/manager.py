@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..errors import ExportError, StateError, TracingError
+from ..moe import split_experts
 from .mock import make_mock
 from .prepare import add_prefix_aliases, refuse_offloaded, refuse_reparametrized, reparametrized_weights, unwrap_model
 from .pruner import Rollback, prune_model
@@ -58,12 +59,19 @@ class PruningManager:
             DataParallel or ``torch.compile`` wrapper is unwrapped: the module
             inside is ``self.net``, traced and pruned in place (the wrapper
             keeps holding it), and names with the wrapper's prefix work too.
+            One change is made up front: a mixture-of-experts block whose
+            experts are fused 3-D weights is rewritten as one MLP per expert
+            (:func:`channelcut.moe.split_experts`), which computes the same
+            function; its names are then ``<block>.<e>.gate_proj.weight``.
+            The names of the blocks rewritten are in :attr:`split_blocks`.
     """
 
     def __init__(self, net: nn.Module) -> None:
         if not isinstance(net, nn.Module):
             raise TypeError(f"PruningManager needs a torch.nn.Module, got {type(net).__name__}")
         self.net, self._name_prefix = unwrap_model(net)
+        #: mixture-of-experts blocks rewritten as one module per expert
+        self.split_blocks: List[str] = split_experts(self.net)
         self.graph: Optional[TracedGraph] = None
         self.spec: Optional[PruningSpec] = None
         self._inputs: Optional[Inputs] = None
