@@ -28,7 +28,6 @@ for before it is timed. Command (writes the table into docs/moe.md's
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import platform
@@ -142,9 +141,9 @@ def _same(m1, m2, x) -> float:
 def main(argv=None) -> Dict:
     a = parse_args(argv)
     torch.set_num_threads(a.threads)
-    I, E = a.intermediate, a.experts
-    uniform = [int(0.75 * I)] * E
-    varied = [int(I * (0.5 + 0.5 * e / (E - 1))) // 8 * 8 for e in range(E)]
+    inter, E = a.intermediate, a.experts
+    uniform = [int(0.75 * inter)] * E
+    varied = [int(inter * (0.5 + 0.5 * e / (E - 1))) // 8 * 8 for e in range(E)]
     mean_w = round(sum(varied) / E / 8) * 8
     g = torch.Generator().manual_seed(2)
     inputs = {"prefill": torch.randint(0, 1000, (1, a.prefill), generator=g),
@@ -171,7 +170,7 @@ def main(argv=None) -> Dict:
     result = {
         "command": "python benchmarks/moe_latency.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": f"{platform.processor() or platform.machine()}, {a.threads} threads, torch {torch.__version__}",
-        "shape": {"hidden": a.hidden, "intermediate": I, "experts": E, "top_k": a.top_k, "layers": a.layers},
+        "shape": {"hidden": a.hidden, "intermediate": inter, "experts": E, "top_k": a.top_k, "layers": a.layers},
         "hf_experts_implementation": impl or "eager (default)",
         "widths_varied": varied, "mean_width": mean_w,
         "max_rel_err": {"split vs ideal (uniform)": err_u, "split vs padded (varied)": err_v},

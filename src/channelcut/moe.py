@@ -269,8 +269,9 @@ def remove_experts(model: nn.Module, experts: Dict[str, Sequence[int]],
                              f"{top_k} each token is routed to")
         plan.append((block_name, block, rname, router, drop, width))
     kept_out: Dict[str, List[int]] = {}
-    for block_name, block, rname, router, drop, width in plan:
-        keep = [i for i in range(width) if i not in set(drop)]
+    for block_name, block, _rname, router, drop, width in plan:
+        dropped = set(drop)
+        keep = [i for i in range(width) if i not in dropped]
         index = torch.tensor(keep, dtype=torch.long)
         for table in (router._parameters, router._buffers):
             for k, t in list(table.items()):
