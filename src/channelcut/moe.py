@@ -258,8 +258,9 @@ def remove_experts(model: nn.Module, experts: Dict[str, Sequence[int]],
             router = model.get_submodule(rname)
         else:
             rname, router = _router_of(model, block_name, block)
-        if int(getattr(router, "num_group", getattr(router, "n_group", 1)) or 1) > 1:
-            raise ValueError(f"{rname} routes within {router.num_group} expert groups: removing experts would "
+        groups = int(getattr(router, "num_group", getattr(router, "n_group", 1)) or 1)
+        if groups > 1:
+            raise ValueError(f"{rname} routes within {groups} expert groups: removing experts would "
                              "leave unequal groups; remove none, or a whole group's experts in every group")
         width = router.weight.shape[0]
         left = width - len(drop)
@@ -267,9 +268,9 @@ def remove_experts(model: nn.Module, experts: Dict[str, Sequence[int]],
         if left < max(top_k, 1):
             raise ValueError(f"{block_name}: removing {len(drop)} of {width} experts leaves {left}, fewer than the "
                              f"{top_k} each token is routed to")
-        plan.append((block_name, block, rname, router, drop, width))
+        plan.append((block_name, block, router, drop, width))
     kept_out: Dict[str, List[int]] = {}
-    for block_name, block, _rname, router, drop, width in plan:
+    for block_name, block, router, drop, width in plan:
         dropped = set(drop)
         keep = [i for i in range(width) if i not in dropped]
         index = torch.tensor(keep, dtype=torch.long)
@@ -282,8 +283,7 @@ def remove_experts(model: nn.Module, experts: Dict[str, Sequence[int]],
             if type(v) is int and v == width and not k.startswith("_"):
                 setattr(router, k, len(keep))
         new_index = {old: i for i, old in enumerate(keep)}
-        original = getattr(block, "original_ids", list(block.expert_ids))
-        triples = [(new_index[e], m, o) for e, m, o in zip(block.expert_ids, block, original) if e in new_index]
+        triples = [(new_index[e], m, o) for e, m, o in zip(block.expert_ids, block, block.original_ids) if e in new_index]
         for i in range(len(block) - 1, -1, -1):
             del block[i]
         for _, m, _ in triples:
@@ -301,7 +301,7 @@ def removed_experts(model: nn.Module) -> Dict[str, List[int]]:
     out: Dict[str, List[int]] = {}
     for name, m in model.named_modules():
         if isinstance(m, SplitExperts):
-            kept = set(getattr(m, "original_ids", m.expert_ids))
+            kept = set(m.original_ids)
             gone = [i for i in range(m.num_experts) if i not in kept]
             if gone:
                 out[name] = gone

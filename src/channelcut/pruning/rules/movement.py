@@ -170,7 +170,7 @@ def _getitem_leading(rec: Recorder, t: CompactTrace, x: torch.Tensor, idx: Any, 
         return False
     for i in idx:
         if isinstance(i, torch.Tensor):
-            if rec.get(i) is not None or i.dtype not in (torch.long, torch.int, torch.bool, torch.int32):
+            if rec.get(i) is not None or i.dtype not in (torch.long, torch.int32, torch.bool):
                 return False
         elif not isinstance(i, (int, slice)) or isinstance(i, bool):
             return False

@@ -49,4 +49,4 @@ def index_add(rec: Recorder, call: OpCall) -> None:
     trace = CompactTrace.along(merged, ts.vdim, dst.dim())
     rec.set(dst, trace)
     if isinstance(call.out, torch.Tensor) and call.out is not dst:
-        rec.set(call.out, CompactTrace.along(merged, ts.vdim, dst.dim()))
+        rec.set(call.out, trace)
