@@ -43,8 +43,10 @@ True
 
 from __future__ import annotations
 
+from .calibrate import calibrate_pretrained, select_to_budget
 from .errors import NotExpressibleError
 from .hf_config import pruned_config, save_pretrained
 from .hf_stream import load_pretrained, prune_pretrained
 
-__all__ = ["NotExpressibleError", "pruned_config", "save_pretrained", "prune_pretrained", "load_pretrained"]
+__all__ = ["NotExpressibleError", "pruned_config", "save_pretrained", "prune_pretrained", "load_pretrained",
+           "calibrate_pretrained", "select_to_budget"]

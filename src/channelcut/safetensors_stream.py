@@ -46,7 +46,7 @@ import torch
 from .errors import ChannelcutError
 
 __all__ = ["Entry", "Header", "SafetensorsError", "ShardWriter", "copy_range", "read_header", "read_tensor",
-           "DTYPES", "dtype_name", "entries_of"]
+           "read_rows", "DTYPES", "dtype_name", "entries_of"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -169,6 +169,46 @@ def read_tensor(path_or_file: Union[PathLike, "object"], header: Header, name: s
         finally:
             os.close(fd)
     return _from_bytes(buf, e)
+
+
+def read_rows(path: PathLike, header: Header, name: str, rows: Union[range, Sequence[int]]) -> torch.Tensor:
+    """Read some rows (entries of the first dimension) of one tensor: a
+    ``range`` is read in one piece, other rows one by one, in the order
+    given. Only those bytes enter memory (an embedding's rows for the tokens
+    of a batch, a weight in chunks of rows).
+
+    >>> import tempfile, os, torch
+    >>> path = os.path.join(tempfile.mkdtemp(), "t.safetensors")
+    >>> with ShardWriter(path, [Entry("w", "F32", (4, 2))]) as w:
+    ...     w.write("w", torch.arange(8.0).reshape(4, 2))
+    >>> read_rows(path, read_header(path), "w", [3, 0]).tolist()
+    [[6.0, 7.0], [0.0, 1.0]]
+    """
+    e = header.entries[name]
+    if not e.shape:
+        raise SafetensorsError(f"tensor {name!r} is a scalar: it has no rows")
+    n = e.shape[0]
+    row_bytes = e.nbytes // n if n else 0
+    if isinstance(rows, range):
+        if rows.step != 1 or not 0 <= rows.start <= rows.stop <= n:
+            raise IndexError(f"rows {rows} of {name!r}, which has {n} rows (a range with step 1 is read in one piece)")
+        runs = [(rows.start, len(rows))]
+    else:
+        runs = [(int(r), 1) for r in rows]
+        bad = [r for r, _ in runs if not 0 <= r < n]
+        if bad:
+            raise IndexError(f"row {bad[0]} of {name!r}, which has {n} rows")
+    total = sum(k for _, k in runs)
+    buf = torch.empty(total * row_bytes, dtype=torch.uint8)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        done = 0
+        for r, k in runs:
+            _pread_into(fd, buf[done * row_bytes:(done + k) * row_bytes], header.data_start + e.begin + r * row_bytes, name)
+            done += k
+    finally:
+        os.close(fd)
+    return _from_bytes(buf, Entry(e.name, e.dtype, (total,) + tuple(e.shape[1:])))
 
 
 def _pread_into(fd: int, buf: torch.Tensor, offset: int, name: str) -> None:
