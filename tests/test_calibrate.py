@@ -350,3 +350,35 @@ def test_command_line_keep_with_calibration(tmp_path, capsys) -> None:
     for extra in bad:
         assert main(["prune-pretrained", str(src), "--out", str(tmp_path / "x"), "--quiet", *extra]) == 2, extra
     assert not (tmp_path / "x").exists()
+
+
+def test_a_checkpoint_whose_names_are_not_the_models_is_refused_clearly(tmp_path) -> None:
+    """transformers saves Mixtral's experts under their old per-expert names
+    and renames them while loading; streaming reads the model's names, so it
+    stops and says which names it found instead."""
+    cfg = transformers.MixtralConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=48, num_hidden_layers=2,
+                                     num_attention_heads=HEADS, num_key_value_heads=KV, num_local_experts=4,
+                                     num_experts_per_tok=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    src = _save(transformers.AutoModelForCausalLM.from_config(cfg).eval(), tmp_path / "src")
+    with pytest.raises(CheckpointError, match=r"no tensor for 'model\.layers\.0\.mlp\..*block_sparse_moe.*not the model's"):
+        calibrate_pretrained(src, _data())
+
+
+def test_streamed_scores_drive_masking_manager(checkpoints) -> None:
+    """``importance.Given(cal.scores)``: MaskingManager's own selection
+    (modes, scopes, round_to) on scores streamed from disk picks what it
+    picks with the in-memory heuristic."""
+    from channelcut.importance import Given
+
+    model, src = checkpoints["llama"]
+    data = _data()
+    cal = calibrate_pretrained(src, data)
+    x = {"input_ids": data[0]}
+    names = [f"model.layers.{i}.mlp.down_proj" for i in range(LAYERS)]
+    got = MaskingManager(model, x).importance(Given(cal.scores)).select(0.3, layers=names, scope="global", round_to=8)
+    want = MaskingManager(model, x).importance(ActivationNorm(data=data)).select(0.3, layers=names, scope="global",
+                                                                                  round_to=8)
+    assert got == want and len(got) > 0
+    with pytest.raises(TypeError, match="Given takes a dict"):
+        Given([1, 2])

@@ -142,7 +142,15 @@ class _Reader:
         for n in [name] + self.aliases.get(self.canon.get(name, name), []):
             if n in self.where:
                 return n
-        raise CheckpointError(f"the checkpoint in {self.ckpt.folder} has no tensor for {name!r}")
+        prefix, near = name, []
+        while "." in prefix and not near:  # the nearest enclosing module the checkpoint has tensors under
+            prefix = prefix.rpartition(".")[0]
+            near = sorted(k for k in self.where if k.startswith(prefix + "."))[:3]
+        prefix += "."
+        hint = (f"; under {prefix!r} it has {', '.join(near)}: its tensor names are not the model's (transformers "
+                "renames some, e.g. mixture-of-experts weights, while loading; streaming reads the model's names)"
+                if near else "")
+        raise CheckpointError(f"the checkpoint in {self.ckpt.folder} has no tensor for {name!r}{hint}")
 
     def has(self, name: str) -> bool:
         try:
@@ -458,8 +466,9 @@ def calibrate_pretrained(
         scores[w] = rms * colsums[w] if method == "wanda" else rms
     tokens = sum(int(b["input_ids"].numel()) for b in batches)
     hidden_bytes = sum(h.numel() * h.element_size() for h in hidden)
-    return Calibration(scores, method, len(batches), tokens, len(layers), time.perf_counter() - t0,
-                       reader.bytes_read, largest, hidden_bytes)
+    return Calibration(scores, method, len(batches), tokens, len(layers),
+                       seconds=time.perf_counter() - t0, bytes_read=reader.bytes_read, largest_layer_bytes=largest,
+                       hidden_bytes=hidden_bytes)
 
 
 # ----------------------------------------------------------------------------

@@ -55,6 +55,7 @@ __all__ = [
     "Wanda",
     "Taylor",
     "BNScale",
+    "Given",
     "lamp_normalize",
 ]
 
@@ -163,6 +164,35 @@ class Importance(abc.ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
+
+
+class Given(Importance):
+    """Scores computed elsewhere: ``{consumer weight name: score per input
+    channel}``, e.g. :func:`channelcut.calibrate.calibrate_pretrained`'s
+    (scored from a checkpoint on disk, one layer at a time) or your own.
+    Layers it has no scores for are not pruned (``select`` warns); a score
+    vector of the wrong length is an error there.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> from channelcut import MaskingManager
+    >>> net = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 2))
+    >>> mm = MaskingManager(net).importance(Given({"2.weight": torch.tensor([5., 1, 4, 0, 3, 2])}))
+    >>> mm.select(0.5, layers=["2"], ignore=[])
+    [('2.weight', 1), ('2.weight', 3), ('2.weight', 5)]
+    """
+
+    def __init__(self, scores: Dict[str, torch.Tensor]) -> None:
+        if not isinstance(scores, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                  for k, v in scores.items()):
+            raise TypeError("Given takes a dict {weight name: tensor of scores, one per input channel}")
+        self.scores = {k: v.detach().flatten() for k, v in scores.items()}
+
+    def score_inputs(self, ctx: ScoringContext) -> Dict[str, torch.Tensor]:
+        return {k: v for k, v in self.scores.items() if k in ctx.consumers}
+
+    def __repr__(self) -> str:
+        return f"Given({len(self.scores)} layers)"
 
 
 # ---------------------------------------------------------------------------
