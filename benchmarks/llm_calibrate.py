@@ -25,6 +25,7 @@ Writes ``docs/llm-calibrate.json`` (by shape, merged with earlier runs) and
 
     python benchmarks/llm_calibrate.py --shape small --compare          # ~1 GB, a few minutes
     python benchmarks/llm_calibrate.py --shape 8b --keep-checkpoint     # ~16 GB on disk
+    python benchmarks/llm_calibrate.py --report-only                    # redraw the report from the JSON
 """
 
 from __future__ import annotations
@@ -165,6 +166,14 @@ def render(results: Dict[str, Any]) -> str:
                      f"KV groups {s['kv_groups'][0]}-{s['kv_groups'][1]} |")
         lines.append(f"| {shape} | prune_pretrained | {p['s']:.0f} s | {p['peak_rss_growth_mb']:.0f} MiB | "
                      f"config: {p['config']}, loads with {p['loads_with']} |")
+    lines += ["", "Memory: calibration holds one decoder layer in float32, the calibration batches' hidden states and "
+              "one layer's activations; the freed layer is handed back to the system (`malloc_trim`) before the next "
+              "is read. Its peak over the largest layer:", ""]
+    for shape, r in results.items():
+        c = r["calibrate"]
+        lines.append(f"- {shape}: {c['peak_rss_growth_mb']:.0f} MiB / {c['largest_layer_mb']:.0f} MiB = "
+                     f"{c['peak_rss_growth_mb'] / c['largest_layer_mb']:.2f}; the model in bfloat16 is "
+                     f"{r['select']['params_before'] * 2 / 2**20:,.0f} MiB")
     lines += ["", "Checks:", ""]
     for shape, r in results.items():
         ch = r["checks"]
@@ -197,10 +206,15 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--compare", action="store_true", help="also score the model loaded whole (fits in memory only)")
     ap.add_argument("--out", default=str(ROOT / "docs" / "llm-calibrate.json"))
+    ap.add_argument("--report-only", action="store_true", help="redraw the report from --out")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         child(args)
+        return
+    if args.report_only:
+        out = Path(args.out)
+        out.with_suffix(".md").write_text(render(json.loads(out.read_text())))
         return
     folder = Path(args.dir) / args.shape
     info = write_checkpoint(folder, args.shape)
