@@ -24,7 +24,8 @@ transformers = pytest.importorskip("transformers")
 
 from channelcut import MaskingManager, PruningManager  # noqa: E402
 from channelcut.importance import L2  # noqa: E402
-from channelcut.moe import ExpertMLP, SplitExperts, fused_experts_reason, remove_experts, split_experts  # noqa: E402
+from channelcut.moe import (ExpertMLP, SplitExperts, expert_usage, fused_experts_reason, remove_experts,  # noqa: E402
+                            split_experts)
 
 SEED = 0
 
@@ -336,3 +337,35 @@ def test_removed_experts_are_saved_and_loaded(tmp_path) -> None:
     assert back.get_submodule(blocks[1]).original_ids == [1, 2]
     with torch.no_grad():
         torch.testing.assert_close(back(**x).logits, ref)
+
+
+def test_expert_usage_is_the_routing_weight_each_expert_gets() -> None:
+    """Mixtral's routing written out by hand from the router's input: softmax
+    over the router logits, top-2, renormalised; summed per expert over the
+    tokens. Then the two least used experts of each block go."""
+    net = _net(_mixtral)
+    blocks = split_experts(net)
+    batches = [_inputs(), {"input_ids": torch.randint(0, 128, (3, 7), generator=torch.Generator().manual_seed(9))}]
+    seen = {n: [] for n in blocks}
+    routers = {n: net.get_submodule(n.rpartition(".")[0]).gate for n in blocks}
+    hooks = [r.register_forward_pre_hook(lambda m, a, n=n: seen[n].append(a[0].detach().reshape(-1, 64)))
+             for n, r in routers.items()]
+    usage = expert_usage(net, batches)
+    for h in hooks:
+        h.remove()
+    for n, r in routers.items():
+        h = torch.cat(seen[n]).double()
+        probs = torch.softmax(h @ r.weight.double().t(), dim=-1)
+        w, idx = probs.topk(2, dim=-1)
+        w = w / w.sum(-1, keepdim=True)
+        want = torch.zeros(4, dtype=torch.float64).index_add_(0, idx.reshape(-1), w.reshape(-1)) / h.shape[0]
+        torch.testing.assert_close(usage[n], want, rtol=1e-5, atol=1e-6, msg=f"seed {SEED}")
+        assert abs(float(usage[n].sum()) - 1) < 1e-6  # top-k weights renormalised: one per token
+    least = {n: u.argsort()[:2].tolist() for n, u in usage.items()}
+    kept = remove_experts(net, least)
+    assert all(sorted(set(range(4)) - set(least[n])) == kept[n] for n in blocks)
+    after = expert_usage(net, batches)  # two experts left, top-2: every token uses both
+    assert all(after[n].shape == (2,) and abs(float(after[n].sum()) - 1) < 1e-6 for n in blocks)
+    assert all(net.get_submodule(n).original_ids == kept[n] for n in blocks)
+    with pytest.raises(ValueError, match="no SplitExperts block"):
+        expert_usage(nn.Linear(2, 2), [torch.randn(1, 2)])

@@ -36,12 +36,13 @@ channels are kept, everything around them is still pruned).
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-__all__ = ["ExpertMLP", "SplitExperts", "split_experts", "fused_experts_reason", "remove_experts", "removed_experts"]
+__all__ = ["ExpertMLP", "SplitExperts", "split_experts", "fused_experts_reason", "remove_experts", "removed_experts",
+           "expert_usage"]
 
 
 class ExpertMLP(nn.Module):
@@ -217,6 +218,63 @@ def _router_of(model: nn.Module, block_name: str, block: SplitExperts) -> Tuple[
         raise ValueError(f"can not tell the router of {block_name}: modules beside it with a {width}-row weight: "
                          f"{names}. Name it: remove_experts(model, experts, routers={{'{block_name}': <router>}})")
     return found[0]
+
+
+def expert_usage(model: nn.Module, data: Iterable[Any]) -> Dict[str, torch.Tensor]:
+    """How much each routed expert is used on calibration data: per
+    :class:`SplitExperts` block (call :func:`split_experts` first, or let a
+    manager do it), the routing weight each expert gets, summed over the
+    tokens and divided by their number (float64, indexed by the router's
+    index as it is now: after :func:`remove_experts`, ``block.original_ids``
+    names the experts; an expert no token picks scores 0). The weights are the ones the block
+    multiplies its experts' outputs by, so an expert with a small score
+    contributes little to the model's output on that data: a score to
+    choose experts for :func:`remove_experts` by, e.g. the two least used
+    of each block::
+
+        usage = expert_usage(model, batches)
+        remove_experts(model, {b: u.argsort()[:2].tolist() for b, u in usage.items()})
+
+    ``data``: model inputs (a tensor, a list of positional inputs or a dict
+    of keyword inputs each). The model runs in eval mode without gradients.
+    """
+    blocks = {name: m for name, m in model.named_modules() if isinstance(m, SplitExperts)}
+    if not blocks:
+        raise ValueError("the model has no SplitExperts block: call channelcut.moe.split_experts(model) first "
+                         "(a model without fused experts has none to score)")
+    width = {n: max(b.expert_ids, default=-1) + 1 for n, b in blocks.items()}  # the router's width now
+    mass: Dict[str, torch.Tensor] = {n: torch.zeros(width[n], dtype=torch.float64) for n in blocks}
+    tokens: Dict[str, int] = {n: 0 for n in blocks}
+
+    def hook_for(name: str) -> Any:
+        def pre(module: nn.Module, args: Any) -> None:
+            _, index, weights = args[:3]
+            m = torch.zeros(width[name], dtype=torch.float64, device=index.device)
+            m.index_add_(0, index.reshape(-1).long(), weights.detach().reshape(-1).double())
+            mass[name] += m.cpu()
+            tokens[name] += index.shape[0]
+
+        return pre
+
+    handles = [b.register_forward_pre_hook(hook_for(n)) for n, b in blocks.items()]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            for batch in ([data] if isinstance(data, (torch.Tensor, dict)) else data):
+                if isinstance(batch, dict):
+                    model(**batch)
+                elif isinstance(batch, (list, tuple)):
+                    model(*batch)
+                else:
+                    model(batch)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    if not any(tokens.values()):
+        raise ValueError("expert_usage needs at least one batch of data")
+    return {n: mass[n] / max(1, tokens[n]) for n in blocks}
 
 
 def remove_experts(model: nn.Module, experts: Dict[str, Sequence[int]],
