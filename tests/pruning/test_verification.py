@@ -235,3 +235,32 @@ def test_input_zeroing_still_catches_an_unreported_channel(monkeypatch):
     with pytest.raises(ExportError, match="verification failed"):
         PruningManager(net).compute([x], pruned_inputs=TOKEN_REQUEST).prune()
     assert net.down.in_features == 32
+
+
+def test_large_embeddings_and_linears_are_never_upcast_whole(monkeypatch):
+    """The float64 reference of a bfloat16 model with a large embedding and
+    head (an LLM's 128k vocabulary: 4 GiB each in float64) looks the
+    embedding rows up first and upcasts the head a chunk of rows at a time:
+    the same outputs as a float64 copy of the model, and no tensor as large
+    as either weight is ever upcast."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Embedding(500, 32), nn.Linear(32, 32), nn.GELU(), nn.Linear(32, 500)).to(torch.bfloat16)
+    ids = torch.randint(0, 500, (2, 7))
+    monkeypatch.setattr(verify, "LARGE_FLOAT64_BYTES", 100 * 32 * 8)
+    monkeypatch.setattr(verify, "CHUNK_FLOAT64_BYTES", 64 * 32 * 8)
+    upcast = []
+    real = torch.Tensor.double
+
+    def spy(self, *a, **k):
+        upcast.append(self.numel())
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(torch.Tensor, "double", spy)
+    got = verify.run_in_float64(net, [ids])
+    monkeypatch.setattr(torch.Tensor, "double", real)
+    want = copy.deepcopy(net).double()(ids)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert max(upcast) <= 2 * 7 * 500 and 500 * 32 not in upcast, "a large weight was upcast whole"
+    assert "forward" not in net[0].__dict__ and "forward" not in net[3].__dict__
+    assert all(p.dtype == torch.bfloat16 for p in net.parameters())

@@ -25,7 +25,10 @@ all: this one and the pruned model's).
 Reduced precision (bfloat16, float16): the reference also runs in float64,
 without a float64 copy of the model: each module's own parameters and
 buffers are upcast while it runs (:func:`run_in_float64`), so the memory it
-takes is about the largest module's tensors in float64. The pruned model passes when its distance to the
+takes is about the largest module's tensors in float64; a large plain
+embedding is looked up first and its rows upcast, a large plain linear layer
+upcasts its weight a chunk of rows at a time (an LLM's 128k-token embedding
+and head would take 4 GiB each in float64). The pruned model passes when its distance to the
 float64 result is within three times the distance of the unpruned model in
 its own dtype, plus four epsilons of the dtype times the output's scale: a
 bound derived from the dtype's rounding, with no absolute floor.
@@ -40,6 +43,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
+import torch.nn.functional as F
 
 from . import spill
 from .graph import TracedGraph
@@ -264,10 +268,11 @@ def run_in_float64(model: nn.Module, inputs: Any) -> Any:
     ours = {id(m) for m in model.modules()}
     active: Dict[int, List[Any]] = {}  # id(tensor) -> [tensor, original data, users]
     stack: List[List[int]] = []
+    large = _install_large_float64(model)
 
     def pre(m: nn.Module, _args: Any) -> None:
         ids: List[int] = []
-        if id(m) in ours:
+        if id(m) in ours and id(m) not in large:
             for t in (*m._parameters.values(), *m._buffers.values()):
                 if t is None or not t.is_floating_point():
                     continue
@@ -296,6 +301,53 @@ def run_in_float64(model: nn.Module, inputs: Any) -> Any:
         h2.remove()
         for t, data, _ in active.values():
             t.data = data
+        for m in large.values():
+            m.__dict__.pop("forward", None)
+
+
+#: a plain nn.Linear / nn.Embedding whose weight takes more than this in
+#: float64 is not upcast whole by :func:`run_in_float64` (an LLM's 128k-token
+#: embedding and head: 4 GiB each in float64)
+LARGE_FLOAT64_BYTES = 256 << 20
+#: rows of such a weight upcast at a time (bytes in float64)
+CHUNK_FLOAT64_BYTES = 64 << 20
+
+
+def _install_large_float64(model: nn.Module) -> Dict[int, nn.Module]:
+    """Give each large plain ``nn.Linear`` and ``nn.Embedding`` of ``model``
+    a float64 forward that never holds its weight in float64 whole: the
+    embedding looks its rows up in the weight's dtype and upcasts them (the
+    same values); the linear layer upcasts ``CHUNK_FLOAT64_BYTES`` of rows at
+    a time and fills its output in slices. Returns them by id; the caller
+    removes the instance ``forward`` after."""
+    out: Dict[int, nn.Module] = {}
+    for m in model.modules():
+        w = m._parameters.get("weight") if type(m) in (nn.Linear, nn.Embedding) else None
+        if w is None or not w.is_floating_point() or w.dtype == torch.float64 or w.numel() * 8 <= LARGE_FLOAT64_BYTES:
+            continue
+        if type(m) is nn.Embedding:
+            if m.max_norm is not None:
+                continue  # renormalises its weight in place: leave it to the plain path
+
+            def embed(ids: torch.Tensor, m: nn.Embedding = m) -> torch.Tensor:
+                return F.embedding(ids, m.weight, m.padding_idx, None, m.norm_type, m.scale_grad_by_freq,
+                                   m.sparse).double()
+
+            m.forward = embed  # type: ignore[method-assign]
+        else:
+            def linear(x: torch.Tensor, m: nn.Linear = m) -> torch.Tensor:
+                w, b = m.weight, m.bias
+                x = x.double()
+                rows = max(1, CHUNK_FLOAT64_BYTES // max(1, w.shape[1] * 8))
+                y = x.new_empty(x.shape[:-1] + (w.shape[0],))
+                for r in range(0, w.shape[0], rows):
+                    e = min(w.shape[0], r + rows)
+                    y[..., r:e] = F.linear(x, w[r:e].double(), None if b is None else b[r:e].double())
+                return y
+
+            m.forward = linear  # type: ignore[method-assign]
+        out[id(m)] = m
+    return out
 
 
 def default_rtol(spec: PruningSpec) -> Optional[float]:
