@@ -44,10 +44,15 @@ group's channels of ``o_proj``'s inputs; with as many key/value heads as
 query heads, single heads) and hidden channels (the residual stream:
 ``pruned_outputs`` of the embedding). Every kind loses the same fraction of
 its units, found by bisection so the pruned model has at most the target
-parameter count; within a kind the units are ranked over all layers at once
-(``scope="global"``, each layer's scores divided by their mean) or each
-layer loses the same fraction (``scope="local"``). ``round_to`` keeps every
-layer's MLP width and the hidden size multiples of it.
+parameter count; the hidden size moves in steps (``round_to`` channels,
+each costing every layer's projections), so it is fixed first and a second
+bisection lets the other kinds take up what its step overshot. Within a
+kind the units are ranked over all layers at once (``scope="global"``, each
+layer's scores divided by their mean) or each layer loses the same fraction
+(``scope="local"``). ``round_to`` keeps every layer's MLP width and the
+hidden size multiples of it. The parameter count is computed from the
+widths (every parameter of the model, tied ones once), and it is the count
+of the model the request exports (tested against both exports).
 """
 
 from __future__ import annotations
