@@ -627,6 +627,31 @@ def _normalised(s: torch.Tensor) -> torch.Tensor:
     return s / m if float(m) > 0 else torch.zeros_like(s)
 
 
+def _unit_scores(scores: Dict[str, torch.Tensor], arch: _Arch, kinds: Tuple[str, ...],
+                 ) -> Tuple[Dict[str, List[torch.Tensor]], Optional[torch.Tensor]]:
+    """Per kind, one score per unit and layer (MLP channels: ``down_proj``'s
+    inputs; KV groups: the sum over the group's ``o_proj`` inputs); and one
+    score per hidden channel (the mean-normalised sum over its readers)."""
+    L, hd, per, pre = arch.n, arch.head_dim, arch.per_group, arch.layers
+    units: Dict[str, List[torch.Tensor]] = {}
+    if "mlp" in kinds:
+        units["mlp"] = [_per_layer(scores, f"{pre}.{i}.mlp.down_proj.weight", arch.mlp[i]) for i in range(L)]
+    if "kv_groups" in kinds:
+        units["kv_groups"] = [
+            _per_layer(scores, f"{pre}.{i}.self_attn.o_proj.weight", arch.groups[i] * per * hd)
+            .view(arch.groups[i], per * hd).sum(1) for i in range(L)]
+    hidden_scores = None
+    if "hidden" in kinds:
+        readers = [f"{pre}.{i}.{m}.weight" for i in range(L)
+                   for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")]
+        hidden_scores = sum(_normalised(_per_layer(scores, r, arch.hidden)) for r in readers)
+        head_scores = scores.get(arch.head) if arch.head is not None else None
+        if head_scores is not None:
+            hidden_scores = hidden_scores + _normalised(_per_layer({"head": head_scores}, "head", arch.hidden))
+
+    return units, hidden_scores
+
+
 def select_to_budget(
     scores: Dict[str, torch.Tensor],
     model: Any,
@@ -692,22 +717,7 @@ def select_to_budget(
     L, hd, per = arch.n, arch.head_dim, arch.per_group
     pre = arch.layers
 
-    # per-layer unit scores
-    units: Dict[str, List[torch.Tensor]] = {}
-    if "mlp" in kinds:
-        units["mlp"] = [_per_layer(scores, f"{pre}.{i}.mlp.down_proj.weight", arch.mlp[i]) for i in range(L)]
-    if "kv_groups" in kinds:
-        units["kv_groups"] = [
-            _per_layer(scores, f"{pre}.{i}.self_attn.o_proj.weight", arch.groups[i] * per * hd)
-            .view(arch.groups[i], per * hd).sum(1) for i in range(L)]
-    hidden_scores = None
-    if "hidden" in kinds:
-        readers = [f"{pre}.{i}.{m}.weight" for i in range(L)
-                   for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj")]
-        hidden_scores = sum(_normalised(_per_layer(scores, r, arch.hidden)) for r in readers)
-        head_scores = scores.get(arch.head) if arch.head is not None else None
-        if head_scores is not None:
-            hidden_scores = hidden_scores + _normalised(_per_layer({"head": head_scores}, "head", arch.hidden))
+    units, hidden_scores = _unit_scores(scores, arch, kinds)
 
     # per kind and layer, the units from least to most important; and, for a
     # global ranking, which layer owns each position of the ranking over all layers
