@@ -68,7 +68,8 @@ import torch
 from torch import nn
 
 from .errors import ChannelcutError, CheckpointError
-from .hf_config import _build, _config_from_dict, _layer_list, _transformers, architecture
+from .importance import ChannelSquares
+from .hf_config import _build, _config_from_dict, _layer_list, _transformers, architecture, build_on_meta
 from .hf_stream import CONFIG_FILE, PathLike, _default_dtype, _open_checkpoint, _parameters_on_meta, tensor_names
 from .masking.select import round_width
 from .safetensors_stream import read_rows, read_tensor
@@ -143,10 +144,17 @@ class _Reader:
         self.canon = canon
         self.bytes_read = 0
 
-    def key(self, name: str) -> str:
+    def find(self, name: str) -> Optional[str]:
+        """The checkpoint's key for model tensor ``name`` (or a tied name of it), or None."""
         for n in [name] + self.aliases.get(self.canon.get(name, name), []):
             if n in self.where:
                 return n
+        return None
+
+    def key(self, name: str) -> str:
+        found = self.find(name)
+        if found is not None:
+            return found
         prefix, near = name, []
         while "." in prefix and not near:  # the nearest enclosing module the checkpoint has tensors under
             prefix = prefix.rpartition(".")[0]
@@ -156,13 +164,6 @@ class _Reader:
                 "renames some, e.g. mixture-of-experts weights, while loading; streaming reads the model's names)"
                 if near else "")
         raise CheckpointError(f"the checkpoint in {self.ckpt.folder} has no tensor for {name!r}{hint}")
-
-    def has(self, name: str) -> bool:
-        try:
-            self.key(name)
-            return True
-        except CheckpointError:
-            return False
 
     def read(self, name: str) -> torch.Tensor:
         k = self.key(name)
@@ -196,7 +197,7 @@ def _materialise(module: nn.Module, prefix: str, reader: _Reader, dtype: torch.d
             held += t.numel() * t.element_size()
         for bname, b in list(m._buffers.items()):
             full = ".".join(x for x in (prefix, mname, bname) if x)
-            if b is None or bname in m._non_persistent_buffers_set or not reader.has(full):
+            if b is None or bname in m._non_persistent_buffers_set or reader.find(full) is None:
                 if b is not None and b.device != device:
                     m._buffers[bname] = b.to(device)
                 continue
@@ -233,29 +234,6 @@ def _trim() -> None:
 
 
 _LIBC: Any = None
-
-
-class _ChannelStats:
-    """Running sum of squares of each input channel of the hooked ``nn.Linear`` modules."""
-
-    def __init__(self) -> None:
-        self.sums: Dict[str, torch.Tensor] = {}
-        self.counts: Dict[str, int] = {}
-
-    def hook(self, wname: str) -> Callable:
-        def pre(module: nn.Module, args: Any) -> None:
-            x = args[0] if args else None
-            if not isinstance(x, torch.Tensor) or x.dim() < 1:
-                return
-            x = x.detach().reshape(-1, x.shape[-1]).double()
-            s = (x * x).sum(0).cpu()
-            self.sums[wname] = self.sums[wname] + s if wname in self.sums else s
-            self.counts[wname] = self.counts.get(wname, 0) + x.shape[0]
-
-        return pre
-
-    def rms(self, wname: str) -> torch.Tensor:
-        return (self.sums[wname] / max(self.counts[wname], 1)).sqrt()
 
 
 def _linears(module: nn.Module, prefix: str) -> Dict[str, nn.Linear]:
@@ -328,7 +306,7 @@ def _record_layer_calls(model: nn.Module, layers: nn.ModuleList, batches: List[D
 
 def _run_layers(layers: nn.ModuleList, list_name: str, calls: List[List[Tuple[tuple, dict]]],
                 hidden: List[torch.Tensor], reader: _Reader, dtype: torch.dtype, dev: torch.device,
-                stats: _ChannelStats, colsums: Optional[Dict[str, torch.Tensor]],
+                stats: ChannelSquares, colsums: Optional[Dict[str, torch.Tensor]],
                 progress: Optional[Callable[[int, int], None]]) -> int:
     """Each layer in turn: read it, run it on every batch (``stats`` hooked on
     its ``nn.Linear`` modules; ``hidden`` becomes its outputs), take its
@@ -350,7 +328,6 @@ def _run_layers(layers: nn.ModuleList, list_name: str, calls: List[List[Tuple[tu
         finally:
             for h in hooks:
                 h.remove()
-            del linears
             _release(layer)
         calls[i] = []
         if progress is not None:
@@ -359,7 +336,7 @@ def _run_layers(layers: nn.ModuleList, list_name: str, calls: List[List[Tuple[tu
 
 
 def _score_head(model: nn.Module, list_name: str, hidden: List[torch.Tensor], reader: _Reader, dtype: torch.dtype,
-                dev: torch.device, stats: _ChannelStats, colsums: Optional[Dict[str, torch.Tensor]]) -> None:
+                dev: torch.device, stats: ChannelSquares, colsums: Optional[Dict[str, torch.Tensor]]) -> None:
     """The output head's inputs: the final norm (the decoder's ``norm``) of
     the last hidden states; the head itself never runs, and its column sums
     (Wanda) are read in chunks of rows."""
@@ -459,7 +436,7 @@ def calibrate_pretrained(
             raise ValueError(f"batch {i} holds token ids outside [0, {vocab}) (the vocabulary)")
 
     calls, hidden = _record_layer_calls(model, layers, batches, reader, dtype, dev)
-    stats = _ChannelStats()
+    stats = ChannelSquares()
     colsums: Dict[str, torch.Tensor] = {}
     largest = _run_layers(layers, list_name, calls, hidden, reader, dtype, dev, stats,
                           colsums if method == "wanda" else None, progress)
@@ -468,7 +445,7 @@ def calibrate_pretrained(
     scores: Dict[str, torch.Tensor] = {}
     for w in stats.sums:
         rms = stats.rms(w)
-        scores[w] = rms * colsums[w] if method == "wanda" else rms
+        scores[w] = (rms * colsums[w].to(rms.device) if method == "wanda" else rms).cpu()
     tokens = sum(int(b["input_ids"].numel()) for b in batches)
     hidden_bytes = sum(h.numel() * h.element_size() for h in hidden)
     return Calibration(scores, method, len(batches), tokens, len(layers),
@@ -606,8 +583,6 @@ def _model_of(source: Any) -> Tuple[nn.Module, Any]:
         config = _config_from_dict(source)
     else:
         config = source
-    from .hf_config import build_on_meta
-
     return build_on_meta(config, architecture(config, None)), config
 
 

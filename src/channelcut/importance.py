@@ -56,6 +56,7 @@ __all__ = [
     "Taylor",
     "BNScale",
     "Given",
+    "ChannelSquares",
     "lamp_normalize",
 ]
 
@@ -411,6 +412,37 @@ class HRank(_DataImportance):
         return out
 
 
+class ChannelSquares:
+    """Running sum of squares of each input channel of hooked modules, and
+    the token count: a forward pre-hook per module (:meth:`hook`), one
+    float64 vector per key. The channel dim is the last for ``nn.Linear``,
+    dim 1 otherwise (convolutions); inputs under 2-D are skipped. Used by
+    :class:`ActivationNorm` and by :func:`channelcut.calibrate.calibrate_pretrained`."""
+
+    def __init__(self) -> None:
+        self.sums: Dict[str, torch.Tensor] = {}
+        self.counts: Dict[str, int] = {}
+
+    def hook(self, key: str) -> Callable:
+        def pre(module: nn.Module, args: Any) -> None:
+            x = args[0] if args else None
+            if not isinstance(x, torch.Tensor) or x.dim() < 2:
+                return
+            dim = -1 if isinstance(module, nn.Linear) else 1
+            x = x.detach().movedim(dim, -1)
+            x = x.reshape(-1, x.shape[-1]).double()
+            self.sums[key] = self.sums[key] + (x * x).sum(0) if key in self.sums else (x * x).sum(0)
+            self.counts[key] = self.counts.get(key, 0) + x.shape[0]
+
+        return pre
+
+    def rms(self, key: str) -> torch.Tensor:
+        return (self.sums[key] / max(self.counts[key], 1)).sqrt()
+
+    def all_rms(self) -> Dict[str, torch.Tensor]:
+        return {k: self.rms(k) for k in self.sums}
+
+
 class ActivationNorm(_DataImportance):
     """Norm of each input channel's activations on calibration data.
 
@@ -446,24 +478,9 @@ class ActivationNorm(_DataImportance):
 
     def _channel_rms(self, ctx: ScoringContext) -> Dict[str, torch.Tensor]:
         """Module name -> RMS of each channel of its first input."""
-        sums: Dict[str, torch.Tensor] = {}
-        counts: Dict[str, int] = {}
-
-        def hook_for(mname: str) -> Callable:
-            def hook(module: nn.Module, args: Any) -> None:
-                x = args[0] if args else None
-                if not isinstance(x, torch.Tensor) or x.dim() < 2:
-                    return
-                dim = -1 if isinstance(module, nn.Linear) else 1
-                x = x.detach().movedim(dim, -1)
-                x = x.reshape(-1, x.shape[-1]).double()
-                sums[mname] = sums.get(mname, 0) + (x * x).sum(0)
-                counts[mname] = counts.get(mname, 0) + x.shape[0]
-
-            return hook
-
-        self._run_hooked(ctx, hook_for)
-        return {m: (sums[m] / max(counts[m], 1)).sqrt() for m in sums}
+        squares = ChannelSquares()
+        self._run_hooked(ctx, squares.hook)
+        return squares.all_rms()
 
     def _combine(self, ref: LayerRef, rms: torch.Tensor) -> torch.Tensor:
         return rms

@@ -41,6 +41,8 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 import torch
 from torch import nn
 
+from .importance import _as_batches, _run
+
 __all__ = ["ExpertMLP", "SplitExperts", "split_experts", "fused_experts_reason", "remove_experts", "removed_experts",
            "expert_usage"]
 
@@ -261,13 +263,8 @@ def expert_usage(model: nn.Module, data: Iterable[Any]) -> Dict[str, torch.Tenso
     try:
         model.eval()
         with torch.no_grad():
-            for batch in ([data] if isinstance(data, (torch.Tensor, dict)) else data):
-                if isinstance(batch, dict):
-                    model(**batch)
-                elif isinstance(batch, (list, tuple)):
-                    model(*batch)
-                else:
-                    model(batch)
+            for batch in _as_batches(data, "data"):
+                _run(model, batch)
     finally:
         for h in handles:
             h.remove()
