@@ -264,3 +264,86 @@ def test_large_embeddings_and_linears_are_never_upcast_whole(monkeypatch):
     assert max(upcast) <= 2 * 7 * 500 and 500 * 32 not in upcast, "a large weight was upcast whole"
     assert "forward" not in net[0].__dict__ and "forward" not in net[3].__dict__
     assert all(p.dtype == torch.bfloat16 for p in net.parameters())
+
+
+class _Attention(nn.Module):
+    """Self- or cross-attention (``nn.MultiheadAttention``, called by keyword
+    or position), a linear layer whose weight its parent reads with
+    ``F.linear`` (never called as a module: masked for the parent's call)."""
+
+    def __init__(self, cross: bool, by_keyword: bool) -> None:
+        super().__init__()
+        self.cross, self.by_keyword = cross, by_keyword
+        self.inp = nn.Linear(12, 16)
+        self.attn = nn.MultiheadAttention(16, 4, batch_first=True)
+        self.mix = _ReadsWeight()
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = self.inp(x)
+        kv = h.flip(1) * 0.5 if self.cross else h
+        if self.by_keyword:
+            a, _ = self.attn(query=h, key=kv, value=kv, need_weights=False)
+        else:
+            a, _ = self.attn(h, kv, kv, need_weights=False)
+        return self.head(self.mix(a + h))
+
+
+class _ReadsWeight(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(16, 16)
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x, self.proj.weight, self.proj.bias) + x
+
+
+ATTENTION_REQUEST = {"attn.in_proj_weight": [0, 3, 4, 9, 15], "attn.out_proj.weight": [1, 2, 7, 8, 12],
+                     "mix.proj.weight": [0, 5, 6, 10, 11], "head.weight": [4]}
+
+
+@pytest.mark.parametrize("cross", [False, True], ids=["self", "cross"])
+@pytest.mark.parametrize("by_keyword", [False, True], ids=["positional", "keyword"])
+def test_reference_of_attention_and_weights_read_by_a_parent_equals_the_model_zeroed_by_hand(cross, by_keyword, monkeypatch):
+    """The reference zeroes an attention's packed q/k/v columns in its
+    inputs, its out_proj columns as value rows, and masks a weight its
+    parent reads for each call of the parent: the same outputs as the
+    weights zeroed by hand, and every tensor as it was after."""
+    torch.manual_seed(3)
+    net = _Attention(cross, by_keyword).double().eval()
+    x = torch.randn(2, 7, 12, dtype=torch.float64)
+    # cross-attention splits the packed weight (q apart from k, v): not a consumer
+    request = {k: v for k, v in ATTENTION_REQUEST.items() if not (cross and k == "attn.in_proj_weight")}
+    pm = PruningManager(net).compute([x], pruned_inputs=request)
+    hand = copy.deepcopy(net)
+    with torch.no_grad():
+        for name, chans in request.items():
+            hand.get_parameter(name)[:, chans] = 0
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    masked, qkv = [], []
+    real_pre, real_hook = verify._MaskedWhileCalled.pre, verify._zero_qkv_hook
+    monkeypatch.setattr(verify._MaskedWhileCalled, "pre", lambda self, *a: masked.append(1) or real_pre(self, *a))
+    monkeypatch.setattr(verify, "_zero_qkv_hook", lambda *a: qkv.append(1) or real_hook(*a))
+    ref = verify.reference_outputs(net, [x], pm.spec, pm.graph)
+    assert masked and (qkv or cross), "the per-call mask and the q/k/v input zeroing were not used"
+    torch.testing.assert_close(ref.outputs, hand(x), rtol=0, atol=1e-13)
+    assert all(torch.equal(state[k], v) for k, v in net.state_dict().items())
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in net.modules())
+    pm.prune()
+    if not cross:  # (cross: the flipped tokens pin the stream; zero columns only)
+        assert sum(p.numel() for p in net.parameters()) < sum(p.numel() for p in hand.parameters())
+    torch.testing.assert_close(net(x), hand(x), rtol=0, atol=1e-12)
+
+
+def test_masked_weights_still_catch_an_unreported_channel(monkeypatch):
+    """A plan that removes one more input of the attention's out_proj (its
+    reference zeroes value rows) or of a weight masked per call than it
+    reports fails verification."""
+    for extra in [("attn.out_proj.weight", 3), ("mix.proj.weight", 1), ("attn.in_proj_weight", 1)]:
+        monkeypatch.undo()
+        _resolve_one_extra_channel(monkeypatch, extra)
+        torch.manual_seed(4)
+        net = _Attention(False, False).double().eval()
+        x = torch.randn(2, 7, 12, dtype=torch.float64)
+        with pytest.raises(ExportError, match="verification failed"):
+            PruningManager(net).compute([x], pruned_inputs=ATTENTION_REQUEST).prune()

@@ -32,7 +32,7 @@ from .pruner import Rollback, prune_model
 from .request import export_mode, normalize_request
 from .resolve import DEFAULT_COPY_COST, DEFAULT_OP_COST, resolve
 from .graph import TracedGraph
-from .model_run import flatten_tensors
+from .model_run import flatten_tensors, gc_paused
 from .spec import PruningSpec
 from .tracing import trace
 from .verify import check, default_rtol, reference_outputs, run_deterministic
@@ -151,6 +151,12 @@ class PruningManager:
         """
         if self._pruned:
             raise StateError("this model was already pruned by this manager; create a new PruningManager to prune it again")
+        with gc_paused():
+            return self._compute(inputs, pruned_inputs, pruned_outputs, constrained, reorder, baseline, copy_cost,
+                                 shapes_only, op_cost)
+
+    def _compute(self, inputs: Inputs, pruned_inputs: Any, pruned_outputs: Any, constrained: bool, reorder: bool,
+                 baseline: bool, copy_cost: Optional[float], shapes_only: bool, op_cost: Optional[float]) -> "PruningManager":
         mode = export_mode(constrained, baseline)
         pruned_inputs = normalize_request(pruned_inputs, "pruned_inputs")
         pruned_outputs = normalize_request(pruned_outputs, "pruned_outputs")
@@ -247,6 +253,11 @@ class PruningManager:
         spec = self._need_spec()
         if self._pruned:
             raise StateError("prune() was already called; the model is pruned")
+        with gc_paused():
+            self._prune(spec, verify, rtol)
+        return self
+
+    def _prune(self, spec: PruningSpec, verify: bool, rtol: Optional[float]) -> None:
         refuse_offloaded(self.net, [*spec.slices, *(z.param for z in spec.zeros), *(f.bias for f in spec.folds)])
         reference = None
         if verify:
@@ -267,7 +278,6 @@ class PruningManager:
                 )
         self._rollback = rb
         self._pruned = True
-        return self
 
     def undo(self) -> None:
         """Restore the model as it was before :meth:`prune`."""

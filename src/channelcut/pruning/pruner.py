@@ -28,6 +28,7 @@ from ..errors import ExportError
 from . import spill
 from .attention import fix_multihead_attention
 from .mock import zero_input_channels
+from .model_run import long_tensor
 from .rmsnorm import rescaled_weight
 from .spec import MaskEntry, NormRescale, PruningSpec, Subselection
 from .subselect import install_subselection
@@ -111,7 +112,7 @@ def _index(values: List[int], device: torch.device, cache: IndexCache) -> torch.
     key = (tuple(values), device)
     i = cache.get(key)
     if i is None:
-        i = cache[key] = torch.tensor(values, dtype=torch.long, device=device)
+        i = cache[key] = long_tensor(values, device)
     return i
 
 
@@ -137,11 +138,13 @@ def sliced(t: torch.Tensor, dims: Dict[int, List[int]], delta: Optional[List[flo
             if on_slice is not None:
                 on_slice(dim, cur, kept_i)
             cur = cur.index_select(dim, kept_i)
-        if zeros:
+        for entry in zeros:
+            if cur is t and entry.groups == 1 and entry.channels:  # one pass: a copy with the columns zeroed
+                cur = cur.index_fill(entry.weight_dim, _index(entry.channels, cur.device, index), 0)
+                continue
             if cur is t:
                 cur = cur.clone()
-            for entry in zeros:
-                zero_input_channels(cur, entry)
+            zero_input_channels(cur, entry)
         if rescale is not None:
             cur = rescaled_weight(cur, rescale.factor, rescale.plus_one)
     return cur if cur is t else cur.contiguous()
@@ -163,8 +166,14 @@ def shrink(t: torch.Tensor, dims: Dict[int, List[int]], delta: Optional[List[flo
         key = ("gone", id(kept_i), n)  # kept_i lives in the index cache: its id is stable
         gone = index.get(key)
         if gone is None:
-            keep = set(dims[dim])  # (a plain list: the index may be on the meta device)
-            gone = index[key] = _index([i for i in range(n) if i not in keep], before.device, index)
+            if kept_i.device.type == "meta":  # no values to compute with
+                keep = set(dims[dim])
+                gone = _index([i for i in range(n) if i not in keep], before.device, index)
+            else:
+                present = torch.ones(n, dtype=torch.bool, device=kept_i.device)
+                present[kept_i] = False
+                gone = present.nonzero().flatten()
+            index[key] = gone
         steps.append((dim, n, kept_i, gone, spill.keep(before.index_select(dim, gone))))
 
     if delta is not None or rescale is not None or not dims:

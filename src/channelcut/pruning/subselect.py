@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import PrunedMultiheadAttention
+from .model_run import long_tensor
 
 __all__ = [
     "SubselectMixin",
@@ -270,7 +271,7 @@ def install_subselection(
         "subselect_input_channels": int(input_channels if input_channels is not None else max(idx) + 1),
         "subselect_contiguous": bool(contiguous),
         "subselect_indices": idx,
-        "subselect_index": torch.tensor(idx, dtype=torch.long, device=device),
+        "subselect_index": long_tensor(idx, device),
     }
     for name in values:
         if name in module.__dict__:

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 
 from . import spill
 from .graph import TracedGraph
-from .model_run import compare_outputs, flatten_tensors, run_model
+from .model_run import compare_outputs, flatten_tensors, long_tensor, run_model
 from .spec import PruningSpec
 
 REDUCED = (torch.bfloat16, torch.float16)
@@ -93,7 +93,7 @@ def _zero_columns(w: torch.Tensor, dim: int, groups: int, chans: Sequence[int]) 
     input channel ``c`` is column ``c % in_per_group`` of group
     ``c // in_per_group``'s rows."""
     if groups == 1:
-        w.index_fill_(dim, torch.tensor(list(chans), dtype=torch.long, device=w.device), 0)
+        w.index_fill_(dim, long_tensor(chans, w.device), 0)
         return
     per_group = w.view(groups, w.shape[0] // groups, *w.shape[1:])
     k = w.shape[1]
@@ -141,10 +141,141 @@ def _zero_input_hook(dim: int, chans: Sequence[int], width: int):
             raise _NotPlain()
         idx = index.get(x.device)
         if idx is None:
-            idx = index[x.device] = torch.tensor(list(chans), dtype=torch.long, device=x.device)
+            idx = index[x.device] = long_tensor(chans, x.device)
         return (x.index_fill(dim, idx, 0), *args[1:])
 
     return hook
+
+
+def _attention_of(model: nn.Module, graph: TracedGraph, param: str, suffix: str, aliased: set,
+                  op_modules: Dict[str, Optional[str]], ours: set) -> Optional[nn.MultiheadAttention]:
+    """The ``nn.MultiheadAttention`` (stock forward, packed q/k/v weight, no
+    hooks but ``ours``, no ``bias_v``) that weight ``param`` (``<attention>.<suffix>``)
+    belongs to, when every traced read of it is in that module's call and
+    no other name holds it or the packed q/k/v weight; else None."""
+    if not param.endswith("." + suffix) and param != suffix:
+        return None
+    name = param[: -len(suffix)].rstrip(".")
+    try:
+        m = model.get_submodule(name)
+    except AttributeError:
+        return None
+    if (type(m).forward is not nn.MultiheadAttention.forward or not m._qkv_same_embed_dim or m.bias_v is not None
+            or m._forward_hooks or any(id(h) not in ours for h in m._forward_pre_hooks.values()) or param in aliased
+            or (f"{name}.in_proj_weight" if name else "in_proj_weight") in aliased):
+        return None
+    ops = [*graph.consumers_by_param.get(param, ()), *graph.producers_by_param.get(param, ())]
+    if not ops or any(op_modules.get(op) != name for op in ops):
+        return None
+    return m
+
+
+def _zero_qkv_hook(chans: Sequence[int], width: int):
+    """Forward pre-hook (with kwargs) of an ``nn.MultiheadAttention``: input
+    channels ``chans`` of query, key and value zeroed, which is zeroing those
+    columns of its packed q/k/v weight (a tensor passed as several of them
+    stays one tensor)."""
+    index: Dict[torch.device, torch.Tensor] = {}
+    names = ("query", "key", "value")
+
+    def hook(_m: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Tuple[Tuple[Any, ...], Dict[str, Any]]:
+        args = list(args)
+        kwargs = dict(kwargs)
+        values = [args[i] if i < len(args) else kwargs.get(n) for i, n in enumerate(names)]
+        zeroed: Dict[int, torch.Tensor] = {}
+        for i, v in enumerate(values):
+            if not isinstance(v, torch.Tensor) or v.is_nested or v.dim() == 0 or v.shape[-1] != width:
+                raise _NotPlain()
+            if id(v) not in zeroed:
+                idx = index.get(v.device)
+                if idx is None:
+                    idx = index[v.device] = long_tensor(chans, v.device)
+                zeroed[id(v)] = v.index_fill(-1, idx, 0)
+            if i < len(args):
+                args[i] = zeroed[id(v)]
+            else:
+                kwargs[names[i]] = zeroed[id(v)]
+        return tuple(args), kwargs
+
+    return hook
+
+
+#: a weight is masked for each call of its module (a zeroed copy alive only
+#: during that call) rather than zeroed in place (its removed columns saved,
+#: zeroed, restored: three strided passes over them) when at least this
+#: fraction of its input channels goes per call of the module: a copy is one
+#: contiguous pass over the whole weight
+SWAP_MIN_FRACTION = 0.2
+
+
+def _op_modules(graph: TracedGraph) -> Dict[str, Optional[str]]:
+    return {r.op: r.module for r in graph.ops}
+
+
+def _swap_module(graph: TracedGraph, param: str, aliased: set, op_modules: Dict[str, Optional[str]],
+                 chans: Sequence[int]) -> Optional[str]:
+    """The module during whose calls consumer weight ``param`` may be masked
+    instead of zeroed in place: every traced op that reads it (as a consumer
+    or a producer) runs inside that one module's call, no other name holds
+    the tensor, and enough of its columns go (:data:`SWAP_MIN_FRACTION`,
+    counted per call) for a masked copy to cost less."""
+    if param in aliased:
+        return None
+    ops = [*graph.consumers_by_param.get(param, ()), *graph.producers_by_param.get(param, ())]
+    mods = {op_modules.get(op, graph.consumers[op].module if op in graph.consumers else None) for op in ops}
+    if len(mods) != 1:
+        return None
+    mod = mods.pop()
+    calls = len(graph.consumers_by_param.get(param, ()))
+    width = len(graph.consumers[graph.consumers_by_param[param][0]].in_ids)
+    if mod is None or not calls or not width or len(chans) < SWAP_MIN_FRACTION * width * calls:
+        return None
+    return mod
+
+
+class _MaskedWhileCalled:
+    """Forward pre-hook and hook of one module: its listed weights are
+    replaced by copies with the removed columns zeroed for each call, and
+    put back after (unless something else, such as :func:`run_in_float64`'s
+    own hooks, has replaced them meanwhile)."""
+
+    def __init__(self) -> None:
+        self.entries: List[Tuple[torch.Tensor, int, int, List[int]]] = []  # (tensor, dim, groups, chans)
+        self.index: Dict[Tuple[int, torch.device], torch.Tensor] = {}  # (entry, device) -> chans
+        self.stack: List[List[Tuple[torch.Tensor, torch.Tensor]]] = []  # per active call: (before, masked)
+
+    def _masked(self, i: int, w: torch.Tensor, dim: int, groups: int, chans: List[int]) -> torch.Tensor:
+        if groups != 1:
+            out = w.clone()
+            _zero_columns(out, dim, groups, chans)
+            return out
+        idx = self.index.get((i, w.device))
+        if idx is None:
+            idx = self.index[(i, w.device)] = long_tensor(chans, w.device)
+        return w.index_fill(dim, idx, 0)
+
+    def pre(self, _m: nn.Module, _args: Any) -> None:
+        swapped = []
+        with torch.no_grad():
+            for i, (t, dim, groups, chans) in enumerate(self.entries):
+                before = t.data
+                masked = self._masked(i, before, dim, groups, chans)
+                t.data = masked
+                swapped.append((before, masked))
+        self.stack.append(swapped)
+
+    def post(self, _m: nn.Module, _args: Any, _out: Any) -> None:
+        if self.stack:
+            self.put_back(self.stack.pop())
+
+    def put_back(self, swapped: List[Tuple[torch.Tensor, torch.Tensor]]) -> None:
+        for (t, *_), (before, masked) in zip(self.entries, swapped):
+            if t.data.data_ptr() == masked.data_ptr():
+                t.data = before
+
+    def close(self) -> None:
+        while self.stack:  # a call that never returned
+            self.put_back(self.stack.pop())
 
 
 @contextlib.contextmanager
@@ -163,7 +294,10 @@ def columns_zeroed(model: nn.Module, graph: TracedGraph, removed: List[Tuple[str
     tensors.update(model.named_buffers(remove_duplicate=False))
     saved: List[Tuple[torch.Tensor, int, Optional[torch.Tensor], torch.Tensor]] = []  # (tensor, dim, index, values)
     hooks: List[Any] = []
+    masks: Dict[str, _MaskedWhileCalled] = {}
+    ours: set = set()  # ids of the hooks installed here
     aliased: set = set()
+    op_modules = _op_modules(graph) if inputs_too else {}
     if inputs_too:
         seen: Dict[int, str] = {}
         for name, t in tensors.items():
@@ -185,17 +319,44 @@ def columns_zeroed(model: nn.Module, graph: TracedGraph, removed: List[Tuple[str
                         width = w.shape[1] * getattr(m, "groups", 1)
                         hooks.append(m.register_forward_pre_hook(_zero_input_hook(act_dim, chans, width)))
                         continue
+                    attention = _attention_of(model, graph, param, "in_proj_weight", aliased, op_modules, ours) if inputs_too else None
+                    if attention is not None:  # its q, k, v inputs zeroed instead
+                        hook = _zero_qkv_hook(chans, attention.embed_dim)
+                        ours.add(id(hook))
+                        hooks.append(attention.register_forward_pre_hook(hook, with_kwargs=True))
+                        continue
+                    attention = _attention_of(model, graph, param, "out_proj.weight", aliased, op_modules, ours) if inputs_too else None
+                    if attention is not None:
+                        # the value rows of the packed weight and bias zeroed
+                        # instead: those attention output channels are then 0
+                        rows = [2 * attention.embed_dim + c for c in chans]
+                        for t in (attention.in_proj_weight, attention.in_proj_bias):
+                            if t is not None:
+                                idx = long_tensor(rows, t.device)
+                                saved.append((t.data, 0, idx, t.data.index_select(0, idx)))
+                                t.data.index_fill_(0, idx, 0)
+                        continue
                     dim, groups = _layout(graph, param)
+                    mod = _swap_module(graph, param, aliased, op_modules, chans) if inputs_too else None
+                    if mod is not None:
+                        masks.setdefault(mod, _MaskedWhileCalled()).entries.append((tensors[param], dim, groups, chans))
+                        continue
                 if groups == 1:  # keep only the columns it changes
-                    idx = torch.tensor(chans, dtype=torch.long, device=w.device)
+                    idx = long_tensor(chans, w.device)
                     saved.append((w, dim, idx, spill.keep(w.index_select(dim, idx))))
                 else:
                     saved.append((w, 0, None, spill.keep(w.clone())))
                 _zero_columns(w, dim, groups, chans)
+            for mod, masked in masks.items():
+                m = model.get_submodule(mod)
+                hooks.append(m.register_forward_pre_hook(masked.pre))
+                hooks.append(m.register_forward_hook(masked.post, always_call=True))
         yield
     finally:
         for h in hooks:
             h.remove()
+        for masked in masks.values():
+            masked.close()
         with torch.no_grad():
             for w, dim, idx, old in reversed(saved):
                 if idx is None:
