@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Mapping, Optional, Set, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Set, Tuple
 
 from ..errors import (ChannelRangeError, EmptyLayerError, ExportError, NotPrunableError, RequestError,
                       UnknownParameterError)
@@ -178,23 +178,26 @@ def _start(graph: TracedGraph, mode: str) -> Resolution:
 def _read_inputs(r: Resolution, pruned_inputs: Iterable[Tuple[str, int]]) -> None:
     """Phase 1a: validate ``pruned_inputs``; each consumer op drops them."""
     graph = r.graph
-    by_name: Dict[str, Tuple[List[str], int, Set[int]]] = {}  # consumer name -> (its ops, input channels, dropped)
+    asked: Dict[str, List[Any]] = {}  # consumer name -> its channels, in the order given
     for item in pruned_inputs:
         if type(item) is tuple and len(item) == 2 and type(item[0]) is str:
             name, ch = item
         else:
             name, ch = _pair(item, "pruned_inputs")
-        hit = by_name.get(name)
-        if hit is None:
-            ops = _lookup(name, graph.consumers_by_param, graph.consumers, graph.param_aliases)
-            if ops is None:
-                raise _not_found(graph, name, "consumer")
-            hit = by_name[name] = (ops, len(graph.consumers[ops[0]].in_ids), set())
-        ops, n, chans = hit
-        if type(ch) is not int or not 0 <= ch < n:
-            ch = _check_channel(name, ch, n, "input")
-        chans.add(ch)
-    for ops, _n, chans in by_name.values():  # every channel checked: record them, a layer at a time
+        chans = asked.get(name)
+        if chans is None:
+            chans = asked[name] = []
+        chans.append(ch)
+    checked: List[Tuple[List[str], Set[int]]] = []
+    for name, chans in asked.items():  # a layer at a time: its name, then its channels
+        ops = _lookup(name, graph.consumers_by_param, graph.consumers, graph.param_aliases)
+        if ops is None:
+            raise _not_found(graph, name, "consumer")
+        n = len(graph.consumers[ops[0]].in_ids)
+        if not (all(type(ch) is int for ch in chans) and 0 <= min(chans) and max(chans) < n):
+            chans = [ch if type(ch) is int and 0 <= ch < n else _check_channel(name, ch, n, "input") for ch in chans]
+        checked.append((ops, set(chans)))
+    for ops, chans in checked:  # every channel checked: record them
         for op in ops:
             r.dropped[op] |= chans
         r.requested[graph.consumers[ops[0]].param] |= chans

@@ -27,7 +27,8 @@ from __future__ import annotations
 
 import os
 import tempfile
-from typing import Optional
+import time
+from typing import List, Optional
 
 import torch
 
@@ -52,6 +53,25 @@ def available_fraction() -> float:
         return 0.0
 
 
+#: :func:`keep` reads ``/proc/meminfo`` again only after this many bytes
+#: were kept in memory, or this many seconds passed, since it last did (a
+#: read costs as much as copying a MiB, and an export keeps hundreds of tensors)
+REREAD_BYTES = 64 << 20
+REREAD_SECONDS = 0.5
+
+_last_read: List[float] = [0.0, float("inf"), 0.0]  # [fraction read, bytes kept since, when]
+
+
+def _available_now(nbytes: int) -> float:
+    """:func:`available_fraction`, read again once :data:`REREAD_BYTES` were
+    kept or :data:`REREAD_SECONDS` passed since the last read."""
+    now = time.monotonic()
+    if _last_read[1] >= REREAD_BYTES or now - _last_read[2] > REREAD_SECONDS:
+        _last_read[:] = [available_fraction(), 0.0, now]
+    _last_read[1] += nbytes
+    return _last_read[0]
+
+
 def keep(values: torch.Tensor, threshold: Optional[int] = None, available: Optional[float] = None) -> torch.Tensor:
     """``values``, or an equal tensor backed by an unlinked temporary file
     (``threshold``: bytes, default :data:`SPILL_BYTES`; ``available``: the
@@ -61,7 +81,7 @@ def keep(values: torch.Tensor, threshold: Optional[int] = None, available: Optio
     if values.device.type != "cpu" or nbytes < max(limit, 1) or os.name != "posix":
         return values
     if SPILL_BELOW_AVAILABLE < 1.0:
-        if (available_fraction() if available is None else available) >= SPILL_BELOW_AVAILABLE:
+        if (_available_now(nbytes) if available is None else available) >= SPILL_BELOW_AVAILABLE:
             return values
     fd, path = tempfile.mkstemp(prefix="channelcut-undo-")
     try:

@@ -9,7 +9,7 @@ projections, per-head reshapes and the scaled dot product are traced op by op.
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -22,14 +22,45 @@ from ..shape_only import empty, plain
 from .registry import OpCall, Unsupported, declare, rule
 
 
+#: (layout of the arguments) -> (shape, stride, dtype) of the meta output:
+#: an attention on views (its output's strides depend on the kernel chosen)
+#: runs its decomposition on meta once per layout, not once per layer
+_SDPA_LAYOUTS: Dict[Any, Tuple[Tuple[int, ...], Tuple[int, ...], torch.dtype]] = {}
+
+
+def _layout_key(v: Any) -> Any:
+    if isinstance(v, torch.Tensor):
+        return ("t", tuple(v.shape), tuple(v.stride()), v.dtype, v.storage_offset())
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return v
+    raise TypeError
+
+
 def sdpa_shape(args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
-    """Shape function of ``scaled_dot_product_attention``: q's shape with v's last dim."""
-    if len(args) < 3 or not all(plain(a) for a in args[:3]) or args[0].dim() < 2:
+    """Shape function of ``scaled_dot_product_attention``: q's shape with v's
+    last dim; for views, the output layout the op gave last time it met the
+    same argument layouts (the op itself, on meta, the first time)."""
+    if len(args) < 3 or not all(isinstance(a, torch.Tensor) for a in args[:3]) or args[0].dim() < 2:
         return None
     q, v = args[0], args[2]
     if q.dtype != v.dtype:
         return None
-    return empty(tuple(q.shape[:-1]) + (v.shape[-1],), q.dtype)
+    if all(plain(a) for a in args[:3]):
+        return empty(tuple(q.shape[:-1]) + (v.shape[-1],), q.dtype)
+    try:
+        key = (tuple(_layout_key(a) for a in args), tuple(sorted((k, _layout_key(w)) for k, w in kwargs.items())))
+    except TypeError:  # an argument whose layout is not known
+        return None
+    known = _SDPA_LAYOUTS.get(key)
+    if known is None:
+        meta = [a.to("meta") if isinstance(a, torch.Tensor) else a for a in args]
+        mkw = {k: w.to("meta") if isinstance(w, torch.Tensor) else w for k, w in kwargs.items()}
+        out = F.scaled_dot_product_attention(*meta, **mkw)
+        if len(_SDPA_LAYOUTS) < 256:
+            _SDPA_LAYOUTS[key] = (tuple(out.shape), tuple(out.stride()), out.dtype)
+        return out
+    shape, stride, dtype = known
+    return torch.empty_strided(shape, stride, dtype=dtype, device="meta")
 
 
 @rule("scaled_dot_product_attention", shape=sdpa_shape)
