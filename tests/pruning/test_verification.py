@@ -347,3 +347,39 @@ def test_masked_weights_still_catch_an_unreported_channel(monkeypatch):
         x = torch.randn(2, 7, 12, dtype=torch.float64)
         with pytest.raises(ExportError, match="verification failed"):
             PruningManager(net).compute([x], pruned_inputs=ATTENTION_REQUEST).prune()
+
+
+class _ReadsOnlyWhenReal(nn.Module):
+    """Reads its layer's weight again outside the layer's call, but only
+    when run on real values: the shape-only trace never sees that read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(16, 8)
+        self.head = nn.Linear(8, 2)
+
+    def forward(self, x):
+        h = self.lin(x)
+        if not x.is_meta:
+            h = h + self.lin.weight.sum()
+        return self.head(h)
+
+
+def test_a_mismatch_is_confirmed_against_weights_zeroed_in_place(monkeypatch):
+    """Where the real run reads a weight where the trace did not see it, the
+    per-call masked copy is not the same computation; the failed check is
+    run again against weights zeroed in place, which the export matches."""
+    torch.manual_seed(5)
+    net = _ReadsOnlyWhenReal().double().eval()
+    x = torch.randn(64, 16, dtype=torch.float64)
+    request = {"lin.weight": [0, 3, 7, 12]}
+    hand = copy.deepcopy(net)
+    with torch.no_grad():
+        hand.lin.weight[:, request["lin.weight"]] = 0
+    calls = []
+    real = manager_mod.reference_outputs
+    monkeypatch.setattr(manager_mod, "reference_outputs", lambda *a, **k: calls.append(k["shortcuts"]) or real(*a, **k))
+    PruningManager(net).compute([x], pruned_inputs=request).prune()
+    assert calls == [True, False]
+    assert net.lin.in_features < 16
+    torch.testing.assert_close(net(x), hand(x), rtol=0, atol=1e-12)

@@ -259,18 +259,23 @@ class PruningManager:
 
     def _prune(self, spec: PruningSpec, verify: bool, rtol: Optional[float]) -> None:
         refuse_offloaded(self.net, [*spec.slices, *(z.param for z in spec.zeros), *(f.bias for f in spec.folds)])
-        reference = None
-        if verify:
-            reference = reference_outputs(self.net, self._inputs, spec, self._need_graph())
-        rb = prune_model(self.net, spec)
-        if verify:
+        if not verify:
+            self._rollback = prune_model(self.net, spec)
+            self._pruned = True
+            return
+        for shortcuts in (True, False):  # a failure is confirmed against weights zeroed in place
+            reference = reference_outputs(self.net, self._inputs, spec, self._need_graph(), shortcuts=shortcuts)
+            rb = prune_model(self.net, spec)
             try:
                 out = run_deterministic(self.net, self._inputs)
                 problem = check(out, reference, rtol=rtol if rtol is not None else default_rtol(spec))
             except Exception as exc:  # the pruned model does not run
                 problem = f"the pruned model raised {type(exc).__name__}: {exc}"
-            if problem is not None:
-                rb.undo()
+                shortcuts = False  # (not the reference's doing)
+            if problem is None:
+                break
+            rb.undo()
+            if not shortcuts:
                 raise ExportError(
                     f"verification failed, the model was restored: {problem}. Some op in the model "
                     "probably depends on a channel count in a way the tracer can not see; please "

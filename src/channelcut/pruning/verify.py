@@ -19,8 +19,18 @@ computation (a plain ``nn.Linear``/``nn.Conv*d`` that owns the weight alone,
 whose input is smaller than its weight: a linear layer on a few tokens), the
 channels are zeroed in the layer's input instead, by a forward pre-hook
 removed after the run; a call the hook does not fit makes the reference run
-again with columns only. No copy of the model is made (two forward passes in
-all: this one and the pruned model's).
+again with columns only. Likewise an ``nn.MultiheadAttention`` gets its
+packed q/k/v columns zeroed in its query, key and value, and its out_proj
+columns as the value rows of the packed weight (those attention channels
+are then zero); and a weight every traced read of which happens inside one
+module's call, with at least :data:`SWAP_MIN_FRACTION` of its columns
+removed, is replaced for each call of that module by a copy with them
+zeroed (one contiguous pass instead of three strided ones over the removed
+columns; one layer's copy alive at a time). These shortcuts follow the
+trace; should the real run read a weight where the trace did not see it,
+the check fails and :meth:`PruningManager.prune` runs it again against
+weights zeroed in place before it reports anything. No copy of the model is
+made (two forward passes in all: this one and the pruned model's).
 
 Reduced precision (bfloat16, float16): the reference also runs in float64,
 without a float64 copy of the model: each module's own parameters and
@@ -288,8 +298,10 @@ def columns_zeroed(model: nn.Module, graph: TracedGraph, removed: List[Tuple[str
     ``inputs_too``: where it is cheaper and provably the same, the input
     channels of a plain conv/linear module are zeroed in its input (a
     forward pre-hook, one activation at a time) instead of in its weight
-    (saved, zeroed, restored). A call that does not fit raises ``_NotPlain``
-    from the hook: run again without ``inputs_too``."""
+    (saved, zeroed, restored); an attention's packed weight likewise, and
+    other weights are masked per call of their module where the trace
+    allows (see the module docstring). A call that does not fit raises
+    ``_NotPlain`` from the hook: run again without ``inputs_too``."""
     tensors = dict(model.named_parameters(remove_duplicate=False))
     tensors.update(model.named_buffers(remove_duplicate=False))
     saved: List[Tuple[torch.Tensor, int, Optional[torch.Tensor], torch.Tensor]] = []  # (tensor, dim, index, values)
@@ -402,13 +414,27 @@ def _to64(obj: Any) -> Any:
     return obj
 
 
-def reference_outputs(model: nn.Module, inputs: Any, spec: PruningSpec, graph: TracedGraph) -> Reference:
-    """Run the reference (see the module docstring); the model is unchanged."""
+def reference_outputs(model: nn.Module, inputs: Any, spec: PruningSpec, graph: TracedGraph,
+                      shortcuts: bool = True) -> Reference:
+    """Run the reference (see the module docstring); the model is unchanged.
+
+    ``shortcuts``: zero inputs, value rows or per-call masked copies where
+    the trace shows that is the same computation; False zeroes every weight
+    in place (what :meth:`PruningManager.prune` runs again before it
+    reports a failed verification, in case the real run differs from the
+    trace)."""
     removed = removed_entries(spec)
-    ref = Reference(_zeroed_run(model, graph, removed, lambda: run_deterministic(model, inputs)))
+    if shortcuts:
+        def zeroed(run: Any) -> Any:
+            return _zeroed_run(model, graph, removed, run)
+    else:
+        def zeroed(run: Any) -> Any:
+            with columns_zeroed(model, graph, removed):
+                return run()
+    ref = Reference(zeroed(lambda: run_deterministic(model, inputs)))
     if any(t.dtype in REDUCED for t in flatten_tensors(ref.outputs)):
         try:
-            ref.outputs64 = _zeroed_run(model, graph, removed, lambda: run_in_float64(model, inputs))
+            ref.outputs64 = zeroed(lambda: run_in_float64(model, inputs))
         except Exception:  # a module that reads another's weights itself: a float64 copy
             ref.outputs64 = None
         if ref.outputs64 is None:
