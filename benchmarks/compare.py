@@ -34,6 +34,7 @@ Writes ``docs/performance.md``, ``docs/performance.json`` (raw results;
 from __future__ import annotations
 
 import argparse
+import datetime
 import gc
 import json
 import os
@@ -47,7 +48,7 @@ import tempfile
 import time
 import tracemalloc
 import warnings
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
@@ -510,6 +511,7 @@ def write_report(results: Dict[str, Any], out: str) -> str:
             rs = [ratio(mem.get(t, {}).get("rss_mb"), cc) for t in ("apple-upscale", "torch-pruning")]
             add(f"| {n} | " + " | ".join(cells) + " | " + " | ".join(fmt(v, 2, "x") for v in rs) + " |")
         add("")
+    _export_memory_by_phase(add, out)
 
     add("## Copies per inference\n")
     add("Channels gathered per inference / copy ops (views in brackets), the same masks. apple-upscale's are read from its "
@@ -574,6 +576,31 @@ def write_report(results: Dict[str, Any], out: str) -> str:
     with open(os.path.join(out, "performance.md"), "w") as f:
         f.write(text)
     return text
+
+
+def _export_memory_by_phase(add: Callable[[str], None], out: str) -> None:
+    """The section drawn from ``export-memory.json`` next to this report
+    (``benchmarks/export_memory.py``): channelcut's peak memory by phase, with
+    an 8B-shaped Llama."""
+    path = os.path.join(out, "export-memory.json")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        rows = json.load(f)
+    stamp = datetime.datetime.fromtimestamp(os.path.getmtime(path)).strftime("%Y-%m-%d")
+    add("### channelcut's export memory by phase, and an 8B-shaped Llama\n")
+    add(f"From [export-memory.md](export-memory.md) (`python benchmarks/export_memory.py --llama-in-memory`, {stamp}): "
+        "peak resident set during each phase over the resident set before it, a fresh process per model. `prune` is the "
+        "default path (slicing in place one tensor at a time, and verification: two forward passes, no copy of the "
+        "model); llama8b-meta is planned on meta tensors (no weights), llama8b pruned in memory.\n")
+    add("| model | weights MiB | compute: peak MiB / s | prune (verified): peak MiB / s | largest tensor MiB |")
+    add("|---|---:|---:|---:|---:|")
+    for r in rows:
+        c, p = r.get("compute", {}), r.get("prune")
+        pr = f"{p['peak_mb']:.0f} / {p['s']:.2f}" if p else "(planned only)"
+        big = f"{r['largest_tensor_mb']:.0f}" if r.get("largest_tensor_mb") else "-"
+        add(f"| {r['model']} | {r['model_mb']:.0f} | {c.get('peak_mb', 0):.0f} / {c.get('s', 0):.2f} | {pr} | {big} |")
+    add("")
 
 
 def _verdict(ok: int, total: int, what: str, misses: List[str], label: str) -> str:

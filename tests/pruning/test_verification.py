@@ -269,7 +269,7 @@ def test_large_embeddings_and_linears_are_never_upcast_whole(monkeypatch):
 class _Attention(nn.Module):
     """Self- or cross-attention (``nn.MultiheadAttention``, called by keyword
     or position), a linear layer whose weight its parent reads with
-    ``F.linear`` (never called as a module: masked for the parent's call)."""
+    ``F.linear`` (never called as a module: zeroed in place)."""
 
     def __init__(self, cross: bool, by_keyword: bool) -> None:
         super().__init__()
@@ -306,8 +306,7 @@ ATTENTION_REQUEST = {"attn.in_proj_weight": [0, 3, 4, 9, 15], "attn.out_proj.wei
 @pytest.mark.parametrize("by_keyword", [False, True], ids=["positional", "keyword"])
 def test_reference_of_attention_and_weights_read_by_a_parent_equals_the_model_zeroed_by_hand(cross, by_keyword, monkeypatch):
     """The reference zeroes an attention's packed q/k/v columns in its
-    inputs, its out_proj columns as value rows, and masks a weight its
-    parent reads for each call of the parent: the same outputs as the
+    inputs and its out_proj columns as value rows: the same outputs as the
     weights zeroed by hand, and every tensor as it was after."""
     torch.manual_seed(3)
     net = _Attention(cross, by_keyword).double().eval()
@@ -320,12 +319,11 @@ def test_reference_of_attention_and_weights_read_by_a_parent_equals_the_model_ze
         for name, chans in request.items():
             hand.get_parameter(name)[:, chans] = 0
     state = {k: v.clone() for k, v in net.state_dict().items()}
-    masked, qkv = [], []
-    real_pre, real_hook = verify._MaskedWhileCalled.pre, verify._zero_qkv_hook
-    monkeypatch.setattr(verify._MaskedWhileCalled, "pre", lambda self, *a: masked.append(1) or real_pre(self, *a))
+    qkv = []
+    real_hook = verify._zero_qkv_hook
     monkeypatch.setattr(verify, "_zero_qkv_hook", lambda *a: qkv.append(1) or real_hook(*a))
     ref = verify.reference_outputs(net, [x], pm.spec, pm.graph)
-    assert masked and (qkv or cross), "the per-call mask and the q/k/v input zeroing were not used"
+    assert qkv or cross, "the q/k/v input zeroing was not used"
     torch.testing.assert_close(ref.outputs, hand(x), rtol=0, atol=1e-13)
     assert all(torch.equal(state[k], v) for k, v in net.state_dict().items())
     assert not any(m._forward_pre_hooks or m._forward_hooks for m in net.modules())
@@ -335,10 +333,11 @@ def test_reference_of_attention_and_weights_read_by_a_parent_equals_the_model_ze
     torch.testing.assert_close(net(x), hand(x), rtol=0, atol=1e-12)
 
 
-def test_masked_weights_still_catch_an_unreported_channel(monkeypatch):
+def test_attention_shortcuts_still_catch_an_unreported_channel(monkeypatch):
     """A plan that removes one more input of the attention's out_proj (its
-    reference zeroes value rows) or of a weight masked per call than it
-    reports fails verification."""
+    reference zeroes value rows), of its packed q/k/v weight (inputs
+    zeroed) or of a weight its parent reads than it reports fails
+    verification."""
     for extra in [("attn.out_proj.weight", 3), ("mix.proj.weight", 1), ("attn.in_proj_weight", 1)]:
         monkeypatch.undo()
         _resolve_one_extra_channel(monkeypatch, extra)
@@ -366,12 +365,12 @@ class _ReadsOnlyWhenReal(nn.Module):
 
 
 def test_a_mismatch_is_confirmed_against_weights_zeroed_in_place(monkeypatch):
-    """Where the real run reads a weight where the trace did not see it, the
-    per-call masked copy is not the same computation; the failed check is
-    run again against weights zeroed in place, which the export matches."""
+    """Where the real run reads a weight where the trace did not see it,
+    zeroing the layer's input is not the same computation; the failed check
+    is run again against weights zeroed in place, which the export matches."""
     torch.manual_seed(5)
     net = _ReadsOnlyWhenReal().double().eval()
-    x = torch.randn(64, 16, dtype=torch.float64)
+    x = torch.randn(1, 16, dtype=torch.float64)  # smaller than the weight: its input is zeroed
     request = {"lin.weight": [0, 3, 7, 12]}
     hand = copy.deepcopy(net)
     with torch.no_grad():

@@ -22,12 +22,8 @@ removed after the run; a call the hook does not fit makes the reference run
 again with columns only. Likewise an ``nn.MultiheadAttention`` gets its
 packed q/k/v columns zeroed in its query, key and value, and its out_proj
 columns as the value rows of the packed weight (those attention channels
-are then zero); and a weight every traced read of which happens inside one
-module's call, with at least :data:`SWAP_MIN_FRACTION` of its columns
-removed, is replaced for each call of that module by a copy with them
-zeroed (one contiguous pass instead of three strided ones over the removed
-columns; one layer's copy alive at a time). These shortcuts follow the
-trace; should the real run read a weight where the trace did not see it,
+are then zero: three strided passes over its weight columns saved). These
+shortcuts follow the trace; should the real run read a weight where the trace did not see it,
 the check fails and :meth:`PruningManager.prune` runs it again against
 weights zeroed in place before it reports anything. No copy of the model is
 made (two forward passes in all: this one and the pruned model's).
@@ -210,84 +206,6 @@ def _zero_qkv_hook(chans: Sequence[int], width: int):
     return hook
 
 
-#: a weight is masked for each call of its module (a zeroed copy alive only
-#: during that call) rather than zeroed in place (its removed columns saved,
-#: zeroed, restored: three strided passes over them) when at least this
-#: fraction of its input channels goes per call of the module: a copy is one
-#: contiguous pass over the whole weight
-SWAP_MIN_FRACTION = 0.2
-
-
-def _op_modules(graph: TracedGraph) -> Dict[str, Optional[str]]:
-    return {r.op: r.module for r in graph.ops}
-
-
-def _swap_module(graph: TracedGraph, param: str, aliased: set, op_modules: Dict[str, Optional[str]],
-                 chans: Sequence[int]) -> Optional[str]:
-    """The module during whose calls consumer weight ``param`` may be masked
-    instead of zeroed in place: every traced op that reads it (as a consumer
-    or a producer) runs inside that one module's call, no other name holds
-    the tensor, and enough of its columns go (:data:`SWAP_MIN_FRACTION`,
-    counted per call) for a masked copy to cost less."""
-    if param in aliased:
-        return None
-    ops = [*graph.consumers_by_param.get(param, ()), *graph.producers_by_param.get(param, ())]
-    mods = {op_modules.get(op, graph.consumers[op].module if op in graph.consumers else None) for op in ops}
-    if len(mods) != 1:
-        return None
-    mod = mods.pop()
-    calls = len(graph.consumers_by_param.get(param, ()))
-    width = len(graph.consumers[graph.consumers_by_param[param][0]].in_ids)
-    if mod is None or not calls or not width or len(chans) < SWAP_MIN_FRACTION * width * calls:
-        return None
-    return mod
-
-
-class _MaskedWhileCalled:
-    """Forward pre-hook and hook of one module: its listed weights are
-    replaced by copies with the removed columns zeroed for each call, and
-    put back after (unless something else, such as :func:`run_in_float64`'s
-    own hooks, has replaced them meanwhile)."""
-
-    def __init__(self) -> None:
-        self.entries: List[Tuple[torch.Tensor, int, int, List[int]]] = []  # (tensor, dim, groups, chans)
-        self.index: Dict[Tuple[int, torch.device], torch.Tensor] = {}  # (entry, device) -> chans
-        self.stack: List[List[Tuple[torch.Tensor, torch.Tensor]]] = []  # per active call: (before, masked)
-
-    def _masked(self, i: int, w: torch.Tensor, dim: int, groups: int, chans: List[int]) -> torch.Tensor:
-        if groups != 1:
-            out = w.clone()
-            _zero_columns(out, dim, groups, chans)
-            return out
-        idx = self.index.get((i, w.device))
-        if idx is None:
-            idx = self.index[(i, w.device)] = long_tensor(chans, w.device)
-        return w.index_fill(dim, idx, 0)
-
-    def pre(self, _m: nn.Module, _args: Any) -> None:
-        swapped = []
-        with torch.no_grad():
-            for i, (t, dim, groups, chans) in enumerate(self.entries):
-                before = t.data
-                masked = self._masked(i, before, dim, groups, chans)
-                t.data = masked
-                swapped.append((before, masked))
-        self.stack.append(swapped)
-
-    def post(self, _m: nn.Module, _args: Any, _out: Any) -> None:
-        if self.stack:
-            self.put_back(self.stack.pop())
-
-    def put_back(self, swapped: List[Tuple[torch.Tensor, torch.Tensor]]) -> None:
-        for (t, *_), (before, masked) in zip(self.entries, swapped):
-            if t.data.data_ptr() == masked.data_ptr():
-                t.data = before
-
-    def close(self) -> None:
-        while self.stack:  # a call that never returned
-            self.put_back(self.stack.pop())
-
-
 @contextlib.contextmanager
 def columns_zeroed(model: nn.Module, graph: TracedGraph, removed: List[Tuple[str, Optional[int], List[int]]],
                    inputs_too: bool = False) -> Iterator[None]:
@@ -298,18 +216,16 @@ def columns_zeroed(model: nn.Module, graph: TracedGraph, removed: List[Tuple[str
     ``inputs_too``: where it is cheaper and provably the same, the input
     channels of a plain conv/linear module are zeroed in its input (a
     forward pre-hook, one activation at a time) instead of in its weight
-    (saved, zeroed, restored); an attention's packed weight likewise, and
-    other weights are masked per call of their module where the trace
-    allows (see the module docstring). A call that does not fit raises
+    (saved, zeroed, restored); an attention's packed weight likewise (see
+    the module docstring). A call that does not fit raises
     ``_NotPlain`` from the hook: run again without ``inputs_too``."""
     tensors = dict(model.named_parameters(remove_duplicate=False))
     tensors.update(model.named_buffers(remove_duplicate=False))
     saved: List[Tuple[torch.Tensor, int, Optional[torch.Tensor], torch.Tensor]] = []  # (tensor, dim, index, values)
     hooks: List[Any] = []
-    masks: Dict[str, _MaskedWhileCalled] = {}
     ours: set = set()  # ids of the hooks installed here
     aliased: set = set()
-    op_modules = _op_modules(graph) if inputs_too else {}
+    op_modules = {r.op: r.module for r in graph.ops} if inputs_too else {}
     if inputs_too:
         seen: Dict[int, str] = {}
         for name, t in tensors.items():
@@ -349,26 +265,16 @@ def columns_zeroed(model: nn.Module, graph: TracedGraph, removed: List[Tuple[str
                                 t.data.index_fill_(0, idx, 0)
                         continue
                     dim, groups = _layout(graph, param)
-                    mod = _swap_module(graph, param, aliased, op_modules, chans) if inputs_too else None
-                    if mod is not None:
-                        masks.setdefault(mod, _MaskedWhileCalled()).entries.append((tensors[param], dim, groups, chans))
-                        continue
                 if groups == 1:  # keep only the columns it changes
                     idx = long_tensor(chans, w.device)
                     saved.append((w, dim, idx, spill.keep(w.index_select(dim, idx))))
                 else:
                     saved.append((w, 0, None, spill.keep(w.clone())))
                 _zero_columns(w, dim, groups, chans)
-            for mod, masked in masks.items():
-                m = model.get_submodule(mod)
-                hooks.append(m.register_forward_pre_hook(masked.pre))
-                hooks.append(m.register_forward_hook(masked.post, always_call=True))
         yield
     finally:
         for h in hooks:
             h.remove()
-        for masked in masks.values():
-            masked.close()
         with torch.no_grad():
             for w, dim, idx, old in reversed(saved):
                 if idx is None:
@@ -418,8 +324,8 @@ def reference_outputs(model: nn.Module, inputs: Any, spec: PruningSpec, graph: T
                       shortcuts: bool = True) -> Reference:
     """Run the reference (see the module docstring); the model is unchanged.
 
-    ``shortcuts``: zero inputs, value rows or per-call masked copies where
-    the trace shows that is the same computation; False zeroes every weight
+    ``shortcuts``: zero inputs or value rows where the trace shows that is
+    the same computation; False zeroes every weight
     in place (what :meth:`PruningManager.prune` runs again before it
     reports a failed verification, in case the real run differs from the
     trace)."""
