@@ -54,6 +54,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import variants as V  # noqa: E402
+from export_memory import table_lines  # noqa: E402
 from memstat import reset_peak, status_kb  # noqa: E402
 
 from channelcut.stats import compare_latency  # noqa: E402
@@ -593,13 +594,8 @@ def _export_memory_by_phase(add: Callable[[str], None], out: str) -> None:
         "peak resident set during each phase over the resident set before it, a fresh process per model. `prune` is the "
         "default path (slicing in place one tensor at a time, and verification: two forward passes, no copy of the "
         "model); llama8b-meta is planned on meta tensors (no weights), llama8b pruned in memory.\n")
-    add("| model | weights MiB | compute: peak MiB / s | prune (verified): peak MiB / s | largest tensor MiB |")
-    add("|---|---:|---:|---:|---:|")
-    for r in rows:
-        c, p = r.get("compute", {}), r.get("prune")
-        pr = f"{p['peak_mb']:.0f} / {p['s']:.2f}" if p else "(planned only)"
-        big = f"{r['largest_tensor_mb']:.0f}" if r.get("largest_tensor_mb") else "-"
-        add(f"| {r['model']} | {r['model_mb']:.0f} | {c.get('peak_mb', 0):.0f} / {c.get('s', 0):.2f} | {pr} | {big} |")
+    for line in table_lines(rows):
+        add(line)
     add("")
 
 

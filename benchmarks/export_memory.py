@@ -86,6 +86,20 @@ def child(which: str) -> Dict[str, Any]:
     return out
 
 
+def table_lines(rows: List[Dict[str, Any]]) -> List[str]:
+    """The markdown table of ``rows`` (what :func:`child` reports per model)."""
+    lines = ["| model | weights MiB | compute: peak MiB / s | prune (verified): peak MiB / s | after prune MiB |",
+             "|---|---:|---:|---:|---:|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['model']} | error: {r['error']} | | | |")
+            continue
+        c, p = r["compute"], r.get("prune")
+        lines.append(f"| {r['model']} | {r['model_mb']:.0f} | {c['peak_mb']:.0f} / {c['s']:.2f} | "
+                     + (f"{p['peak_mb']:.0f} / {p['s']:.2f} | {p['after_mb']:.0f} |" if p else "(planned only: no weights) | |"))
+    return lines
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="docs/export-memory.md")
@@ -111,15 +125,7 @@ def main(argv=None) -> None:
              "(VmHWM reset first); the model is built before. `compute` traces on meta tensors; `prune` is the default "
              "path: slicing in place, one tensor at a time, and its verification (two forward passes on the example "
              "input, no copy of the model).\n",
-             "| model | weights MiB | compute: peak MiB / s | prune (verified): peak MiB / s | after prune MiB |",
-             "|---|---:|---:|---:|---:|"]
-    for r in rows:
-        if "error" in r:
-            lines.append(f"| {r['model']} | error: {r['error']} | | | |")
-            continue
-        c, p = r["compute"], r.get("prune")
-        lines.append(f"| {r['model']} | {r['model_mb']:.0f} | {c['peak_mb']:.0f} / {c['s']:.2f} | "
-                     + (f"{p['peak_mb']:.0f} / {p['s']:.2f} | {p['after_mb']:.0f} |" if p else "(planned only: no weights) | |"))
+             *table_lines(rows)]
     with open(args.out, "w") as f:
         f.write("\n".join(lines) + "\n")
     with open(os.path.splitext(args.out)[0] + ".json", "w") as f:

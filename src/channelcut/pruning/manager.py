@@ -100,6 +100,7 @@ class PruningManager:
         self._inputs = inputs
         return self.graph
 
+    @gc_paused()
     def compute(
         self,
         inputs: Inputs,
@@ -151,12 +152,6 @@ class PruningManager:
         """
         if self._pruned:
             raise StateError("this model was already pruned by this manager; create a new PruningManager to prune it again")
-        with gc_paused():
-            return self._compute(inputs, pruned_inputs, pruned_outputs, constrained, reorder, baseline, copy_cost,
-                                 shapes_only, op_cost)
-
-    def _compute(self, inputs: Inputs, pruned_inputs: Any, pruned_outputs: Any, constrained: bool, reorder: bool,
-                 baseline: bool, copy_cost: Optional[float], shapes_only: bool, op_cost: Optional[float]) -> "PruningManager":
         mode = export_mode(constrained, baseline)
         pruned_inputs = normalize_request(pruned_inputs, "pruned_inputs")
         pruned_outputs = normalize_request(pruned_outputs, "pruned_outputs")
@@ -238,6 +233,7 @@ class PruningManager:
     def summary(self) -> str:
         return self._need_spec().summary()
 
+    @gc_paused()
     def prune(self, verify: bool = True, rtol: Optional[float] = None) -> "PruningManager":
         """Prune the model in place. All-or-nothing: on failure it is restored.
 
@@ -253,29 +249,24 @@ class PruningManager:
         spec = self._need_spec()
         if self._pruned:
             raise StateError("prune() was already called; the model is pruned")
-        with gc_paused():
-            self._prune(spec, verify, rtol)
-        return self
-
-    def _prune(self, spec: PruningSpec, verify: bool, rtol: Optional[float]) -> None:
         refuse_offloaded(self.net, [*spec.slices, *(z.param for z in spec.zeros), *(f.bias for f in spec.folds)])
         if not verify:
-            self._rollback = prune_model(self.net, spec)
-            self._pruned = True
-            return
-        for shortcuts in (True, False):  # a failure is confirmed against weights zeroed in place
+            rb = prune_model(self.net, spec)
+        # the reference's shortcuts follow the trace: a mismatch is confirmed
+        # against weights zeroed in place before it is reported
+        for shortcuts in ((True, False) if verify else ()):
             reference = reference_outputs(self.net, self._inputs, spec, self._need_graph(), shortcuts=shortcuts)
             rb = prune_model(self.net, spec)
             try:
                 out = run_deterministic(self.net, self._inputs)
                 problem = check(out, reference, rtol=rtol if rtol is not None else default_rtol(spec))
-            except Exception as exc:  # the pruned model does not run
-                problem = f"the pruned model raised {type(exc).__name__}: {exc}"
-                shortcuts = False  # (not the reference's doing)
+                confirmed = not shortcuts
+            except Exception as exc:  # the pruned model does not run, whatever the reference
+                problem, confirmed = f"the pruned model raised {type(exc).__name__}: {exc}", True
             if problem is None:
                 break
             rb.undo()
-            if not shortcuts:
+            if confirmed:
                 raise ExportError(
                     f"verification failed, the model was restored: {problem}. Some op in the model "
                     "probably depends on a channel count in a way the tracer can not see; please "
@@ -283,6 +274,7 @@ class PruningManager:
                 )
         self._rollback = rb
         self._pruned = True
+        return self
 
     def undo(self) -> None:
         """Restore the model as it was before :meth:`prune`."""

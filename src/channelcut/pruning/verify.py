@@ -52,9 +52,10 @@ from torch import nn
 import torch.nn.functional as F
 
 from . import spill
+from .mock import zero_input_channels
 from .graph import TracedGraph
 from .model_run import compare_outputs, flatten_tensors, long_tensor, run_model
-from .spec import PruningSpec
+from .spec import MaskEntry, PruningSpec
 
 REDUCED = (torch.bfloat16, torch.float16)
 
@@ -91,20 +92,6 @@ def _layout(graph: TracedGraph, param: str) -> Tuple[int, int]:
     """(weight dim of the input channels, groups) of consumer weight ``param``."""
     c = graph.consumers[graph.consumers_by_param[param][0]]
     return c.weight_dim, c.groups
-
-
-def _zero_columns(w: torch.Tensor, dim: int, groups: int, chans: Sequence[int]) -> None:
-    """Zero input channels ``chans`` of a conv/linear weight, in place. A
-    grouped conv's weight is ``(groups * out_per_group, in_per_group, ...)``:
-    input channel ``c`` is column ``c % in_per_group`` of group
-    ``c // in_per_group``'s rows."""
-    if groups == 1:
-        w.index_fill_(dim, long_tensor(chans, w.device), 0)
-        return
-    per_group = w.view(groups, w.shape[0] // groups, *w.shape[1:])
-    k = w.shape[1]
-    for c in chans:
-        per_group[c // k, :, c % k] = 0
 
 
 #: modules whose forward multiplies its first argument by its weight and
@@ -153,12 +140,17 @@ def _zero_input_hook(dim: int, chans: Sequence[int], width: int):
     return hook
 
 
+#: the weights of an ``nn.MultiheadAttention`` the reference zeroes elsewhere
+_ATTENTION_WEIGHTS = ("in_proj_weight", "out_proj.weight")
+
+
 def _attention_of(model: nn.Module, graph: TracedGraph, param: str, suffix: str, aliased: set,
-                  op_modules: Dict[str, Optional[str]], ours: set) -> Optional[nn.MultiheadAttention]:
+                  op_modules: Dict[str, Optional[str]]) -> Optional[nn.MultiheadAttention]:
     """The ``nn.MultiheadAttention`` (stock forward, packed q/k/v weight, no
-    hooks but ``ours``, no ``bias_v``) that weight ``param`` (``<attention>.<suffix>``)
-    belongs to, when every traced read of it is in that module's call and
-    no other name holds it or the packed q/k/v weight; else None."""
+    hooks, no ``bias_v``) that weight ``param`` (``<attention>.<suffix>``)
+    belongs to, when every traced read of it is in that module's call
+    (``op_modules``: op -> the module that called it) and no other name holds
+    it or the packed q/k/v weight; else None."""
     if not param.endswith("." + suffix) and param != suffix:
         return None
     name = param[: -len(suffix)].rstrip(".")
@@ -167,7 +159,7 @@ def _attention_of(model: nn.Module, graph: TracedGraph, param: str, suffix: str,
     except AttributeError:
         return None
     if (type(m).forward is not nn.MultiheadAttention.forward or not m._qkv_same_embed_dim or m.bias_v is not None
-            or m._forward_hooks or any(id(h) not in ours for h in m._forward_pre_hooks.values()) or param in aliased
+            or m._forward_hooks or m._forward_pre_hooks or param in aliased
             or (f"{name}.in_proj_weight" if name else "in_proj_weight") in aliased):
         return None
     ops = [*graph.consumers_by_param.get(param, ()), *graph.producers_by_param.get(param, ())]
@@ -223,9 +215,9 @@ def columns_zeroed(model: nn.Module, graph: TracedGraph, removed: List[Tuple[str
     tensors.update(model.named_buffers(remove_duplicate=False))
     saved: List[Tuple[torch.Tensor, int, Optional[torch.Tensor], torch.Tensor]] = []  # (tensor, dim, index, values)
     hooks: List[Any] = []
-    ours: set = set()  # ids of the hooks installed here
+    pending: List[Tuple[nn.Module, Any, bool]] = []  # (module, pre-hook, with kwargs): installed after the checks
     aliased: set = set()
-    op_modules = {r.op: r.module for r in graph.ops} if inputs_too else {}
+    op_modules: Dict[str, Optional[str]] = {}
     if inputs_too:
         seen: Dict[int, str] = {}
         for name, t in tensors.items():
@@ -235,42 +227,47 @@ def columns_zeroed(model: nn.Module, graph: TracedGraph, removed: List[Tuple[str
         for alias, name in graph.param_aliases.items():
             if alias != name:
                 aliased.update((alias, name))
+        if any(p.endswith(_ATTENTION_WEIGHTS) for p, _, _ in removed):
+            op_modules = {r.op: r.module for r in graph.ops}
+
+    def zero_in_place(w: torch.Tensor, dim: int, groups: int, chans: Sequence[int]) -> None:
+        if groups == 1:  # keep only the columns it changes
+            idx = long_tensor(chans, w.device)
+            saved.append((w, dim, idx, spill.keep(w.index_select(dim, idx))))
+            w.index_fill_(dim, idx, 0)
+        else:
+            saved.append((w, 0, None, spill.keep(w.clone())))
+            zero_input_channels(w, MaskEntry("", dim, groups, list(chans)))
+
     try:
         with torch.no_grad():
             for param, dim, chans in removed:
                 w = tensors[param].data
-                groups = 1
-                if dim is None:
-                    plain = _input_zeroable(model, graph, param, aliased) if inputs_too else None
-                    if plain is not None:
-                        m, act_dim = plain
-                        width = w.shape[1] * getattr(m, "groups", 1)
-                        hooks.append(m.register_forward_pre_hook(_zero_input_hook(act_dim, chans, width)))
-                        continue
-                    attention = _attention_of(model, graph, param, "in_proj_weight", aliased, op_modules, ours) if inputs_too else None
-                    if attention is not None:  # its q, k, v inputs zeroed instead
-                        hook = _zero_qkv_hook(chans, attention.embed_dim)
-                        ours.add(id(hook))
-                        hooks.append(attention.register_forward_pre_hook(hook, with_kwargs=True))
-                        continue
-                    attention = _attention_of(model, graph, param, "out_proj.weight", aliased, op_modules, ours) if inputs_too else None
-                    if attention is not None:
-                        # the value rows of the packed weight and bias zeroed
-                        # instead: those attention output channels are then 0
-                        rows = [2 * attention.embed_dim + c for c in chans]
-                        for t in (attention.in_proj_weight, attention.in_proj_bias):
-                            if t is not None:
-                                idx = long_tensor(rows, t.device)
-                                saved.append((t.data, 0, idx, t.data.index_select(0, idx)))
-                                t.data.index_fill_(0, idx, 0)
-                        continue
-                    dim, groups = _layout(graph, param)
-                if groups == 1:  # keep only the columns it changes
-                    idx = long_tensor(chans, w.device)
-                    saved.append((w, dim, idx, spill.keep(w.index_select(dim, idx))))
-                else:
-                    saved.append((w, 0, None, spill.keep(w.clone())))
-                _zero_columns(w, dim, groups, chans)
+                if dim is not None:
+                    zero_in_place(w, dim, 1, chans)
+                    continue
+                plain = _input_zeroable(model, graph, param, aliased) if inputs_too else None
+                if plain is not None:
+                    m, act_dim = plain
+                    width = w.shape[1] * getattr(m, "groups", 1)
+                    pending.append((m, _zero_input_hook(act_dim, chans, width), False))
+                    continue
+                attention = _attention_of(model, graph, param, "in_proj_weight", aliased, op_modules) if inputs_too else None
+                if attention is not None:  # its q, k, v inputs zeroed instead
+                    pending.append((attention, _zero_qkv_hook(chans, attention.embed_dim), True))
+                    continue
+                attention = _attention_of(model, graph, param, "out_proj.weight", aliased, op_modules) if inputs_too else None
+                if attention is not None:
+                    # the value rows of the packed weight and bias zeroed
+                    # instead: those attention output channels are then 0
+                    rows = [2 * attention.embed_dim + c for c in chans]
+                    for t in (attention.in_proj_weight, attention.in_proj_bias):
+                        if t is not None:
+                            zero_in_place(t.data, 0, 1, rows)
+                    continue
+                zero_in_place(w, *_layout(graph, param), chans)
+            for m, hook, with_kwargs in pending:
+                hooks.append(m.register_forward_pre_hook(hook, with_kwargs=with_kwargs))
         yield
     finally:
         for h in hooks:
