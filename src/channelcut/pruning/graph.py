@@ -326,11 +326,13 @@ def is_tiling(out: Sequence[int], base: Sequence[int]) -> bool:
     n = len(base)
     if n == 0 or len(out) % n:
         return False
-    out = list(out)
+    out, base = list(out), list(base)
+    if len(out) == n:  # the common case: the block is the segment itself (m = k = 1)
+        return out == base
     for m in range(1, len(out) // n + 1):
         if (len(out) // n) % m:
             continue
-        unit = [g for g in base for _ in range(m)]
+        unit = base if m == 1 else [g for g in base for _ in range(m)]
         if unit * (len(out) // len(unit)) == out:
             return True
     return False

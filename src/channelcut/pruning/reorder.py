@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
+from itertools import groupby
 from typing import Any, Callable, Dict, FrozenSet, Iterable, List, Optional, Sequence, Set, Tuple
 
 from .graph import TracedGraph, is_tiling
@@ -61,6 +62,13 @@ def one_segment(gs: Sequence[int], seg_of: Dict[int, int]) -> Optional[int]:
     if s is None or len(set(map(seg_of.get, gs))) != 1:
         return None
     return s
+
+
+def segments_per_channel(gs: Sequence[int], seg_of: Dict[int, int]) -> List[Optional[int]]:
+    """The segment of each channel of a group vector (None: no group, or a
+    group in no segment)."""
+    get = seg_of.get
+    return [get(g) if g >= 0 else None for g in gs]
 
 
 @dataclass
@@ -131,19 +139,22 @@ def _keeps_by_segment(
                 if keep:  # (else it reads nothing from here)
                     keeps_by_seg[s].append(frozenset(keep))
             continue
-        kept_pos = [p for p, g in enumerate(gs) if p not in d and (g < 0 or g not in absent)]
         if _hopeless(gs, d, absent, seg_of, free):
             continue  # it gathers whatever the order: leave the freedom to others
-        touched = {seg_of.get(g) for g in gs if g >= 0} & free
-        for s in touched:
-            runs = [p for p, g in enumerate(gs) if g >= 0 and seg_of.get(g) == s]
-            keep = {gs[p] for p in kept_pos if gs[p] >= 0 and seg_of.get(gs[p]) == s}
-            if runs and runs[-1] - runs[0] + 1 == len(runs) and keep:
+        kept_pos = [p for p, g in enumerate(gs) if p not in d and (g < 0 or g not in absent)]
+        kept_set = set(kept_pos)
+        at: Dict[int, List[int]] = {}  # free segment -> the positions of its channels (one pass over the input)
+        for p, s in enumerate(segments_per_channel(gs, seg_of)):
+            if s in free:
+                at.setdefault(s, []).append(p)
+        for s, runs in at.items():
+            keep = {gs[p] for p in runs if p in kept_set}
+            if runs[-1] - runs[0] + 1 == len(runs) and keep:
                 # one block of the consumer's input: does it also read kept
                 # channels just before / after it (a concat)?
-                if any(p < runs[0] for p in kept_pos):
+                if kept_pos[0] < runs[0]:
                     keep.add(LEFT)
-                if any(p > runs[-1] for p in kept_pos):
+                if kept_pos[-1] > runs[-1]:
                     keep.add(RIGHT)
             keeps_by_seg[s].append(frozenset(keep))
     return keeps_by_seg
@@ -354,16 +365,10 @@ def free_segments(
             if s in free and gs != canon[s] and not is_tiling(gs, canon[s]):
                 free.discard(s)
             continue
-        p, n = 0, len(gs)
-        while p < n:
-            s = seg_of.get(gs[p]) if gs[p] >= 0 else None
-            if s is None or s not in free:
-                p += 1
-                continue
-            q = p
-            while q < n and gs[q] >= 0 and seg_of.get(gs[q]) == s:
-                q += 1
-            if not is_tiling(gs[p:q], canon[s]):
+        p = 0
+        for s, run in groupby(segments_per_channel(gs, seg_of)):  # the input's blocks, one segment each
+            q = p + sum(1 for _ in run)
+            if s is not None and s in free and not is_tiling(gs[p:q], canon[s]):
                 free.discard(s)
             p = q
     return free

@@ -302,8 +302,9 @@ def _decide_presence(r: Resolution) -> None:
         if not d:
             kept.update(gs)
             continue
-        dropped_by_any.update(gs[p] for p in d if p < len(gs))
-        kept.update(g for p, g in enumerate(gs) if p not in d)
+        n = len(gs)
+        dropped_by_any.update(gs[p] for p in d if p < n)
+        kept.update(map(gs.__getitem__, set(range(n)).difference(d)))
     dropped_by_any.discard(-1)
     kept.discard(-1)
     if r.mode == "constrained":
@@ -426,7 +427,8 @@ class _Slices:
         out: Dict[str, Dict[int, List[int]]] = {}
         for param, dims in self.kept.items():
             for dim, kept in dims.items():
-                if kept != list(range(self.graph.param_shapes[param][dim])):
+                n = self.graph.param_shapes[param][dim]
+                if len(kept) != n or kept != list(range(n)):
                     out.setdefault(param, {})[dim] = kept
         return out
 
@@ -501,7 +503,7 @@ def _write_spec(r: Resolution, plan: ReorderPlan, copy_cost: float) -> PruningSp
             s.allow_view = False
     for op, p in graph.producers.items():
         gs = r.groups(p.out_ids)
-        kept_out = len(gs) if r.absent.isdisjoint(gs) else sum(1 for g in gs if g not in r.absent)
+        kept_out = len(gs) if r.absent.isdisjoint(gs) else len(gs) - sum(map(r.absent.__contains__, gs))
         spec.producers.append(LayerStat(p.param or op, p.kind, len(gs), kept_out))
     spec.total_groups = len(set(r.roots))
     spec.removed_groups = len(r.absent)
@@ -561,8 +563,8 @@ def _consumer_read(r: Resolution, spec: PruningSpec, slices: _Slices, op: str, o
     Subselection (a view or a gather), or zero columns."""
     c = r.graph.consumers[op]
     physical = r.physical[op]
-    kept = [p for p in order if p not in d]
-    zero_at = [i for i, p in enumerate(order) if p in d]
+    kept = [p for p in order if p not in d] if d else list(order)
+    zero_at: Optional[List[int]] = None  # positions of ``order`` read with zero weight columns
     if c.groups == 1:
         superset = None
         if physical and len(kept) != len(order) and r.mode == "unconstrained" and copy_cost > 0:
@@ -581,12 +583,13 @@ def _consumer_read(r: Resolution, spec: PruningSpec, slices: _Slices, op: str, o
         elif physical:
             slices.put(c.param, c.weight_dim, kept, "consumer input")
             if len(kept) != len(order):
-                pos = {p: i for i, p in enumerate(order)}
-                spec.subselections.append(
-                    Subselection(op, c.module or "", c.param, c.activation_dim, [pos[p] for p in kept], len(order)))
+                at = [i for i, p in enumerate(order) if p not in d]
+                spec.subselections.append(Subselection(op, c.module or "", c.param, c.activation_dim, at, len(order)))
             zero_at = []
         else:
             slices.put(c.param, c.weight_dim, order, "consumer input")
+    if zero_at is None:
+        zero_at = [i for i, p in enumerate(order) if p in d] if d else []
     if zero_at:
         spec.zeros.append(MaskEntry(c.param, c.weight_dim, c.groups, zero_at))
     spec.consumers.append(LayerStat(c.param, c.kind, len(c.in_ids), len(kept)))
