@@ -79,7 +79,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     ap.add_argument("--repeats", type=int, default=11, help="timed rounds at batch 1 (batches > 1: half, at least 3)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads for exports and latency")
-    ap.add_argument("--export-runs", type=int, default=3, help="at least this many export runs per model (median)")
+    ap.add_argument("--export-runs", type=int, default=5, help="at least this many export runs per model (median)")
     ap.add_argument("--no-memory", action="store_true", help="skip the export-memory subprocesses")
     ap.add_argument("--heap", action="store_true", help="also measure the Python-heap peak of each export (tracemalloc: slow)")
     ap.add_argument("--no-peers", action="store_true", help="channelcut variants only")
