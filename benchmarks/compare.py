@@ -480,7 +480,8 @@ def write_report(results: Dict[str, Any], out: str) -> str:
         "apple-upscale / channelcut compares `compute` with `compute`; torch-pruning (graph + pruner init + step, "
         "which prunes the model) is compared with channelcut's compute + `prune(verify=False)`, and with channelcut's "
         "**default path**: compute + `prune()`, which verifies the export against the unpruned model with the request "
-        "zeroed (two forward passes; no peer verifies anything), timed on its own copies at the middle amount.\n")
+        "zeroed (two forward passes; no peer verifies anything), timed on its own copies at the middle amount. "
+        "Every timer starts after the model is deep-copied and the garbage of the copy collected (`variants.fresh_copy`).\n")
     add("| model | channelcut compute | channelcut prune | channelcut default (compute + verified prune) | "
         "apple-upscale compute | apple-upscale prune | torch-pruning | "
         "apple-upscale / channelcut (compute) | torch-pruning / channelcut (compute + prune) | "
