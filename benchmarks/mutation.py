@@ -103,8 +103,8 @@ MUTANTS: List[Mutant] = [
     Mutant(
         "resolve-subselect-one-based", "resolve",
         "a subset read's kept positions are counted from 1 (off by one in the kept indices)",
-        "pos = {p: i for i, p in enumerate(order)}",
-        "pos = {p: i for i, p in enumerate(order, 1)}",
+        "at = [i for i, p in enumerate(order) if p not in d]",
+        "at = [i for i, p in enumerate(order, 1) if p not in d]",
     ),
     Mutant(
         "resolve-constrained-restore", "resolve",
