@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -155,7 +156,7 @@ class PruningManager:
         mode = export_mode(constrained, baseline)
         pruned_inputs = normalize_request(pruned_inputs, "pruned_inputs")
         pruned_outputs = normalize_request(pruned_outputs, "pruned_outputs")
-        named = [n for n, _ in (pruned_inputs or []) + (pruned_outputs or [])]
+        named = set(map(itemgetter(0), (pruned_inputs or []) + (pruned_outputs or [])))
         refuse_reparametrized(reparametrized_weights(self.net), [n[len(self._name_prefix):] if n.startswith(self._name_prefix) else n for n in named])
         graph = self.trace(inputs, shapes_only=shapes_only)
         zeros = None
