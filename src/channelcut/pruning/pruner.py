@@ -170,9 +170,9 @@ def shrink(t: torch.Tensor, dims: Dict[int, List[int]], delta: Optional[List[flo
                 keep = set(dims[dim])
                 gone = _index([i for i in range(n) if i not in keep], before.device, index)
             else:
-                present = torch.ones(n, dtype=torch.bool, device=kept_i.device)
-                present[kept_i] = False
-                gone = present.nonzero().flatten()
+                is_gone = torch.ones(n, dtype=torch.bool, device=kept_i.device)
+                is_gone[kept_i] = False
+                gone = is_gone.nonzero().flatten()
             index[key] = gone
         steps.append((dim, n, kept_i, gone, spill.keep(before.index_select(dim, gone))))
 

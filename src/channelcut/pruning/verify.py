@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -239,33 +240,37 @@ def columns_zeroed(model: nn.Module, graph: TracedGraph, removed: List[Tuple[str
             saved.append((w, 0, None, spill.keep(w.clone())))
             zero_input_channels(w, MaskEntry("", dim, groups, list(chans)))
 
+    def shortcut(param: str, w: torch.Tensor, chans: Sequence[int]) -> bool:
+        """Zero consumer weight ``param``'s columns ``chans`` another way where
+        the trace shows it is the same computation; False where none applies."""
+        plain = _input_zeroable(model, graph, param, aliased)
+        if plain is not None:  # in the module's input
+            m, act_dim = plain
+            pending.append((m, _zero_input_hook(act_dim, chans, w.shape[1] * getattr(m, "groups", 1)), False))
+            return True
+        attention = _attention_of(model, graph, param, "in_proj_weight", aliased, op_modules)
+        if attention is not None:  # in its q, k, v inputs
+            pending.append((attention, _zero_qkv_hook(chans, attention.embed_dim), True))
+            return True
+        attention = _attention_of(model, graph, param, "out_proj.weight", aliased, op_modules)
+        if attention is not None:
+            # the value rows of the packed weight and bias: those attention
+            # output channels are then 0
+            rows = [2 * attention.embed_dim + c for c in chans]
+            for t in (attention.in_proj_weight, attention.in_proj_bias):
+                if t is not None:
+                    zero_in_place(t.data, 0, 1, rows)
+            return True
+        return False
+
     try:
         with torch.no_grad():
             for param, dim, chans in removed:
                 w = tensors[param].data
                 if dim is not None:
                     zero_in_place(w, dim, 1, chans)
-                    continue
-                plain = _input_zeroable(model, graph, param, aliased) if inputs_too else None
-                if plain is not None:
-                    m, act_dim = plain
-                    width = w.shape[1] * getattr(m, "groups", 1)
-                    pending.append((m, _zero_input_hook(act_dim, chans, width), False))
-                    continue
-                attention = _attention_of(model, graph, param, "in_proj_weight", aliased, op_modules) if inputs_too else None
-                if attention is not None:  # its q, k, v inputs zeroed instead
-                    pending.append((attention, _zero_qkv_hook(chans, attention.embed_dim), True))
-                    continue
-                attention = _attention_of(model, graph, param, "out_proj.weight", aliased, op_modules) if inputs_too else None
-                if attention is not None:
-                    # the value rows of the packed weight and bias zeroed
-                    # instead: those attention output channels are then 0
-                    rows = [2 * attention.embed_dim + c for c in chans]
-                    for t in (attention.in_proj_weight, attention.in_proj_bias):
-                        if t is not None:
-                            zero_in_place(t.data, 0, 1, rows)
-                    continue
-                zero_in_place(w, *_layout(graph, param), chans)
+                elif not (inputs_too and shortcut(param, w, chans)):
+                    zero_in_place(w, *_layout(graph, param), chans)
             for m, hook, with_kwargs in pending:
                 hooks.append(m.register_forward_pre_hook(hook, with_kwargs=with_kwargs))
         yield
@@ -280,15 +285,19 @@ def columns_zeroed(model: nn.Module, graph: TracedGraph, removed: List[Tuple[str
                     w.index_copy_(dim, idx, old)
 
 
-def _zeroed_run(model: nn.Module, graph: TracedGraph, removed: List[Tuple[str, Optional[int], List[int]]], run: Any) -> Any:
-    """``run()`` with the ``removed`` entries zeroed: input zeroing where it
-    applies, else (a module called in a way it does not fit) weights only."""
-    try:
-        with columns_zeroed(model, graph, removed, inputs_too=True):
-            return run()
-    except _NotPlain:
-        with columns_zeroed(model, graph, removed):
-            return run()
+def _zeroed_run(model: nn.Module, graph: TracedGraph, removed: List[Tuple[str, Optional[int], List[int]]], run: Any,
+                shortcuts: bool = True) -> Any:
+    """``run()`` with the ``removed`` entries zeroed: with ``shortcuts``,
+    input zeroing where it applies, else (a module called in a way it does
+    not fit) weights only."""
+    if shortcuts:
+        try:
+            with columns_zeroed(model, graph, removed, inputs_too=True):
+                return run()
+        except _NotPlain:
+            pass
+    with columns_zeroed(model, graph, removed):
+        return run()
 
 
 def run_deterministic(model: nn.Module, inputs: Any) -> Any:
@@ -327,13 +336,7 @@ def reference_outputs(model: nn.Module, inputs: Any, spec: PruningSpec, graph: T
     reports a failed verification, in case the real run differs from the
     trace)."""
     removed = removed_entries(spec)
-    if shortcuts:
-        def zeroed(run: Any) -> Any:
-            return _zeroed_run(model, graph, removed, run)
-    else:
-        def zeroed(run: Any) -> Any:
-            with columns_zeroed(model, graph, removed):
-                return run()
+    zeroed = functools.partial(_zeroed_run, model, graph, removed, shortcuts=shortcuts)
     ref = Reference(zeroed(lambda: run_deterministic(model, inputs)))
     if any(t.dtype in REDUCED for t in flatten_tensors(ref.outputs)):
         try:
